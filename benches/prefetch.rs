@@ -1,0 +1,2 @@
+//! Prefetch throughput benchmark (filled in below).
+fn main() {}

@@ -1,0 +1,720 @@
+//! The command line: clap types (raw values only), their resolution into the library's typed
+//! settings, one `run_<command>` per subcommand, progress display and exit codes.
+//!
+//! Clap types stop here: the engine receives [`FetchOptions`], [`Selection`] and a [`Layout`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tracing::info;
+
+use crate::config::{
+    DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, Environment, FetchOptions,
+    InvalidValue, Selection, human_bytes, parse_duration, parse_size,
+};
+use crate::fetch::progress::{Phase, Progress};
+use crate::fetch::{ErrorKind, PrefetchError, PrefetchRequest, Summary, compute_manifest, error_chain, prefetch};
+use crate::source::{self, MANIFEST_NAME, SourceOptions};
+use crate::store::{Layout, ModelName};
+use crate::verify::cached::verify_cached;
+
+/// Exit codes, also listed in `--help`.
+pub mod exit {
+    /// Everything asked for is done.
+    pub const SUCCESS: u8 = 0;
+    /// An unexpected failure (a bug, or an error of no known group).
+    pub const UNEXPECTED: u8 = 1;
+    /// Bad flags, URL, model name or configuration.
+    pub const INVALID_INPUT: u8 = 2;
+    /// The source cannot be read: not found, credentials, permissions, no manifest when required.
+    pub const SOURCE_UNAVAILABLE: u8 = 3;
+    /// Downloading failed after every retry, or the source kept changing.
+    pub const DOWNLOAD_FAILED: u8 = 4;
+    /// The bytes are not the model: hash, size or structure.
+    pub const VERIFY_FAILED: u8 = 5;
+    /// The cache filesystem is too small.
+    pub const NO_SPACE: u8 = 6;
+    /// The local cache failed (I/O error).
+    pub const CACHE_FAILED: u8 = 7;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  unexpected failure
+  2  invalid input: flags, URL, model name
+  3  source unavailable: not found, credentials, permissions, missing manifest
+  4  download failed after every retry, or the source kept changing
+  5  verification failed: hash, size or safetensors structure
+  6  not enough space in the cache
+  7  local cache I/O failure";
+
+const ABOUT: &str = "Node-local model cache for Kubernetes GPU nodes.";
+
+const LONG_ABOUT: &str = "\
+Node-local model cache for Kubernetes GPU nodes.
+
+Fills a local cache with a model's safetensors files from Azure Blob Storage (or a directory)
+with many parallel ranged GETs, hashes every byte with BLAKE3 as it arrives, checks the
+safetensors and index structure, and publishes the model atomically at CACHE_ROOT/models/NAME
+for vLLM to load. Interrupted runs resume where they stopped.
+
+Start with `modelcache demo` for a first look on any machine.";
+
+/// The `modelcache` command line.
+#[derive(Debug, Parser)]
+#[command(name = "modelcache", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MODELCACHE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download, verify and publish a model into the cache, resuming earlier work.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Prefetch(PrefetchArgs),
+    /// Re-check a cached model against its manifest and structure.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Verify(VerifyArgs),
+    /// Compute the BLAKE3 manifest of a source prefix (a publisher runs this once per revision).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Manifest(ManifestArgs),
+    /// Run the whole flow on a generated GPT-OSS-shaped model in a local folder.
+    Demo(DemoArgs),
+}
+
+/// Source location and credentials.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Source")]
+pub struct SourceArgs {
+    /// Where the model's files are.
+    ///
+    /// az://CONTAINER/PREFIX (account from --account or AZURE_STORAGE_ACCOUNT_NAME),
+    /// https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX[?SAS], or file:///PATH.
+    #[arg(long, env = "MODELCACHE_SOURCE", value_name = "URL")]
+    pub source: String,
+    /// Storage account for az:// URLs [default: AZURE_STORAGE_ACCOUNT_NAME].
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+}
+
+/// File selection.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Selection")]
+pub struct SelectionArgs {
+    /// Only files matching this glob (repeatable) [default: every file].
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Skip files matching this glob (repeatable), in addition to original/** and metal/**.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Do not skip original/** and metal/** (each another model-sized download vLLM ignores).
+    #[arg(long)]
+    pub no_default_excludes: bool,
+}
+
+impl SelectionArgs {
+    fn resolve(&self) -> Result<Selection, InvalidValue> {
+        Selection::new(&self.include, &self.exclude, !self.no_default_excludes)
+    }
+}
+
+/// Download tuning.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Download")]
+pub struct FetchArgs {
+    /// Ranged GETs in flight across all files [default: 64].
+    #[arg(long, env = "MODELCACHE_CONCURRENCY", value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Bytes per ranged GET, a power of two from 64KiB to 1GiB [default: 64MiB].
+    #[arg(long, env = "MODELCACHE_CHUNK_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+    /// Attempts per range before the model fails [default: 8].
+    #[arg(long, env = "MODELCACHE_MAX_ATTEMPTS", value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Cancel and retry a range that receives no byte for this long [default: 30s].
+    #[arg(long, env = "MODELCACHE_STALL_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub stall_timeout: Option<Duration>,
+    /// Largest delay between retries of a range [default: 30s].
+    #[arg(long, env = "MODELCACHE_RETRY_MAX_DELAY", value_name = "DURATION", value_parser = parse_duration)]
+    pub retry_max_delay: Option<Duration>,
+}
+
+impl FetchArgs {
+    fn resolve(&self) -> Result<FetchOptions, InvalidValue> {
+        let defaults = FetchOptions::default();
+        let options = FetchOptions {
+            concurrency: self.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+            max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            stall_timeout: self.stall_timeout.unwrap_or(defaults.stall_timeout),
+            backoff_max: self.retry_max_delay.unwrap_or(defaults.backoff_max),
+            ..defaults
+        };
+        options.validate()?;
+        Ok(options)
+    }
+}
+
+/// `modelcache prefetch`.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// Where the files come from.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// The model's name in the cache; published at CACHE_ROOT/models/NAME.
+    #[arg(long, env = "MODELCACHE_MODEL", value_name = "NAME")]
+    pub model: String,
+    /// The cache's root directory.
+    #[arg(long, env = "MODELCACHE_CACHE_ROOT", value_name = "DIR", default_value = "/mnt/modelcache")]
+    pub cache_root: PathBuf,
+    /// Refuse a source without modelcache.manifest.json.
+    #[arg(long, env = "MODELCACHE_REQUIRE_MANIFEST")]
+    pub require_manifest: bool,
+    /// Print the final summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip BLAKE3 hashing (measures the cost of verification; never use in production).
+    #[arg(long, hide = true)]
+    pub no_hash: bool,
+    /// Which files make up the model.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Download tuning.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+}
+
+/// `modelcache verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A published model directory (instead of --cache-root and --model).
+    #[arg(value_name = "DIR", conflicts_with_all = ["cache_root", "model"])]
+    pub dir: Option<PathBuf>,
+    /// The cache's root directory.
+    #[arg(long, env = "MODELCACHE_CACHE_ROOT", value_name = "DIR", requires = "model")]
+    pub cache_root: Option<PathBuf>,
+    /// The model to verify.
+    #[arg(long, value_name = "NAME", requires = "cache_root")]
+    pub model: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `modelcache manifest`.
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Where the files come from.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Write the manifest to this file instead of stdout.
+    #[arg(long, value_name = "PATH", conflicts_with = "upload")]
+    pub output: Option<PathBuf>,
+    /// Upload the manifest into the source prefix as modelcache.manifest.json.
+    #[arg(long)]
+    pub upload: bool,
+    /// Which files make up the model.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Download tuning.
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+}
+
+/// `modelcache demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder for the generated source and the cache [default: $TMPDIR/modelcache-demo].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Bytes per generated shard (15 shards) [default: 20MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shard_size: Option<u64>,
+}
+
+/// A failed command: the exit code and the error to print.
+#[derive(Debug)]
+pub struct CommandError {
+    /// Process exit code.
+    pub exit_code: u8,
+    /// The error.
+    pub error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl CommandError {
+    fn new(exit_code: u8, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            exit_code,
+            error: error.into(),
+        }
+    }
+
+    /// The error and its causes on one line.
+    pub fn one_line(&self) -> String {
+        error_chain(self.error.as_ref())
+    }
+}
+
+impl From<PrefetchError> for CommandError {
+    fn from(e: PrefetchError) -> Self {
+        let code = match e.kind() {
+            ErrorKind::InvalidInput => exit::INVALID_INPUT,
+            ErrorKind::SourceUnavailable => exit::SOURCE_UNAVAILABLE,
+            ErrorKind::DownloadFailed => exit::DOWNLOAD_FAILED,
+            ErrorKind::VerifyFailed => exit::VERIFY_FAILED,
+            ErrorKind::NoSpace => exit::NO_SPACE,
+            ErrorKind::Cache => exit::CACHE_FAILED,
+        };
+        CommandError::new(code, e)
+    }
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
+    CommandError::new(exit::INVALID_INPUT, e)
+}
+
+/// Runs a parsed command line. `env` is the process environment, read once by the caller.
+pub fn run(cli: Cli, env: &Environment) -> Result<ExitCode, CommandError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Prefetch(args) => run_prefetch(args, env).await,
+            Command::Verify(args) => run_verify(args).await,
+            Command::Manifest(args) => run_manifest(args, env).await,
+            Command::Demo(args) => run_demo(args).await,
+        }
+    })
+}
+
+/// Process-wide resource use, for summaries and benchmarks.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ResourceUse {
+    /// User + system CPU seconds of this process.
+    pub cpu_seconds: f64,
+    /// Peak resident set size in bytes.
+    pub peak_rss_bytes: u64,
+}
+
+fn resource_use() -> ResourceUse {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| {
+                #[expect(clippy::cast_precision_loss, reason = "seconds for a report")]
+                let s = t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+                s
+            };
+            ResourceUse {
+                cpu_seconds: secs(u.user_time()) + secs(u.system_time()),
+                // Linux reports ru_maxrss in KiB.
+                peak_rss_bytes: u64::try_from(u.max_rss()).unwrap_or(0) * 1024,
+            }
+        }
+        Err(_) => ResourceUse {
+            cpu_seconds: 0.0,
+            peak_rss_bytes: 0,
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct JsonSummary<'a> {
+    #[serde(flatten)]
+    summary: &'a Summary,
+    #[serde(flatten)]
+    resources: ResourceUse,
+}
+
+/// `modelcache prefetch`.
+pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    let model = ModelName::new(&args.model).map_err(invalid)?;
+    let selection = args.selection.resolve().map_err(invalid)?;
+    let mut options = args.fetch.resolve().map_err(invalid)?;
+    options.hash = !args.no_hash;
+    let source = source::open(
+        &args.source.source,
+        env,
+        &SourceOptions {
+            account: args.source.account.clone(),
+        },
+    )
+    .map_err(|e| {
+        CommandError::from(PrefetchError::Source {
+            url: source::redact_url(&args.source.source),
+            source: e,
+        })
+    })?;
+    let request = PrefetchRequest {
+        model: model.clone(),
+        selection,
+        options,
+        require_manifest: args.require_manifest,
+    };
+    let layout = Layout::new(&args.cache_root);
+    let progress = Arc::new(Progress::new());
+    let reporter = spawn_reporter(model.to_string(), Arc::clone(&progress));
+    let result = prefetch(source, &layout, &request, progress).await;
+    reporter.stop().await;
+    let summary = result?;
+    if args.json {
+        let line = serde_json::to_string(&JsonSummary {
+            summary: &summary,
+            resources: resource_use(),
+        })
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+        println!("{line}");
+    } else {
+        println!("{}", summary_line(&summary));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one-line summary of a prefetch.
+pub fn summary_line(s: &Summary) -> String {
+    let retries: u64 = s.retries.values().sum();
+    let mut extra = String::new();
+    if retries > 0 {
+        extra.push_str(&format!(", {retries} ranges retried"));
+    }
+    if s.source_restarts > 0 {
+        extra.push_str(&format!(", {} restarts after source changes", s.source_restarts));
+    }
+    if !s.refetched_files.is_empty() {
+        extra.push_str(&format!(", {} files re-fetched after a hash mismatch", s.refetched_files.len()));
+    }
+    format!(
+        "{}{} revision {}: {} files, {} ({} bytes) fetched, {} ({} bytes) reused, {:.1} s, {:.2} GB/s, verified {}{} -> {}",
+        if s.already_published { "already published " } else { "published " },
+        s.model,
+        s.revision,
+        s.files,
+        human_bytes(s.bytes_fetched),
+        s.bytes_fetched,
+        human_bytes(s.bytes_reused),
+        s.bytes_reused,
+        s.seconds,
+        s.gb_per_s,
+        s.verification,
+        extra,
+        s.path.display()
+    )
+}
+
+struct Reporter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Shows progress: a redrawn line on a terminal, a log line every five seconds otherwise.
+fn spawn_reporter(model: String, progress: Arc<Progress>) -> Reporter {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let terminal = std::io::stderr().is_terminal();
+    let task = tokio::spawn(async move {
+        let period = if terminal {
+            Duration::from_millis(250)
+        } else {
+            Duration::from_secs(5)
+        };
+        let start = Instant::now();
+        let mut drawn = false;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                () = tokio::time::sleep(period) => {}
+            }
+            let line = progress_line(&model, &progress, start.elapsed());
+            if terminal {
+                eprint!("\r\x1b[2K{line}");
+                drawn = true;
+            } else if progress.phase() != Phase::Listing {
+                info!(model.name = %model, "{line}");
+            }
+        }
+        if drawn {
+            eprint!("\r\x1b[2K");
+        }
+    });
+    Reporter { stop, task }
+}
+
+fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
+    let total = p.total();
+    let fetched = p.fetched();
+    let done = (fetched + p.reused()).min(total);
+    let secs = elapsed.as_secs_f64().max(0.001);
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let (pct, rate) = (
+        if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 },
+        fetched as f64 / secs,
+    );
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let eta = if rate > 0.0 {
+        format!("{:.0}s", (total - done) as f64 / rate)
+    } else {
+        "-".to_string()
+    };
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "display")]
+    let rate_bytes = rate as u64;
+    format!(
+        "{model}: {} {} / {} ({pct:.1}%) {}/s ETA {eta}",
+        p.phase().as_str(),
+        human_bytes(done),
+        human_bytes(total),
+        human_bytes(rate_bytes)
+    )
+}
+
+/// `modelcache verify`.
+pub async fn run_verify(args: VerifyArgs) -> Result<ExitCode, CommandError> {
+    let dir = match (&args.dir, &args.cache_root, &args.model) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, Some(root), Some(model)) => {
+            let name = ModelName::new(model).map_err(invalid)?;
+            Layout::new(root).model_link(&name)
+        }
+        _ => return Err(invalid("give a model directory, or --cache-root and --model")),
+    };
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let started = Instant::now();
+    let report = tokio::task::spawn_blocking(move || verify_cached(&dir, DEFAULT_CHUNK_SIZE, threads))
+        .await
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+        .map_err(|e| {
+            let code = match e {
+                crate::verify::VerifyError::Io { .. } => exit::CACHE_FAILED,
+                _ => exit::VERIFY_FAILED,
+            };
+            CommandError::new(code, e)
+        })?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let rate = report.bytes as f64 / secs.max(0.001) / 1e9;
+        println!(
+            "verified {} revision {}: {} files, {} hashed in {secs:.1} s ({rate:.2} GB/s), verification {} -> {}",
+            report.name,
+            report.revision,
+            report.files,
+            human_bytes(report.bytes),
+            report.verification,
+            report.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `modelcache manifest`.
+pub async fn run_manifest(args: ManifestArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    let selection = args.selection.resolve().map_err(invalid)?;
+    let options = args.fetch.resolve().map_err(invalid)?;
+    let source = source::open(
+        &args.source.source,
+        env,
+        &SourceOptions {
+            account: args.source.account.clone(),
+        },
+    )
+    .map_err(|e| {
+        CommandError::from(PrefetchError::Source {
+            url: source::redact_url(&args.source.source),
+            source: e,
+        })
+    })?;
+    let progress = Arc::new(Progress::new());
+    let reporter = spawn_reporter("manifest".into(), Arc::clone(&progress));
+    let result = compute_manifest(Arc::clone(&source), &selection, &options, progress).await;
+    reporter.stop().await;
+    let manifest = result?;
+    let json = manifest.to_json();
+    if args.upload {
+        source
+            .put_small(MANIFEST_NAME, bytes::Bytes::from(json))
+            .await
+            .map_err(|e| {
+                CommandError::from(PrefetchError::Source {
+                    url: source.describe(),
+                    source: e,
+                })
+            })?;
+        eprintln!("uploaded {}/{MANIFEST_NAME}", source.describe());
+    } else if let Some(path) = args.output {
+        std::fs::write(&path, json).map_err(|e| {
+            CommandError::new(
+                exit::CACHE_FAILED,
+                PrefetchError::local("write", path.clone(), e),
+            )
+        })?;
+        eprintln!("wrote {}", path.display());
+    } else {
+        print!("{json}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `modelcache demo`.
+pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
+    let dir = args
+        .dir
+        .unwrap_or_else(|| std::env::temp_dir().join("modelcache-demo"));
+    let shard_bytes = usize::try_from(args.shard_size.unwrap_or(20 << 20)).map_err(invalid)?;
+    let shape = crate::demo::DemoShape {
+        shard_bytes,
+        ..crate::demo::DemoShape::default()
+    };
+    let source_dir = dir.join("source").join("gpt-oss-120b");
+    let cache_root = dir.join("cache");
+    let fail = |e: std::io::Error| CommandError::new(exit::CACHE_FAILED, e);
+    let started = Instant::now();
+
+    println!("modelcache demo: the node-boot flow on a generated GPT-OSS-shaped model");
+    let stamp = source_dir.join(".demo-shape");
+    let stamp_text = format!("{shape:?}");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(stamp_text.as_str()) {
+        if source_dir.exists() {
+            std::fs::remove_dir_all(&source_dir).map_err(fail)?;
+        }
+        let shape_copy = shape;
+        let src = source_dir.clone();
+        let bytes = tokio::task::spawn_blocking(move || crate::demo::generate_model(&src, &shape_copy))
+            .await
+            .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+            .map_err(fail)?;
+        std::fs::write(&stamp, stamp_text).map_err(fail)?;
+        println!(
+            "1. generated {} in {} ({} shards, index, tokenizer, tiktoken encodings, original/ and metal/)",
+            human_bytes(bytes),
+            source_dir.display(),
+            shape.shards
+        );
+    } else {
+        println!("1. reusing the generated model in {}", source_dir.display());
+    }
+
+    let env = Environment::default();
+    let url = format!("file://{}", source_dir.display());
+    let source = source::open(&url, &env, &SourceOptions::default()).map_err(invalid)?;
+    let selection = Selection::vllm_default();
+    let options = FetchOptions {
+        chunk_size: 8 << 20,
+        concurrency: 16,
+        ..FetchOptions::default()
+    };
+    let manifest = compute_manifest(Arc::clone(&source), &selection, &options, Arc::new(Progress::new())).await?;
+    source
+        .put_small(MANIFEST_NAME, bytes::Bytes::from(manifest.to_json()))
+        .await
+        .map_err(|e| CommandError::new(exit::CACHE_FAILED, e))?;
+    println!(
+        "2. wrote {MANIFEST_NAME}: BLAKE3 of {} files (original/ and metal/ are not part of the model vLLM loads)",
+        manifest.entries().count()
+    );
+
+    let model = ModelName::new("gpt-oss-120b").map_err(invalid)?;
+    let request = PrefetchRequest {
+        model: model.clone(),
+        selection,
+        options,
+        require_manifest: true,
+    };
+    let layout = Layout::new(&cache_root);
+    let progress = Arc::new(Progress::new());
+    let reporter = spawn_reporter(model.to_string(), Arc::clone(&progress));
+    let result = prefetch(source, &layout, &request, progress).await;
+    reporter.stop().await;
+    let summary = result?;
+    println!("3. {}", summary_line(&summary));
+
+    let link = layout.model_link(&model);
+    let report = tokio::task::spawn_blocking(move || verify_cached(&link, 8 << 20, 2))
+        .await
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+        .map_err(|e| CommandError::new(exit::VERIFY_FAILED, e))?;
+    println!(
+        "4. re-verified from disk: {} files, {} hashed, verification {}",
+        report.files,
+        human_bytes(report.bytes),
+        report.verification
+    );
+    let skipped = !summary.path.join("original").exists();
+    println!(
+        "5. original/ skipped: {skipped}; ready marker: {}",
+        summary.path.join(".modelcache/ready.json").display()
+    );
+    println!(
+        "\nvLLM would start with:\n  vllm serve {} --tensor-parallel-size 4\n  TIKTOKEN_ENCODINGS_BASE={}",
+        summary.path.display(),
+        summary.path.display()
+    );
+    println!(
+        "\ndone in {:.1} s; run again to see the published revision reused (nothing fetched).",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn first_help_lines_are_short_sentences() {
+        let mut cmd = Cli::command();
+        for sub in cmd.get_subcommands_mut() {
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            // clap drops the source's trailing period; the sentence must still fit 79 columns.
+            assert!(!about.is_empty() && about.len() <= 79, "{about}");
+        }
+    }
+
+    #[test]
+    fn bad_fetch_values_name_their_flag() {
+        let args = FetchArgs {
+            concurrency: Some(0),
+            chunk_size: None,
+            max_attempts: None,
+            stall_timeout: None,
+            retry_max_delay: None,
+        };
+        let err = args.resolve().unwrap_err();
+        assert!(err.to_string().contains("--concurrency"), "{err}");
+    }
+}

@@ -1,0 +1,109 @@
+//! Live counters of a prefetch, shared between the engine and whoever reports on it (the
+//! command line's progress line today, the agent's API later). Lock-free: the hot path only
+//! adds to atomics.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use crate::source::RetryCause;
+
+/// What a prefetch is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Listing the source and planning.
+    Listing,
+    /// Downloading and hashing ranges.
+    Downloading,
+    /// Checking hashes and structure.
+    Verifying,
+    /// Moving into the store and linking.
+    Publishing,
+    /// Finished.
+    Done,
+}
+
+impl Phase {
+    /// A lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Listing => "listing",
+            Phase::Downloading => "downloading",
+            Phase::Verifying => "verifying",
+            Phase::Publishing => "publishing",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// Counters of one prefetch.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: AtomicU8,
+    total: AtomicU64,
+    fetched: AtomicU64,
+    reused: AtomicU64,
+    retries: [AtomicU64; RetryCause::ALL.len()],
+}
+
+impl Progress {
+    /// Fresh counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Listing,
+            1 => Phase::Downloading,
+            2 => Phase::Verifying,
+            3 => Phase::Publishing,
+            _ => Phase::Done,
+        }
+    }
+
+    pub(crate) fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_fetched(&self, bytes: u64) {
+        self.fetched.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_reused(&self, bytes: u64) {
+        self.reused.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn retried(&self, cause: RetryCause) {
+        if let Some(i) = RetryCause::ALL.iter().position(|c| *c == cause) {
+            self.retries[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes the model needs in all.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received from the source in this run (retried bytes count again).
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Bytes taken from an earlier run's finished ranges or an already published revision.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
+    }
+
+    /// Retries so far, by cause.
+    pub fn retries(&self) -> Vec<(RetryCause, u64)> {
+        RetryCause::ALL
+            .iter()
+            .zip(&self.retries)
+            .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}

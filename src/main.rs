@@ -1,0 +1,28 @@
+//! The `modelcache` binary: parse, run, print the error on one line, exit with its code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use modelcache::cli::{Cli, LogFormat, run};
+use modelcache::config::Environment;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("MODELCACHE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+    let env = Environment::capture();
+    match run(cli, &env) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", e.one_line());
+            ExitCode::from(e.exit_code)
+        }
+    }
+}

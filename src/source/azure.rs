@@ -1,0 +1,405 @@
+//! Azure Blob Storage as a source, through `object_store`'s Azure backend.
+//!
+//! `object_store` brings the credential chain (workload identity, managed identity, SAS, account
+//! key, the Azurite emulator). Its own retries are switched off: the `fetch` module retries each
+//! range itself, resuming mid-range, honouring `Retry-After` and counting causes. To see
+//! `Retry-After` at all, a thin HTTP service wraps the client and turns 5xx, 408 and 429 answers
+//! into an error that carries the status, the Azure error code and the delay.
+//! `object_store`'s whole-request timeout is disabled: a 64 MiB range on a busy link takes longer
+//! than any fixed limit, so stalls are caught per read by the fetcher instead.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::client::{
+    ClientOptions, HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpService, ReqwestConnector,
+};
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use super::{
+    BoxError, ByteStream, RemoteFile, RetryCause, Source, SourceError, SourceOptions, redact_url,
+};
+use crate::config::Environment;
+
+/// Largest manifest accepted, so a hostile source cannot exhaust memory.
+const MAX_SMALL_FILE: u64 = 64 << 20;
+
+/// A container prefix in an Azure storage account.
+#[derive(Debug)]
+pub struct AzureSource {
+    store: Arc<MicrosoftAzure>,
+    prefix: Option<Path>,
+    display: String,
+}
+
+impl AzureSource {
+    /// Opens `az://CONTAINER/PREFIX` or `https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX[?SAS]`.
+    pub fn open(
+        url: &str,
+        env: &Environment,
+        options: &SourceOptions,
+    ) -> Result<Self, SourceError> {
+        let display = redact_url(url);
+        let invalid = |reason: &str| SourceError::InvalidUrl {
+            url: display.clone(),
+            reason: reason.to_string(),
+        };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+
+        let client_options = ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_http1_only();
+        let mut builder = MicrosoftAzureBuilder::new()
+            .with_client_options(client_options)
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                ..RetryConfig::default()
+            })
+            .with_http_connector(StatusAwareConnector);
+        for (key, value) in env.azure() {
+            if let Ok(config_key) = key.to_ascii_lowercase().parse::<AzureConfigKey>() {
+                builder = builder.with_config(config_key, value);
+            }
+        }
+        if let Some(endpoint) = env.get("MSI_ENDPOINT") {
+            builder = builder.with_msi_endpoint(endpoint);
+        }
+
+        let (container, prefix) = match parsed.scheme() {
+            "az" => {
+                let container = parsed
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| invalid("az:// URLs name the container first: az://CONTAINER/PREFIX"))?;
+                if let Some(account) = &options.account {
+                    builder = builder.with_account(account);
+                }
+                (container.to_string(), parsed.path().to_string())
+            }
+            "https" | "http" => {
+                let host = parsed.host_str().unwrap_or_default();
+                let account = host
+                    .strip_suffix(".blob.core.windows.net")
+                    .ok_or_else(|| invalid("expected https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX"))?;
+                builder = builder.with_account(account);
+                let path = parsed.path().trim_start_matches('/');
+                let (container, rest) = path.split_once('/').unwrap_or((path, ""));
+                if container.is_empty() {
+                    return Err(invalid("the URL names no container"));
+                }
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                if !pairs.is_empty() {
+                    builder = builder.with_sas_authorization(pairs);
+                }
+                (container.to_string(), rest.to_string())
+            }
+            _ => return Err(invalid("unsupported scheme")),
+        };
+        let prefix = prefix.trim_matches('/');
+        let store = builder
+            .with_container_name(&container)
+            .build()
+            .map_err(|e| SourceError::Config {
+                url: display.clone(),
+                source: Box::new(e),
+            })?;
+        let prefix = if prefix.is_empty() {
+            None
+        } else {
+            Some(Path::parse(prefix).map_err(|e| invalid(&e.to_string()))?)
+        };
+        Ok(Self {
+            store: Arc::new(store),
+            prefix,
+            display,
+        })
+    }
+
+    fn location(&self, relative: &str) -> Path {
+        match &self.prefix {
+            Some(p) => Path::from(format!("{}/{relative}", p.as_ref())),
+            None => Path::from(relative),
+        }
+    }
+}
+
+#[async_trait]
+impl Source for AzureSource {
+    fn describe(&self) -> String {
+        self.display.clone()
+    }
+
+    async fn list(&self) -> Result<Vec<RemoteFile>, SourceError> {
+        let strip = self.prefix.as_ref().map(|p| format!("{}/", p.as_ref()));
+        let mut files = Vec::new();
+        let mut listing = self.store.list(self.prefix.as_ref());
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| map_error(&self.display, e))?;
+            let full = meta.location.as_ref();
+            let rel = match &strip {
+                Some(s) => full.strip_prefix(s.as_str()).unwrap_or(full),
+                None => full,
+            };
+            files.push(RemoteFile {
+                path: rel.to_string(),
+                size: meta.size,
+                etag: meta.e_tag.unwrap_or_default(),
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
+    async fn read_range(
+        &self,
+        file: &RemoteFile,
+        range: Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        let options = GetOptions {
+            if_match: (!file.etag.is_empty()).then(|| file.etag.clone()),
+            range: Some(GetRange::Bounded(range.clone())),
+            ..GetOptions::default()
+        };
+        let location = self.location(&file.path);
+        let result = self
+            .store
+            .get_opts(&location, options)
+            .await
+            .map_err(|e| map_error(&file.path, e))?;
+        if result.range != range {
+            return Err(SourceError::UnexpectedRange {
+                path: file.path.clone(),
+                want: range,
+                got: result.range,
+            });
+        }
+        let path = file.path.clone();
+        Ok(result
+            .into_stream()
+            .map_err(move |e| map_error(&path, e))
+            .boxed())
+    }
+
+    async fn read_small(&self, path: &str) -> Result<Option<Bytes>, SourceError> {
+        let location = self.location(path);
+        let result = match self.store.get(&location).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(map_error(path, e)),
+        };
+        if result.meta.size > MAX_SMALL_FILE {
+            return Err(SourceError::Other {
+                path: path.to_string(),
+                source: format!(
+                    "{} bytes is larger than the {MAX_SMALL_FILE}-byte limit for this file",
+                    result.meta.size
+                )
+                .into(),
+            });
+        }
+        result
+            .bytes()
+            .await
+            .map(Some)
+            .map_err(|e| map_error(path, e))
+    }
+
+    async fn put_small(&self, path: &str, data: Bytes) -> Result<(), SourceError> {
+        self.store
+            .put(&self.location(path), PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(path, e))
+    }
+}
+
+/// Maps an `object_store` error to what the caller can do about it. The one place where HTTP
+/// statuses and transport failures become [`SourceError`] groups.
+fn map_error(path: &str, err: object_store::Error) -> SourceError {
+    let path = path.to_string();
+    match err {
+        object_store::Error::NotFound { .. } => SourceError::NotFound { path },
+        object_store::Error::Precondition { .. } => SourceError::Changed { path },
+        object_store::Error::Unauthenticated { source, .. } => {
+            SourceError::Unauthenticated { path, source }
+        }
+        object_store::Error::PermissionDenied { source, .. } => {
+            SourceError::PermissionDenied { path, source }
+        }
+        other => {
+            let mut cause = None;
+            let mut retry_after = None;
+            let mut current: Option<&(dyn std::error::Error + 'static)> = Some(&other);
+            while let Some(e) = current {
+                if let Some(answer) = e.downcast_ref::<ServerAnswered>() {
+                    cause = Some(answer.cause());
+                    retry_after = answer.retry_after;
+                    break;
+                }
+                if let Some(http) = e.downcast_ref::<HttpError>() {
+                    cause = Some(match http.kind() {
+                        HttpErrorKind::Timeout => RetryCause::Timeout,
+                        _ => RetryCause::Connection,
+                    });
+                    break;
+                }
+                current = e.source();
+            }
+            match cause {
+                Some(cause) => SourceError::Transient {
+                    path,
+                    cause,
+                    retry_after,
+                    source: Box::new(other) as BoxError,
+                },
+                None => SourceError::Other {
+                    path,
+                    source: Box::new(other),
+                },
+            }
+        }
+    }
+}
+
+/// A server answer worth retrying (5xx, 408, 429), with what it told us.
+#[derive(Debug)]
+struct ServerAnswered {
+    status: u16,
+    error_code: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl ServerAnswered {
+    fn cause(&self) -> RetryCause {
+        match self.status {
+            503 | 429 => RetryCause::Throttled,
+            408 => RetryCause::Timeout,
+            _ => RetryCause::ServerError,
+        }
+    }
+}
+
+impl std::fmt::Display for ServerAnswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the server answered {}", self.status)?;
+        if let Some(code) = &self.error_code {
+            write!(f, " {code}")?;
+        }
+        if let Some(d) = self.retry_after {
+            write!(f, " (retry after {}s)", d.as_secs_f32())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ServerAnswered {}
+
+/// Parses `Retry-After` in its delta-seconds form; the HTTP-date form is ignored (Blob Storage
+/// sends seconds). Capped at five minutes so a bad header cannot park a range forever.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(300.0)))
+}
+
+/// Builds the default reqwest client and wraps it in [`StatusAwareService`].
+#[derive(Debug)]
+struct StatusAwareConnector;
+
+impl HttpConnector for StatusAwareConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let inner = ReqwestConnector::default().connect(options)?;
+        Ok(HttpClient::new(StatusAwareService { inner }))
+    }
+}
+
+/// Turns retryable answers into [`ServerAnswered`] errors so `Retry-After` reaches the fetcher.
+#[derive(Debug)]
+struct StatusAwareService {
+    inner: HttpClient,
+}
+
+#[async_trait]
+impl HttpService for StatusAwareService {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let response = self.inner.execute(req).await?;
+        let status = response.status().as_u16();
+        if status >= 500 || status == 429 || status == 408 {
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let answered = ServerAnswered {
+                status,
+                error_code: header("x-ms-error-code"),
+                retry_after: header("retry-after").as_deref().and_then(parse_retry_after),
+            };
+            return Err(HttpError::new(HttpErrorKind::Unknown, answered));
+        }
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_parses_seconds_and_caps() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("99999"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn urls_parse_into_account_container_and_prefix() {
+        let env = Environment::from_pairs([(
+            "AZURE_STORAGE_ACCOUNT_KEY".to_string(),
+            "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+                .to_string(),
+        )]);
+        let s = AzureSource::open(
+            "https://acct.blob.core.windows.net/models/gpt-oss-120b/?sv=x&sig=y",
+            &env,
+            &SourceOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(s.prefix.as_ref().map(|p| p.as_ref()), Some("gpt-oss-120b"));
+        assert!(!s.describe().contains("sig="));
+        let s = AzureSource::open(
+            "az://models/a/b",
+            &env,
+            &SourceOptions {
+                account: Some("acct".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.location("x.json").as_ref(), "a/b/x.json");
+        let err = AzureSource::open("https://example.com/c/p", &env, &SourceOptions::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("example.com"), "{err}");
+    }
+
+    #[test]
+    fn az_url_without_account_says_what_is_missing() {
+        let err = AzureSource::open("az://models/x", &Environment::default(), &SourceOptions::default())
+            .unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default());
+        assert!(chain.contains("az://models/x"), "{chain}");
+    }
+}

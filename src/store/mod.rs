@@ -1,0 +1,405 @@
+//! The cache's on-disk layout under its root, and the one way a model becomes visible.
+//!
+//! ```text
+//! models/NAME            -> ../store/NAME/REVISION   (what vLLM opens)
+//! store/NAME/REVISION/   complete, verified files + .modelcache/{ready,manifest}.json
+//! staging/NAME/          FILE.partial files and journal.jsonl; never visible as a model
+//! ```
+//!
+//! This module owns paths, the ready marker and [`publish`]; it does not download or hash.
+//! Publishing fsyncs every file and directory, moves the staged files into a fresh revision
+//! directory, then swaps the `models/NAME` link with a rename, so a reader sees the old revision
+//! or the new one, never a mix, and a crash at any step leaves no half-published model.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Subdirectory of a revision holding the cache's own records.
+pub const RECORDS_DIR: &str = ".modelcache";
+/// The ready marker inside [`RECORDS_DIR`].
+pub const READY_FILE: &str = "ready.json";
+/// The copy of the source manifest inside [`RECORDS_DIR`].
+pub const MANIFEST_COPY: &str = "manifest.json";
+
+/// A failure of a cache operation, naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A model name that cannot be a directory name.
+    #[error(
+        "invalid model name {name:?}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.'"
+    )]
+    InvalidName {
+        /// The name as given.
+        name: String,
+    },
+    /// A filesystem operation failed.
+    #[error("failed to {action} {path}")]
+    Io {
+        /// What was being done (`create`, `rename`, `fsync`, …).
+        action: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ready marker could not be read or written.
+    #[error("the ready marker {path} is unreadable")]
+    Marker {
+        /// The marker file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
+    /// The OS error behind this failure, if any (to recognise ENOSPC).
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match self {
+            StoreError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A validated model name: safe as one directory name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelName(String);
+
+impl ModelName {
+    /// Validates a name: 1 to 128 of `[A-Za-z0-9._-]`, not starting with `.`.
+    pub fn new(name: &str) -> Result<Self, StoreError> {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Self(name.to_string()))
+        } else {
+            Err(StoreError::InvalidName {
+                name: name.to_string(),
+            })
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ModelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Paths under a cache root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// The layout under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The cache root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `models/NAME`: the stable link vLLM opens.
+    pub fn model_link(&self, name: &ModelName) -> PathBuf {
+        self.root.join("models").join(name.as_str())
+    }
+
+    /// `store/NAME/REVISION`.
+    pub fn revision_dir(&self, name: &ModelName, revision: &str) -> PathBuf {
+        self.root.join("store").join(name.as_str()).join(revision)
+    }
+
+    /// `staging/NAME`.
+    pub fn staging_dir(&self, name: &ModelName) -> PathBuf {
+        self.root.join("staging").join(name.as_str())
+    }
+
+    /// Where a file's bytes are written while it downloads.
+    pub fn partial_path(&self, name: &ModelName, relative: &str) -> PathBuf {
+        self.staging_dir(name)
+            .join("files")
+            .join(format!("{relative}.partial"))
+    }
+
+    /// The resume journal of a model.
+    pub fn journal_path(&self, name: &ModelName) -> PathBuf {
+        self.staging_dir(name).join("journal.jsonl")
+    }
+
+    /// Creates `models/`, `store/` and `staging/`.
+    pub fn ensure(&self) -> Result<(), StoreError> {
+        for dir in ["models", "store", "staging"] {
+            let p = self.root.join(dir);
+            std::fs::create_dir_all(&p).map_err(StoreError::io("create", &p))?;
+        }
+        Ok(())
+    }
+
+    /// The revision `models/NAME` links to, if any.
+    pub fn published_revision(&self, name: &ModelName) -> Option<String> {
+        let target = std::fs::read_link(self.model_link(name)).ok()?;
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    }
+}
+
+/// How a published model was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verification {
+    /// Every file's BLAKE3 matched the manifest, and the structure checked.
+    Blake3,
+    /// No manifest: sizes, ETags and safetensors/index structure were checked.
+    Structural,
+}
+
+impl std::fmt::Display for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verification::Blake3 => "blake3",
+            Verification::Structural => "structural",
+        })
+    }
+}
+
+/// One file of a published model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyFile {
+    /// Path relative to the revision directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3, when it was computed while downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+}
+
+/// `.modelcache/ready.json`: what was published and how it was verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyMarker {
+    /// The model name.
+    pub name: String,
+    /// The source, secrets redacted.
+    pub source: String,
+    /// The revision directory name.
+    pub revision: String,
+    /// Every file, sorted by path.
+    pub files: Vec<ReadyFile>,
+    /// Sum of the files' sizes.
+    pub bytes: u64,
+    /// How the files were verified.
+    pub verification: Verification,
+    /// When, RFC 3339.
+    pub verified_at: String,
+}
+
+impl ReadyMarker {
+    /// Reads the marker of a revision directory.
+    pub fn read(revision_dir: &Path) -> Result<Self, StoreError> {
+        let path = revision_dir.join(RECORDS_DIR).join(READY_FILE);
+        let bytes = std::fs::read(&path).map_err(StoreError::io("read", &path))?;
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Marker { path, source })
+    }
+
+    /// Whether every file the marker lists exists in `revision_dir` with its recorded size.
+    pub fn files_present(&self, revision_dir: &Path) -> bool {
+        self.files.iter().all(|f| {
+            std::fs::metadata(revision_dir.join(&f.path))
+                .map(|m| m.is_file() && m.len() == f.size)
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// A model staged and verified, ready to be published.
+#[derive(Debug)]
+pub struct StagedModel<'a> {
+    /// The model.
+    pub name: &'a ModelName,
+    /// Its revision.
+    pub revision: &'a str,
+    /// The marker to write.
+    pub marker: &'a ReadyMarker,
+    /// The source manifest's bytes, kept beside the marker.
+    pub manifest: Option<&'a [u8]>,
+}
+
+/// Publishes a staged model: the only code that makes a model visible.
+///
+/// Steps, each for a reason: (1) fsync every staged file, so the data is durable before any
+/// name points at it; (2) move each into a fresh temporary revision directory on the same
+/// filesystem (a rename, never a copy) and write the records; (3) fsync every directory touched;
+/// (4) rename the temporary directory to `store/NAME/REVISION`; (5) point a new link at it and
+/// rename the link over `models/NAME`, then fsync `models/`. A crash before (5) leaves the previous
+/// revision linked; staged files already moved are fetched again on the next run.
+pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, StoreError> {
+    let name = staged.name;
+    let final_dir = layout.revision_dir(name, staged.revision);
+    let model_store = layout.root().join("store").join(name.as_str());
+    std::fs::create_dir_all(&model_store).map_err(StoreError::io("create", &model_store))?;
+
+    if !final_dir.exists() {
+        let tmp = model_store.join(format!(".{}.tmp-{}", staged.revision, std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(StoreError::io("remove", &tmp))?;
+        }
+        let mut dirs = vec![tmp.clone()];
+        for file in &staged.marker.files {
+            let from = layout.partial_path(name, &file.path);
+            let to = tmp.join(&file.path);
+            let handle = File::open(&from).map_err(StoreError::io("open", &from))?;
+            handle.sync_all().map_err(StoreError::io("fsync", &from))?;
+            drop(handle);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+                dirs.push(parent.to_path_buf());
+            }
+            std::fs::rename(&from, &to).map_err(StoreError::io("rename", &from))?;
+        }
+        let records = tmp.join(RECORDS_DIR);
+        std::fs::create_dir_all(&records).map_err(StoreError::io("create", &records))?;
+        dirs.push(records.clone());
+        let marker_json = serde_json::to_vec_pretty(staged.marker).map_err(|source| {
+            StoreError::Marker {
+                path: records.join(READY_FILE),
+                source,
+            }
+        })?;
+        write_synced(&records.join(READY_FILE), &marker_json)?;
+        if let Some(manifest) = staged.manifest {
+            write_synced(&records.join(MANIFEST_COPY), manifest)?;
+        }
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs.iter().rev() {
+            fsync_dir(dir)?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(StoreError::io("rename", &tmp))?;
+        fsync_dir(&model_store)?;
+    }
+    link_revision(layout, name, staged.revision)?;
+    Ok(layout.model_link(name))
+}
+
+/// Points `models/NAME` at `store/NAME/REVISION` with an atomic rename of a fresh link.
+pub fn link_revision(layout: &Layout, name: &ModelName, revision: &str) -> Result<(), StoreError> {
+    let models = layout.root().join("models");
+    std::fs::create_dir_all(&models).map_err(StoreError::io("create", &models))?;
+    let link = layout.model_link(name);
+    let target = Path::new("..")
+        .join("store")
+        .join(name.as_str())
+        .join(revision);
+    if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
+        return Ok(());
+    }
+    let tmp = models.join(format!(".{}.link-{}", name.as_str(), std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&target, &tmp).map_err(StoreError::io("create link", &tmp))?;
+    std::fs::rename(&tmp, &link).map_err(StoreError::io("rename", &tmp))?;
+    fsync_dir(&models)
+}
+
+/// Writes a small file and fsyncs it, checking the close.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let mut f = File::create(path).map_err(StoreError::io("create", path))?;
+    f.write_all(bytes).map_err(StoreError::io("write", path))?;
+    f.sync_all().map_err(StoreError::io("fsync", path))
+}
+
+/// fsyncs a directory so renames and creations in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("fsync", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_are_single_safe_segments() {
+        for good in ["gpt-oss-120b", "Llama_3.1-8B"] {
+            ModelName::new(good).unwrap();
+        }
+        for bad in ["", ".hidden", "a/b", "..", "x y", &"a".repeat(129)] {
+            let err = ModelName::new(bad).unwrap_err();
+            assert!(err.to_string().contains("invalid model name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn publish_moves_staged_files_and_swaps_the_link() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::new(root.path());
+        layout.ensure().unwrap();
+        let name = ModelName::new("m").unwrap();
+        for rev in ["r1", "r2"] {
+            let partial = layout.partial_path(&name, "sub/a.bin");
+            std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+            std::fs::write(&partial, rev).unwrap();
+            let marker = ReadyMarker {
+                name: "m".into(),
+                source: "file:///x".into(),
+                revision: rev.into(),
+                files: vec![ReadyFile {
+                    path: "sub/a.bin".into(),
+                    size: 2,
+                    blake3: None,
+                }],
+                bytes: 2,
+                verification: Verification::Structural,
+                verified_at: "now".into(),
+            };
+            let staged = StagedModel {
+                name: &name,
+                revision: rev,
+                marker: &marker,
+                manifest: None,
+            };
+            let link = publish(&layout, &staged).unwrap();
+            assert_eq!(std::fs::read_to_string(link.join("sub/a.bin")).unwrap(), rev);
+            assert_eq!(layout.published_revision(&name).as_deref(), Some(rev));
+            let read = ReadyMarker::read(&layout.revision_dir(&name, rev)).unwrap();
+            assert_eq!(read, marker);
+            assert!(read.files_present(&layout.revision_dir(&name, rev)));
+        }
+        // The old revision stays intact for readers that opened it.
+        assert!(layout.revision_dir(&name, "r1").join("sub/a.bin").exists());
+        // The link is relative, so it resolves the same inside a container's mount.
+        let target = std::fs::read_link(layout.model_link(&name)).unwrap();
+        assert!(target.is_relative());
+    }
+}

@@ -1,0 +1,110 @@
+//! Re-verification of a model already in the cache (`modelcache verify`): every file's size
+//! and BLAKE3 against the manifest kept at publish (or the hashes in the ready marker), then the
+//! safetensors and index structure.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::VerifyError;
+use super::hash::hash_local_file;
+use super::manifest::Manifest;
+use super::structure::{ShardTensors, check_index, check_safetensors, is_index, is_safetensors};
+use crate::store::{MANIFEST_COPY, RECORDS_DIR, ReadyMarker, Verification};
+
+/// What a re-verification found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CachedReport {
+    /// The model directory verified (the revision directory).
+    pub dir: PathBuf,
+    /// The model name from the marker.
+    pub name: String,
+    /// The revision.
+    pub revision: String,
+    /// Files checked.
+    pub files: usize,
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// `blake3` when every file was hashed against a recorded hash.
+    pub verification: Verification,
+}
+
+/// Re-verifies a published revision directory, hashing on `threads` threads with pieces of
+/// `chunk` bytes.
+pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedReport, VerifyError> {
+    let dir = std::fs::canonicalize(dir).map_err(|source| VerifyError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let marker = ReadyMarker::read(&dir).map_err(|e| VerifyError::Manifest {
+        path: dir.join(RECORDS_DIR).display().to_string(),
+        reason: format!("{e} (is this a published model directory?)"),
+    })?;
+    let manifest_path = dir.join(RECORDS_DIR).join(MANIFEST_COPY);
+    let manifest = match std::fs::read(&manifest_path) {
+        Ok(bytes) => Some(Manifest::parse(&bytes, &manifest_path.display().to_string())?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(VerifyError::Io {
+                path: manifest_path,
+                source,
+            });
+        }
+    };
+    let mut hashed_all = true;
+    let mut bytes = 0;
+    let mut shards: HashMap<String, ShardTensors> = HashMap::new();
+    for file in &marker.files {
+        let path = dir.join(&file.path);
+        let size = std::fs::metadata(&path).map(|m| m.len()).ok();
+        if size != Some(file.size) {
+            return Err(VerifyError::CachedFile {
+                path,
+                expected: file.size,
+            });
+        }
+        let expected = manifest
+            .as_ref()
+            .and_then(|m| m.get(&file.path).map(|e| e.blake3.clone()))
+            .or_else(|| file.blake3.clone());
+        match expected {
+            Some(expected) => {
+                let actual = hash_local_file(&path, chunk, threads)
+                    .map_err(|source| VerifyError::Io {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .to_hex()
+                    .to_string();
+                if actual != expected {
+                    return Err(VerifyError::HashMismatch {
+                        path: file.path.clone(),
+                        expected,
+                        actual,
+                    });
+                }
+                bytes += file.size;
+            }
+            None => hashed_all = false,
+        }
+        if is_safetensors(&file.path) {
+            shards.insert(file.path.clone(), check_safetensors(&path, &file.path)?);
+        }
+    }
+    for file in marker.files.iter().filter(|f| is_index(&f.path)) {
+        let path = dir.join(&file.path);
+        let data = std::fs::read(&path).map_err(|source| VerifyError::Io { path, source })?;
+        check_index(&file.path, &data, &shards)?;
+    }
+    Ok(CachedReport {
+        dir,
+        name: marker.name,
+        revision: marker.revision,
+        files: marker.files.len(),
+        bytes,
+        verification: if hashed_all && manifest.is_some() {
+            Verification::Blake3
+        } else {
+            Verification::Structural
+        },
+    })
+}

@@ -1,0 +1,204 @@
+//! Structure checks that need no manifest: every `.safetensors` header (through the
+//! `safetensors` crate) and every `*.safetensors.index.json` against the shards it names.
+//!
+//! The header check proves a shard is complete and self-consistent: header length at most
+//! 100 MB, valid JSON, offsets sorted and contiguous from 0, each tensor's byte size equal to its
+//! element count times its dtype's size (U8, BF16 and the 4/6/8-bit float types included), and
+//! `8 + N + last end` equal to the file length. It cannot prove the bytes are the right ones;
+//! only the manifest's BLAKE3 does that.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::Path;
+
+use serde::Deserialize;
+use safetensors::SafeTensors;
+
+use super::VerifyError;
+use crate::source::validate_name;
+
+/// The tensors of one checked shard: name → byte size.
+#[derive(Debug, Clone, Default)]
+pub struct ShardTensors {
+    /// Tensor name → bytes of data.
+    pub tensors: HashMap<String, u64>,
+}
+
+/// Whether a relative path names a safetensors shard.
+pub fn is_safetensors(path: &str) -> bool {
+    path.ends_with(".safetensors")
+}
+
+/// Whether a relative path names a safetensors index.
+pub fn is_index(path: &str) -> bool {
+    path.ends_with(".safetensors.index.json")
+}
+
+/// Checks one shard's header and length; `name` is the shard's path relative to the model.
+pub fn check_safetensors(file: &Path, name: &str) -> Result<ShardTensors, VerifyError> {
+    let io = |source| VerifyError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let handle = File::open(file).map_err(io)?;
+    let len = handle.metadata().map_err(io)?.len();
+    if len < 8 {
+        return Err(VerifyError::Safetensors {
+            path: name.to_string(),
+            source: safetensors::SafeTensorError::HeaderTooSmall,
+        });
+    }
+    // The crate checks `8 + N + data end == buffer length`, so it wants the whole file as a
+    // slice; a map gives that while only the header pages are ever read.
+    #[expect(unsafe_code, reason = "memory-mapping a file is unsafe in Rust's model")]
+    // SAFETY: the map is read-only and private to this function. The file sits in the cache's own
+    // staging or store directory, which only this process writes, and every write to it finished
+    // before verification began. Another process truncating it would fault the read, not corrupt
+    // memory we rely on; the map is dropped before returning.
+    let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(io)?;
+    let (_, metadata) =
+        SafeTensors::read_metadata(&map).map_err(|source| VerifyError::Safetensors {
+            path: name.to_string(),
+            source,
+        })?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(tensor, info)| {
+            let (begin, end) = info.data_offsets;
+            (tensor, (end - begin) as u64)
+        })
+        .collect();
+    Ok(ShardTensors { tensors })
+}
+
+#[derive(Debug, Deserialize)]
+struct IndexFile {
+    #[serde(default)]
+    metadata: Option<IndexMetadata>,
+    weight_map: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IndexMetadata {
+    #[serde(default)]
+    total_size: Option<u64>,
+}
+
+/// Checks an index (`index_path` relative to the model, `bytes` its contents) against the
+/// checked shards, keyed by their paths relative to the model: every shard it names is present,
+/// every tensor it maps is in that shard's header, and `metadata.total_size` equals the bytes of
+/// the mapped tensors.
+pub fn check_index(
+    index_path: &str,
+    bytes: &[u8],
+    shards: &HashMap<String, ShardTensors>,
+) -> Result<(), VerifyError> {
+    let fail = |reason: String| VerifyError::Index {
+        path: index_path.to_string(),
+        reason,
+    };
+    let index: IndexFile =
+        serde_json::from_slice(bytes).map_err(|e| fail(format!("not a valid index: {e}")))?;
+    let dir = match index_path.rsplit_once('/') {
+        Some((d, _)) => format!("{d}/"),
+        None => String::new(),
+    };
+    let mut mapped_bytes: u64 = 0;
+    for (tensor, shard) in &index.weight_map {
+        validate_name(shard).map_err(|e| fail(e.to_string()))?;
+        let full = format!("{dir}{shard}");
+        let Some(info) = shards.get(&full) else {
+            return Err(fail(format!(
+                "tensor {tensor} is mapped to shard {shard}, which is not in the model"
+            )));
+        };
+        let Some(size) = info.tensors.get(tensor) else {
+            return Err(fail(format!(
+                "tensor {tensor} is mapped to shard {shard}, whose header has no such tensor"
+            )));
+        };
+        mapped_bytes = mapped_bytes.saturating_add(*size);
+    }
+    if let Some(total) = index.metadata.and_then(|m| m.total_size) {
+        if total != mapped_bytes {
+            return Err(fail(format!(
+                "metadata.total_size is {total} but the mapped tensors hold {mapped_bytes} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_shard(dir: &Path, name: &str, header: &str, data_len: usize) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data_len));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    const GOOD: &str = r#"{"a_blocks":{"dtype":"U8","shape":[2,16],"data_offsets":[0,32]},"b":{"dtype":"BF16","shape":[4],"data_offsets":[32,40]},"s":{"dtype":"F4","shape":[2],"data_offsets":[40,41]}}"#;
+
+    #[test]
+    fn a_good_shard_passes_and_lists_its_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_shard(dir.path(), "s.safetensors", GOOD, 41);
+        let t = check_safetensors(&p, "s.safetensors").unwrap();
+        assert_eq!(t.tensors["a_blocks"], 32);
+        assert_eq!(t.tensors["b"], 8);
+    }
+
+    #[test]
+    fn truncated_holed_and_oversized_shards_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        // One byte short of the data.
+        let p = write_shard(dir.path(), "t.safetensors", GOOD, 40);
+        assert!(check_safetensors(&p, "t.safetensors").is_err());
+        // A hole between tensors.
+        let holed = GOOD.replace("[32,40]", "[33,41]").replace("[40,41]", "[41,42]");
+        let p = write_shard(dir.path(), "h.safetensors", &holed, 42);
+        assert!(check_safetensors(&p, "h.safetensors").is_err());
+        // A size that is not numel × dtype size.
+        let wrong = GOOD.replace("\"shape\":[4]", "\"shape\":[5]");
+        let p = write_shard(dir.path(), "w.safetensors", &wrong, 41);
+        assert!(check_safetensors(&p, "w.safetensors").is_err());
+        // A header length claiming more than 100 MB.
+        let path = dir.path().join("big.safetensors");
+        let mut bytes = (200_000_000u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        std::fs::write(&path, bytes).unwrap();
+        let err = check_safetensors(&path, "big.safetensors").unwrap_err();
+        assert!(err.to_string().contains("big.safetensors"), "{err}");
+        // Too short to hold a header length.
+        std::fs::write(dir.path().join("tiny.safetensors"), b"abc").unwrap();
+        assert!(check_safetensors(&dir.path().join("tiny.safetensors"), "tiny").is_err());
+    }
+
+    #[test]
+    fn index_is_checked_against_shard_headers() {
+        let mut shards = HashMap::new();
+        shards.insert(
+            "m/s1.safetensors".to_string(),
+            ShardTensors {
+                tensors: [("a".to_string(), 32u64), ("b".to_string(), 8)].into(),
+            },
+        );
+        let good = br#"{"metadata":{"total_size":40},"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#;
+        check_index("m/model.safetensors.index.json", good, &shards).unwrap();
+        let missing_shard = br#"{"weight_map":{"a":"s2.safetensors"}}"#;
+        let err = check_index("m/model.safetensors.index.json", missing_shard, &shards).unwrap_err();
+        assert!(err.to_string().contains("s2.safetensors"), "{err}");
+        let missing_tensor = br#"{"weight_map":{"zz":"s1.safetensors"}}"#;
+        assert!(check_index("m/i.safetensors.index.json", missing_tensor, &shards).is_err());
+        let wrong_total = br#"{"metadata":{"total_size":41},"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#;
+        assert!(check_index("m/i.safetensors.index.json", wrong_total, &shards).is_err());
+        let escape = br#"{"weight_map":{"a":"../s1.safetensors"}}"#;
+        assert!(check_index("m/i.safetensors.index.json", escape, &shards).is_err());
+    }
+}
