@@ -18,7 +18,9 @@ use crate::config::{
     InvalidValue, Selection, human_bytes, parse_duration, parse_size,
 };
 use crate::fetch::progress::{Phase, Progress};
-use crate::fetch::{ErrorKind, PrefetchError, PrefetchRequest, Summary, compute_manifest, error_chain, prefetch};
+use crate::fetch::{
+    ErrorKind, PrefetchError, PrefetchRequest, Summary, compute_manifest, error_chain, prefetch,
+};
 use crate::source::{self, MANIFEST_NAME, SourceOptions};
 use crate::store::{Layout, ModelName};
 use crate::verify::cached::verify_cached;
@@ -96,7 +98,7 @@ pub enum Command {
     /// Re-check a cached model against its manifest and structure.
     #[command(after_help = EXIT_CODES_HELP)]
     Verify(VerifyArgs),
-    /// Compute the BLAKE3 manifest of a source prefix (a publisher runs this once per revision).
+    /// Compute the BLAKE3 manifest of a source prefix, once per model revision.
     #[command(after_help = EXIT_CODES_HELP)]
     Manifest(ManifestArgs),
     /// Run the whole flow on a generated GPT-OSS-shaped model in a local folder.
@@ -186,7 +188,12 @@ pub struct PrefetchArgs {
     #[arg(long, env = "MODELCACHE_MODEL", value_name = "NAME")]
     pub model: String,
     /// The cache's root directory.
-    #[arg(long, env = "MODELCACHE_CACHE_ROOT", value_name = "DIR", default_value = "/mnt/modelcache")]
+    #[arg(
+        long,
+        env = "MODELCACHE_CACHE_ROOT",
+        value_name = "DIR",
+        default_value = "/mnt/modelcache"
+    )]
     pub cache_root: PathBuf,
     /// Refuse a source without modelcache.manifest.json.
     #[arg(long, env = "MODELCACHE_REQUIRE_MANIFEST")]
@@ -212,7 +219,12 @@ pub struct VerifyArgs {
     #[arg(value_name = "DIR", conflicts_with_all = ["cache_root", "model"])]
     pub dir: Option<PathBuf>,
     /// The cache's root directory.
-    #[arg(long, env = "MODELCACHE_CACHE_ROOT", value_name = "DIR", requires = "model")]
+    #[arg(
+        long,
+        env = "MODELCACHE_CACHE_ROOT",
+        value_name = "DIR",
+        requires = "model"
+    )]
     pub cache_root: Option<PathBuf>,
     /// The model to verify.
     #[arg(long, value_name = "NAME", requires = "cache_root")]
@@ -401,14 +413,24 @@ pub fn summary_line(s: &Summary) -> String {
         extra.push_str(&format!(", {retries} ranges retried"));
     }
     if s.source_restarts > 0 {
-        extra.push_str(&format!(", {} restarts after source changes", s.source_restarts));
+        extra.push_str(&format!(
+            ", {} restarts after source changes",
+            s.source_restarts
+        ));
     }
     if !s.refetched_files.is_empty() {
-        extra.push_str(&format!(", {} files re-fetched after a hash mismatch", s.refetched_files.len()));
+        extra.push_str(&format!(
+            ", {} files re-fetched after a hash mismatch",
+            s.refetched_files.len()
+        ));
     }
     format!(
         "{}{} revision {}: {} files, {} ({} bytes) fetched, {} ({} bytes) reused, {:.1} s, {:.2} GB/s, verified {}{} -> {}",
-        if s.already_published { "already published " } else { "published " },
+        if s.already_published {
+            "already published "
+        } else {
+            "published "
+        },
         s.model,
         s.revision,
         s.files,
@@ -475,7 +497,11 @@ fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64().max(0.001);
     #[expect(clippy::cast_precision_loss, reason = "display")]
     let (pct, rate) = (
-        if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 },
+        if total > 0 {
+            done as f64 * 100.0 / total as f64
+        } else {
+            0.0
+        },
         fetched as f64 / secs,
     );
     #[expect(clippy::cast_precision_loss, reason = "display")]
@@ -484,7 +510,11 @@ fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
     } else {
         "-".to_string()
     };
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "display")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "display"
+    )]
     let rate_bytes = rate as u64;
     format!(
         "{model}: {} {} / {} ({pct:.1}%) {}/s ETA {eta}",
@@ -503,20 +533,25 @@ pub async fn run_verify(args: VerifyArgs) -> Result<ExitCode, CommandError> {
             let name = ModelName::new(model).map_err(invalid)?;
             Layout::new(root).model_link(&name)
         }
-        _ => return Err(invalid("give a model directory, or --cache-root and --model")),
+        _ => {
+            return Err(invalid(
+                "give a model directory, or --cache-root and --model",
+            ));
+        }
     };
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let started = Instant::now();
-    let report = tokio::task::spawn_blocking(move || verify_cached(&dir, DEFAULT_CHUNK_SIZE, threads))
-        .await
-        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
-        .map_err(|e| {
-            let code = match e {
-                crate::verify::VerifyError::Io { .. } => exit::CACHE_FAILED,
-                _ => exit::VERIFY_FAILED,
-            };
-            CommandError::new(code, e)
-        })?;
+    let report =
+        tokio::task::spawn_blocking(move || verify_cached(&dir, DEFAULT_CHUNK_SIZE, threads))
+            .await
+            .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+            .map_err(|e| {
+                let code = match e {
+                    crate::verify::VerifyError::Io { .. } => exit::CACHE_FAILED,
+                    _ => exit::VERIFY_FAILED,
+                };
+                CommandError::new(code, e)
+            })?;
     let secs = started.elapsed().as_secs_f64();
     if args.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -608,10 +643,11 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         }
         let shape_copy = shape;
         let src = source_dir.clone();
-        let bytes = tokio::task::spawn_blocking(move || crate::demo::generate_model(&src, &shape_copy))
-            .await
-            .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
-            .map_err(fail)?;
+        let bytes =
+            tokio::task::spawn_blocking(move || crate::demo::generate_model(&src, &shape_copy))
+                .await
+                .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+                .map_err(fail)?;
         std::fs::write(&stamp, stamp_text).map_err(fail)?;
         println!(
             "1. generated {} in {} ({} shards, index, tokenizer, tiktoken encodings, original/ and metal/)",
@@ -632,7 +668,13 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         concurrency: 16,
         ..FetchOptions::default()
     };
-    let manifest = compute_manifest(Arc::clone(&source), &selection, &options, Arc::new(Progress::new())).await?;
+    let manifest = compute_manifest(
+        Arc::clone(&source),
+        &selection,
+        &options,
+        Arc::new(Progress::new()),
+    )
+    .await?;
     source
         .put_small(MANIFEST_NAME, bytes::Bytes::from(manifest.to_json()))
         .await

@@ -343,7 +343,10 @@ mod tests {
     #[test]
     fn environment_keeps_only_azure_variables() {
         let env = Environment::from_pairs([
-            ("AZURE_STORAGE_ACCOUNT_KEY".to_string(), "secret".to_string()),
+            (
+                "AZURE_STORAGE_ACCOUNT_KEY".to_string(),
+                "secret".to_string(),
+            ),
             ("HOME".to_string(), "/root".to_string()),
         ]);
         assert_eq!(env.get("AZURE_STORAGE_ACCOUNT_KEY"), Some("secret"));

@@ -133,7 +133,10 @@ pub fn generate_model(dir: &Path, shape: &DemoShape) -> std::io::Result<u64> {
         "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}\n",
     )?;
     // Same line format as the real encodings: base64 token, space, rank.
-    for (file, ranks) in [("o200k_base.tiktoken", 4000u32), ("cl100k_base.tiktoken", 2000)] {
+    for (file, ranks) in [
+        ("o200k_base.tiktoken", 4000u32),
+        ("cl100k_base.tiktoken", 2000),
+    ] {
         let mut text = String::new();
         for rank in 0..ranks {
             text.push_str(&base64_of(&rank.to_le_bytes()));
@@ -148,14 +151,18 @@ pub fn generate_model(dir: &Path, shape: &DemoShape) -> std::io::Result<u64> {
     std::fs::create_dir_all(&original)?;
     let mut bytes = vec![0u8; shape.original_bytes];
     rng.fill(&mut bytes);
-    let view = TensorView::new(Dtype::U8, vec![bytes.len()], &bytes).map_err(std::io::Error::other)?;
+    let view =
+        TensorView::new(Dtype::U8, vec![bytes.len()], &bytes).map_err(std::io::Error::other)?;
     safetensors::serialize_to_file(
         vec![("embedding.weight".to_string(), view)],
         None,
         &original.join("model--00001-of-00001.safetensors"),
     )
     .map_err(std::io::Error::other)?;
-    write_json(&original.join("config.json"), &serde_json::json!({"num_hidden_layers": 36}))?;
+    write_json(
+        &original.join("config.json"),
+        &serde_json::json!({"num_hidden_layers": 36}),
+    )?;
     let metal = dir.join("metal");
     std::fs::create_dir_all(&metal)?;
     std::fs::write(metal.join("model.bin"), &bytes[..bytes.len().min(1 << 20)])?;
@@ -220,12 +227,19 @@ mod tests {
         let mut shards = HashMap::new();
         for i in 0..3 {
             let name = shard_name(i, 3);
-            shards.insert(name.clone(), check_safetensors(&dir.path().join(&name), &name).unwrap());
+            shards.insert(
+                name.clone(),
+                check_safetensors(&dir.path().join(&name), &name).unwrap(),
+            );
         }
         assert_eq!(shard_name(0, 15), "model-00000-of-00014.safetensors");
         let index = std::fs::read(dir.path().join("model.safetensors.index.json")).unwrap();
         check_index("model.safetensors.index.json", &index, &shards).unwrap();
-        assert!(dir.path().join("original/model--00001-of-00001.safetensors").exists());
+        assert!(
+            dir.path()
+                .join("original/model--00001-of-00001.safetensors")
+                .exists()
+        );
         assert_eq!(base64_of(b"Man"), "TWFu");
         assert_eq!(base64_of(b"Ma"), "TWE=");
     }

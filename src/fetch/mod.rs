@@ -27,10 +27,12 @@ use crate::store::{
 use crate::verify::VerifyError;
 use crate::verify::hash::combine;
 use crate::verify::manifest::{Manifest, ManifestEntry};
-use crate::verify::structure::{ShardTensors, check_index, check_safetensors, is_index, is_safetensors};
+use crate::verify::structure::{
+    ShardTensors, check_index, check_safetensors, is_index, is_safetensors,
+};
 use journal::{Journal, JournalLine, index_lines};
-use pieces::{Engine, FileSlot, Sink};
 pub use pieces::error_chain;
+use pieces::{Engine, FileSlot, Sink};
 use progress::{Phase, Progress};
 
 /// What a caller can do about a failed prefetch; the command line maps these to exit codes.
@@ -170,9 +172,9 @@ impl PrefetchError {
         };
         match self {
             PrefetchError::Source { source, .. } => match source {
-                SourceError::InvalidUrl { .. } | SourceError::Config { .. } => {
-                    ErrorKind::InvalidInput
-                }
+                SourceError::InvalidUrl { .. }
+                | SourceError::Config { .. }
+                | SourceError::UnsafeName { .. } => ErrorKind::InvalidInput,
                 SourceError::Transient { .. } => ErrorKind::DownloadFailed,
                 _ => ErrorKind::SourceUnavailable,
             },
@@ -288,10 +290,7 @@ struct Plan {
     revision: String,
 }
 
-async fn plan(
-    source: &Arc<dyn Source>,
-    request: &PrefetchRequest,
-) -> Result<Plan, PrefetchError> {
+async fn plan(source: &Arc<dyn Source>, request: &PrefetchRequest) -> Result<Plan, PrefetchError> {
     let url = source.describe();
     let source_err = |source| PrefetchError::Source {
         url: url.clone(),
@@ -454,7 +453,10 @@ async fn attempt(
                         Some([0; 32])
                     };
                     let Some(digest) = digest else { continue };
-                    if let Some(d) = usize::try_from(line.index).ok().and_then(|i| digests.get_mut(i)) {
+                    if let Some(d) = usize::try_from(line.index)
+                        .ok()
+                        .and_then(|i| digests.get_mut(i))
+                    {
                         if d.is_none() {
                             *d = Some(digest);
                             kept.push(line.clone());
@@ -608,7 +610,12 @@ async fn attempt(
     }
     progress.set_phase(Phase::Done);
     info!(model.name = %name, revision = %plan.revision, "published {name} revision {}", plan.revision);
-    Ok(summary(progress.fetched(), progress.reused(), false, refetched))
+    Ok(summary(
+        progress.fetched(),
+        progress.reused(),
+        false,
+        refetched,
+    ))
 }
 
 /// Runs the engine while a checkpoint task makes finished ranges durable every two seconds;
@@ -689,7 +696,8 @@ fn check_space(staging: &std::path::Path, needed: u64) -> Result<(), PrefetchErr
         clippy::useless_conversion,
         reason = "statvfs field types differ between platforms"
     )]
-    let available = u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
+    let available =
+        u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
     // Headroom for the journal, the records and filesystem metadata.
     let with_headroom = needed.saturating_add(needed / 100).saturating_add(4 << 20);
     if with_headroom > available {
@@ -727,10 +735,13 @@ pub async fn compute_manifest(
     progress: Arc<Progress>,
 ) -> Result<Manifest, PrefetchError> {
     let url = source.describe();
-    let listed = source.list().await.map_err(|source| PrefetchError::Source {
-        url: url.clone(),
-        source,
-    })?;
+    let listed = source
+        .list()
+        .await
+        .map_err(|source| PrefetchError::Source {
+            url: url.clone(),
+            source,
+        })?;
     let files: Vec<RemoteFile> = listed
         .into_iter()
         .filter(|f| f.path != MANIFEST_NAME && selection.is_selected(&f.path))
@@ -784,4 +795,3 @@ pub async fn compute_manifest(
         .collect();
     Ok(Manifest::from_entries(entries)?)
 }
-

@@ -16,9 +16,9 @@ use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use super::PrefetchError;
 use super::journal::{JournalLine, hex};
 use super::progress::Progress;
-use super::PrefetchError;
 use crate::config::FetchOptions;
 use crate::source::{RemoteFile, RetryCause, Source, SourceError};
 use crate::verify::hash::{PieceDigest, PieceHasher, piece_count};
@@ -115,7 +115,10 @@ impl FileSlot {
     }
 
     pub(crate) fn digests(&self) -> Vec<Option<PieceDigest>> {
-        self.digests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn missing(&self) -> Vec<u64> {
@@ -148,7 +151,10 @@ pub(crate) struct Engine {
 impl Engine {
     /// Runs the given (file, range) jobs with the concurrency limit; the first hard failure
     /// cancels the rest (their partial bytes stay, unjournaled) and is returned.
-    pub(crate) async fn run(self: &Arc<Self>, jobs: Vec<(usize, u64)>) -> Result<(), PrefetchError> {
+    pub(crate) async fn run(
+        self: &Arc<Self>,
+        jobs: Vec<(usize, u64)>,
+    ) -> Result<(), PrefetchError> {
         let mut queue = jobs.into_iter();
         let mut set = JoinSet::new();
         loop {
@@ -170,7 +176,9 @@ impl Engine {
                 Some(Err(join)) => {
                     set.abort_all();
                     while set.join_next().await.is_some() {}
-                    return Err(PrefetchError::Internal(format!("a range task failed: {join}")));
+                    return Err(PrefetchError::Internal(format!(
+                        "a range task failed: {join}"
+                    )));
                 }
             }
         }

@@ -75,10 +75,9 @@ impl AzureSource {
 
         let (container, prefix) = match parsed.scheme() {
             "az" => {
-                let container = parsed
-                    .host_str()
-                    .filter(|h| !h.is_empty())
-                    .ok_or_else(|| invalid("az:// URLs name the container first: az://CONTAINER/PREFIX"))?;
+                let container = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
+                    invalid("az:// URLs name the container first: az://CONTAINER/PREFIX")
+                })?;
                 if let Some(account) = &options.account {
                     builder = builder.with_account(account);
                 }
@@ -86,9 +85,9 @@ impl AzureSource {
             }
             "https" | "http" => {
                 let host = parsed.host_str().unwrap_or_default();
-                let account = host
-                    .strip_suffix(".blob.core.windows.net")
-                    .ok_or_else(|| invalid("expected https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX"))?;
+                let account = host.strip_suffix(".blob.core.windows.net").ok_or_else(|| {
+                    invalid("expected https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX")
+                })?;
                 builder = builder.with_account(account);
                 let path = parsed.path().trim_start_matches('/');
                 let (container, rest) = path.split_once('/').unwrap_or((path, ""));
@@ -237,25 +236,30 @@ fn map_error(path: &str, err: object_store::Error) -> SourceError {
         object_store::Error::PermissionDenied { source, .. } => {
             SourceError::PermissionDenied { path, source }
         }
+        object_store::Error::InvalidPath {
+            source: object_store::path::Error::BadSegment { path: name, .. },
+        } => SourceError::UnsafeName {
+            name,
+            reason: "a path segment such as `..` could escape the destination",
+        },
         other => {
-            let mut cause = None;
-            let mut retry_after = None;
-            let mut current: Option<&(dyn std::error::Error + 'static)> = Some(&other);
-            while let Some(e) = current {
-                if let Some(answer) = e.downcast_ref::<ServerAnswered>() {
-                    cause = Some(answer.cause());
-                    retry_after = answer.retry_after;
-                    break;
+            // The server's own answer, when there is one, says more than the transport error
+            // that carries it, so look for it through the whole chain first.
+            let chain = || {
+                std::iter::successors(Some(&other as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+            };
+            let answered = chain().find_map(|e| e.downcast_ref::<ServerAnswered>());
+            let transport = chain().find_map(|e| e.downcast_ref::<HttpError>());
+            let (cause, retry_after) = match (answered, transport) {
+                (Some(a), _) => (Some(a.cause()), a.retry_after),
+                (None, Some(h)) if h.kind() == HttpErrorKind::Timeout => {
+                    (Some(RetryCause::Timeout), None)
                 }
-                if let Some(http) = e.downcast_ref::<HttpError>() {
-                    cause = Some(match http.kind() {
-                        HttpErrorKind::Timeout => RetryCause::Timeout,
-                        _ => RetryCause::Connection,
-                    });
-                    break;
-                }
-                current = e.source();
-            }
+                (None, Some(_)) => (Some(RetryCause::Connection), None),
+                (None, None) => (None, None),
+            };
             match cause {
                 Some(cause) => SourceError::Transient {
                     path,
@@ -397,9 +401,18 @@ mod tests {
 
     #[test]
     fn az_url_without_account_says_what_is_missing() {
-        let err = AzureSource::open("az://models/x", &Environment::default(), &SourceOptions::default())
-            .unwrap_err();
-        let chain = format!("{err}: {}", std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default());
+        let err = AzureSource::open(
+            "az://models/x",
+            &Environment::default(),
+            &SourceOptions::default(),
+        )
+        .unwrap_err();
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        );
         assert!(chain.contains("az://models/x"), "{chain}");
     }
 }

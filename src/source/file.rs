@@ -62,7 +62,12 @@ impl FileSource {
 }
 
 fn local_etag(meta: &std::fs::Metadata) -> String {
-    format!("{:x}-{:x}.{:x}", meta.len(), meta.mtime(), meta.mtime_nsec())
+    format!(
+        "{:x}-{:x}.{:x}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<RemoteFile>) -> std::io::Result<()> {
@@ -142,7 +147,9 @@ impl Source for FileSource {
                 if pos >= end {
                     return None;
                 }
-                let want = usize::try_from(end - pos).unwrap_or(READ_SIZE).min(READ_SIZE);
+                let want = usize::try_from(end - pos)
+                    .unwrap_or(READ_SIZE)
+                    .min(READ_SIZE);
                 let read = tokio::task::spawn_blocking(move || {
                     let mut buf = BytesMut::zeroed(want);
                     let n = handle.read_at(&mut buf, pos)?;
@@ -183,7 +190,9 @@ impl Source for FileSource {
 
     async fn put_small(&self, path: &str, data: Bytes) -> Result<(), SourceError> {
         let target = self.root.join(path);
-        let tmp = self.root.join(format!(".{path}.tmp-{}", std::process::id()));
+        let tmp = self
+            .root
+            .join(format!(".{path}.tmp-{}", std::process::id()));
         let result = async {
             tokio::fs::write(&tmp, &data).await?;
             tokio::fs::rename(&tmp, &target).await

@@ -350,8 +350,12 @@ mod tests {
 
     #[test]
     fn unknown_schemes_are_refused() {
-        let err = open("s3://bucket/x", &Environment::default(), &SourceOptions::default())
-            .unwrap_err();
+        let err = open(
+            "s3://bucket/x",
+            &Environment::default(),
+            &SourceOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("s3://bucket/x"), "{err}");
     }
 }

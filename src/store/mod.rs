@@ -165,9 +165,7 @@ impl Layout {
     /// The revision `models/NAME` links to, if any.
     pub fn published_revision(&self, name: &ModelName) -> Option<String> {
         let target = std::fs::read_link(self.model_link(name)).ok()?;
-        target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+        target.file_name().map(|n| n.to_string_lossy().into_owned())
     }
 }
 
@@ -289,12 +287,11 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, Sto
         let records = tmp.join(RECORDS_DIR);
         std::fs::create_dir_all(&records).map_err(StoreError::io("create", &records))?;
         dirs.push(records.clone());
-        let marker_json = serde_json::to_vec_pretty(staged.marker).map_err(|source| {
-            StoreError::Marker {
+        let marker_json =
+            serde_json::to_vec_pretty(staged.marker).map_err(|source| StoreError::Marker {
                 path: records.join(READY_FILE),
                 source,
-            }
-        })?;
+            })?;
         write_synced(&records.join(READY_FILE), &marker_json)?;
         if let Some(manifest) = staged.manifest {
             write_synced(&records.join(MANIFEST_COPY), manifest)?;
@@ -390,7 +387,10 @@ mod tests {
                 manifest: None,
             };
             let link = publish(&layout, &staged).unwrap();
-            assert_eq!(std::fs::read_to_string(link.join("sub/a.bin")).unwrap(), rev);
+            assert_eq!(
+                std::fs::read_to_string(link.join("sub/a.bin")).unwrap(),
+                rev
+            );
             assert_eq!(layout.published_revision(&name).as_deref(), Some(rev));
             let read = ReadyMarker::read(&layout.revision_dir(&name, rev)).unwrap();
             assert_eq!(read, marker);

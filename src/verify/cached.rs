@@ -41,7 +41,10 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
     })?;
     let manifest_path = dir.join(RECORDS_DIR).join(MANIFEST_COPY);
     let manifest = match std::fs::read(&manifest_path) {
-        Ok(bytes) => Some(Manifest::parse(&bytes, &manifest_path.display().to_string())?),
+        Ok(bytes) => Some(Manifest::parse(
+            &bytes,
+            &manifest_path.display().to_string(),
+        )?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => {
             return Err(VerifyError::Io {

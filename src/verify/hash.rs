@@ -11,8 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use blake3::hazmat::{
-    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root,
-    merge_subtrees_root,
+    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
 
 /// The 32 bytes a finished piece leaves behind: a chaining value, or for a file that is a single
@@ -136,7 +135,8 @@ pub fn hash_local_file(path: &Path, chunk: u64, threads: usize) -> std::io::Resu
                         }
                         let digest = hasher.finish();
                         let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(slot) = usize::try_from(index).ok().and_then(|i| all.get_mut(i)) {
+                        if let Some(slot) = usize::try_from(index).ok().and_then(|i| all.get_mut(i))
+                        {
                             *slot = digest;
                         }
                     }
@@ -174,9 +174,21 @@ mod tests {
 
     #[test]
     fn combined_pieces_equal_the_plain_hash_for_every_shape() {
-        let data: Vec<u8> = (0..(70 * 1024 + 13)).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(70 * 1024 + 13))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         for chunk in [1024usize, 2048, 4096, 16384, 65536, 131072] {
-            for len in [0usize, 1, 1023, 1024, 1025, 2048, 3 * 1024 + 5, 5 * 4096, 70 * 1024 + 13] {
+            for len in [
+                0usize,
+                1,
+                1023,
+                1024,
+                1025,
+                2048,
+                3 * 1024 + 5,
+                5 * 4096,
+                70 * 1024 + 13,
+            ] {
                 let slice = &data[..len];
                 let got = combine(&pieces_of(slice, chunk));
                 assert_eq!(got, blake3::hash(slice), "chunk {chunk} len {len}");
@@ -199,7 +211,10 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         for (chunk, threads) in [(65536u64, 3usize), (1 << 20, 2)] {
-            assert_eq!(hash_local_file(&path, chunk, threads).unwrap(), blake3::hash(&data));
+            assert_eq!(
+                hash_local_file(&path, chunk, threads).unwrap(),
+                blake3::hash(&data)
+            );
         }
     }
 }

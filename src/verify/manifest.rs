@@ -152,6 +152,11 @@ mod tests {
         let dup = format!(
             r#"{{"format":"modelcache.manifest/v1","algorithm":"blake3","files":[{{"path":"a","size":1,"blake3":"{HASH}"}},{{"path":"a","size":1,"blake3":"{HASH}"}}]}}"#
         );
-        assert!(Manifest::parse(dup.as_bytes(), "m").unwrap_err().to_string().contains("twice"));
+        assert!(
+            Manifest::parse(dup.as_bytes(), "m")
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
     }
 }

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
-use serde::Deserialize;
 use safetensors::SafeTensors;
+use serde::Deserialize;
 
 use super::VerifyError;
 use crate::source::validate_name;
@@ -50,7 +50,10 @@ pub fn check_safetensors(file: &Path, name: &str) -> Result<ShardTensors, Verify
     }
     // The crate checks `8 + N + data end == buffer length`, so it wants the whole file as a
     // slice; a map gives that while only the header pages are ever read.
-    #[expect(unsafe_code, reason = "memory-mapping a file is unsafe in Rust's model")]
+    #[expect(
+        unsafe_code,
+        reason = "memory-mapping a file is unsafe in Rust's model"
+    )]
     // SAFETY: the map is read-only and private to this function. The file sits in the cache's own
     // staging or store directory, which only this process writes, and every write to it finished
     // before verification began. Another process truncating it would fault the read, not corrupt
@@ -161,7 +164,9 @@ mod tests {
         let p = write_shard(dir.path(), "t.safetensors", GOOD, 40);
         assert!(check_safetensors(&p, "t.safetensors").is_err());
         // A hole between tensors.
-        let holed = GOOD.replace("[32,40]", "[33,41]").replace("[40,41]", "[41,42]");
+        let holed = GOOD
+            .replace("[32,40]", "[33,41]")
+            .replace("[40,41]", "[41,42]");
         let p = write_shard(dir.path(), "h.safetensors", &holed, 42);
         assert!(check_safetensors(&p, "h.safetensors").is_err());
         // A size that is not numel × dtype size.
@@ -192,7 +197,8 @@ mod tests {
         let good = br#"{"metadata":{"total_size":40},"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#;
         check_index("m/model.safetensors.index.json", good, &shards).unwrap();
         let missing_shard = br#"{"weight_map":{"a":"s2.safetensors"}}"#;
-        let err = check_index("m/model.safetensors.index.json", missing_shard, &shards).unwrap_err();
+        let err =
+            check_index("m/model.safetensors.index.json", missing_shard, &shards).unwrap_err();
         assert!(err.to_string().contains("s2.safetensors"), "{err}");
         let missing_tensor = br#"{"weight_map":{"zz":"s1.safetensors"}}"#;
         assert!(check_index("m/i.safetensors.index.json", missing_tensor, &shards).is_err());

@@ -1,0 +1,222 @@
+//! The binary on local directories: demo, verify, structure checks and input errors.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::*;
+
+fn prefetch_file(source: &Path, cache: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = modelcache();
+    cmd.args([
+        "prefetch",
+        "--json",
+        "--model",
+        "gpt-oss-120b",
+        "--chunk-size",
+        "64KiB",
+    ])
+    .arg(format!("--source=file://{}", source.display()))
+    .arg("--cache-root")
+    .arg(cache)
+    .args(extra);
+    run(&mut cmd, Duration::from_secs(120))
+}
+
+fn write_manifest(source: &Path) {
+    let mut cmd = modelcache();
+    cmd.args(["manifest", "--upload", "--chunk-size", "64KiB"])
+        .arg(format!("--source=file://{}", source.display()));
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(source.join("modelcache.manifest.json").exists());
+}
+
+#[test]
+fn demo_runs_the_whole_flow_and_reuses_on_the_second_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = modelcache();
+    cmd.arg("demo")
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--shard-size", "512KiB"]);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("verified blake3"), "{text}");
+    assert!(text.contains("original/ skipped: true"), "{text}");
+    assert!(text.contains("vllm serve"), "{text}");
+    let link = dir.path().join("cache/models/gpt-oss-120b");
+    assert!(link.join("model-00014-of-00014.safetensors").exists());
+    assert!(link.join("o200k_base.tiktoken").exists());
+    let again = run(&mut cmd, Duration::from_secs(120));
+    assert!(
+        stdout(&again).contains("already published"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+#[test]
+fn file_source_prefetch_is_byte_identical_and_verify_catches_a_flipped_byte() {
+    let source = small_model(100_000, 11);
+    write_manifest(source.path());
+    let cache = tempfile::tempdir().unwrap();
+    let s = summary(&prefetch_file(source.path(), cache.path(), &[]));
+    assert_eq!(s["verification"], "blake3");
+    let link = cache.path().join("models/gpt-oss-120b");
+    assert_published_identical(source.path(), &link);
+
+    let mut verify = modelcache();
+    verify
+        .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
+        .arg(cache.path());
+    let ok = run(&mut verify, Duration::from_secs(60));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(
+        stdout(&ok).contains("verification blake3"),
+        "{}",
+        stdout(&ok)
+    );
+
+    let shard = link.join("model-00009-of-00014.safetensors");
+    let mut data = std::fs::read(&shard).unwrap();
+    let n = data.len();
+    data[n / 2] ^= 1;
+    std::fs::write(&shard, data).unwrap();
+    let bad = run(&mut verify, Duration::from_secs(60));
+    assert_eq!(bad.status.code(), Some(5), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("model-00009-of-00014.safetensors"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
+fn without_a_manifest_a_truncated_shard_fails_the_structure_check() {
+    let source = small_model(100_000, 12);
+    let shard = source.path().join("model-00002-of-00014.safetensors");
+    let data = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &data[..data.len() - 10]).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), cache.path(), &[]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model-00002-of-00014.safetensors is not a valid safetensors file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!cache.path().join("models/gpt-oss-120b").exists());
+
+    // An intact model without a manifest is published as structurally checked.
+    std::fs::write(&shard, &data).unwrap();
+    let s = summary(&prefetch_file(source.path(), cache.path(), &[]));
+    assert_eq!(s["verification"], "structural");
+}
+
+#[test]
+fn an_index_naming_an_excluded_shard_is_refused() {
+    let source = small_model(50_000, 13);
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), cache.path(), &["--exclude", "model-00003-*"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model-00003-of-00014.safetensors, which is not in the model"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn require_manifest_refuses_a_source_without_one() {
+    let source = small_model(50_000, 14);
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), cache.path(), &["--require-manifest"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("hint:"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_manifest_entry_with_dotdot_is_refused() {
+    let source = small_model(50_000, 15);
+    let hash = "0".repeat(64);
+    std::fs::write(
+        source.path().join("modelcache.manifest.json"),
+        format!(r#"{{"format":"modelcache.manifest/v1","algorithm":"blake3","files":[{{"path":"../../etc/evil","size":1,"blake3":"{hash}"}}]}}"#),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), cache.path(), &[]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"../../etc/evil\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_the_flag_and_exit_code_2() {
+    let cache = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--model", "../x", "--source", "file:///tmp"],
+            "invalid model name",
+        ),
+        (
+            &[
+                "--model",
+                "m",
+                "--source",
+                "file:///tmp",
+                "--chunk-size",
+                "3MiB",
+            ],
+            "--chunk-size",
+        ),
+        (
+            &["--model", "m", "--source", "s3://bucket/x"],
+            "s3://bucket/x",
+        ),
+        (
+            &[
+                "--model",
+                "m",
+                "--source",
+                "file:///tmp",
+                "--concurrency",
+                "0",
+            ],
+            "--concurrency",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut cmd = modelcache();
+        cmd.arg("prefetch")
+            .args(args)
+            .arg("--cache-root")
+            .arg(cache.path());
+        let out = run(&mut cmd, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn help_lists_exit_codes_and_defaults() {
+    let mut cmd = modelcache();
+    cmd.args(["prefetch", "--help"]);
+    let out = run(&mut cmd, Duration::from_secs(30));
+    let text = stdout(&out);
+    for needle in [
+        "Exit codes:",
+        "[default: 64]",
+        "[default: 64MiB]",
+        "MODELCACHE_CACHE_ROOT",
+        "original/**",
+    ] {
+        assert!(text.contains(needle), "missing {needle}: {text}");
+    }
+}

@@ -1,0 +1,108 @@
+//! Faults injected between the prefetcher and Azurite.
+
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Fault, FaultProxy};
+use crate::support::*;
+
+fn prefetch_via(
+    proxy: &FaultProxy,
+    model: &AzureModel,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut cmd = modelcache();
+    with_emulator(&mut cmd, &proxy.endpoint());
+    cmd.args([
+        "prefetch",
+        "--json",
+        "--model",
+        "gpt-oss-120b",
+        "--chunk-size",
+        "64KiB",
+        "--concurrency",
+        "4",
+    ])
+    .args(["--source", &model.url()])
+    .arg("--cache-root")
+    .arg(cache)
+    .args(extra);
+    run(&mut cmd, Duration::from_secs(180))
+}
+
+#[test]
+fn throttling_resets_truncation_and_stalls_all_end_in_a_verified_model() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 200_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "model-00001",
+        Fault::Busy {
+            retry_after_secs: 1,
+        },
+        Some(2),
+    );
+    proxy.add("model-00002", Fault::ResetMidBody, Some(2));
+    proxy.add("model-00004", Fault::Truncate, Some(2));
+    proxy.add(
+        "model-00006",
+        Fault::Stall(Duration::from_secs(20)),
+        Some(1),
+    );
+    proxy.add("model-00007", Fault::ServerError, Some(1));
+    let cache = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = prefetch_via(&proxy, &model, cache.path(), &["--stall-timeout", "2s"]);
+    let s = summary(&out);
+    assert_eq!(proxy.fired(), 8, "every fault fired");
+    assert_eq!(s["verification"], "blake3");
+    let retries = &s["retries"];
+    assert_eq!(retries["throttled"], 2, "{s}");
+    assert_eq!(retries["stalled"], 1, "{s}");
+    assert_eq!(retries["server_error"], 1, "{s}");
+    // Resets and truncations surface as connection failures or short bodies.
+    let transport =
+        retries["connection"].as_u64().unwrap_or(0) + retries["short_body"].as_u64().unwrap_or(0);
+    assert_eq!(transport, 4, "{s}");
+    // Two 503s with Retry-After: 1 on the same range cost at least two seconds.
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_published_identical(
+        model.source.path(),
+        &cache.path().join("models/gpt-oss-120b"),
+    );
+}
+
+#[test]
+fn a_fault_that_never_clears_fails_within_the_configured_bounds() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 100_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "model-00003",
+        Fault::Busy {
+            retry_after_secs: 0,
+        },
+        None,
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = prefetch_via(&proxy, &model, cache.path(), &["--max-attempts", "3"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("model-00003-of-00014.safetensors bytes 0..65536"),
+        "{line}"
+    );
+    assert!(line.contains("after 3 attempts"), "{line}");
+    assert!(line.contains("503"), "the last cause is named: {line}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(!cache.path().join("models/gpt-oss-120b").exists());
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the built binary against a real Azurite, a fault-injecting proxy, local
+//! directories and (as root) loop-device filesystems.
+
+mod azure;
+mod cli;
+mod faults;
+mod proxy;
+mod resume;
+mod space;
+mod support;

@@ -1,0 +1,254 @@
+//! A small fault-injecting HTTP/1.1 proxy in front of Azurite.
+//!
+//! Each request is forwarded on a fresh upstream connection and answered with
+//! `Connection: close`, so faults never leak into the next request. Rules match ranged GETs by
+//! a substring of the path and fire a limited number of times (or forever).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What to do to a matching request.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Answer 503 ServerBusy with `Retry-After: secs` without asking Azurite.
+    Busy { retry_after_secs: u32 },
+    /// Answer 500 OperationTimeout.
+    ServerError,
+    /// Send the head and half the body, then reset the connection (RST).
+    ResetMidBody,
+    /// Send the head and half the body, then close cleanly (a short body).
+    Truncate,
+    /// Send the head and half the body, then go silent for this long.
+    Stall(Duration),
+    /// Wait this long, then forward normally.
+    Delay(Duration),
+}
+
+/// A hook run once, before forwarding the first matching request.
+pub type Hook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+struct Rule {
+    path_contains: String,
+    fault: Option<Fault>,
+    hook: Option<Hook>,
+    remaining: Option<usize>,
+}
+
+/// The proxy; dropped with the test.
+pub struct FaultProxy {
+    pub port: u16,
+    rules: Arc<Mutex<Vec<Rule>>>,
+    /// How many faults fired.
+    pub fired: Arc<Mutex<usize>>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `127.0.0.1:upstream` on a free port, on its own thread.
+    pub fn start(upstream: u16) -> Self {
+        let rules: Arc<Mutex<Vec<Rule>>> = Arc::default();
+        let fired: Arc<Mutex<usize>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (r, f) = (Arc::clone(&rules), Arc::clone(&fired));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap().port()).unwrap();
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (r, f) = (Arc::clone(&r), Arc::clone(&f));
+                    tokio::spawn(async move {
+                        let _ = handle(client, upstream, r, f).await;
+                    });
+                }
+            });
+        });
+        Self {
+            port: rx.recv().unwrap(),
+            rules,
+            fired,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Applies `fault` to the next `times` ranged GETs whose path contains `path_contains`
+    /// (`None`: forever).
+    pub fn add(&self, path_contains: &str, fault: Fault, times: Option<usize>) {
+        self.rules.lock().unwrap().push(Rule {
+            path_contains: path_contains.to_string(),
+            fault: Some(fault),
+            hook: None,
+            remaining: times,
+        });
+    }
+
+    /// Runs `hook` before forwarding the first ranged GET whose path contains `path_contains`.
+    pub fn hook(&self, path_contains: &str, hook: Hook) {
+        self.rules.lock().unwrap().push(Rule {
+            path_contains: path_contains.to_string(),
+            fault: None,
+            hook: Some(hook),
+            remaining: Some(1),
+        });
+    }
+
+    pub fn fired(&self) -> usize {
+        *self.fired.lock().unwrap()
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.read(&mut byte).await? == 0 {
+            return Ok(None);
+        }
+        head.push(byte[0]);
+        if head.ends_with(b"\r\n\r\n") {
+            return Ok(Some(head));
+        }
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn handle(
+    mut client: TcpStream,
+    upstream: u16,
+    rules: Arc<Mutex<Vec<Rule>>>,
+    fired: Arc<Mutex<usize>>,
+) -> std::io::Result<()> {
+    let Some(head) = read_head(&mut client).await? else {
+        return Ok(());
+    };
+    let head_text = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = header(&head_text, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    client.read_exact(&mut body).await?;
+    let request_line = head_text.lines().next().unwrap_or_default().to_string();
+    let is_ranged_get = request_line.starts_with("GET ")
+        && (header(&head_text, "x-ms-range").is_some() || header(&head_text, "range").is_some());
+
+    let (fault, hook) = {
+        let mut rules = rules.lock().unwrap();
+        let mut chosen = (None, None);
+        if is_ranged_get {
+            for rule in rules.iter_mut() {
+                if rule.remaining == Some(0) || !request_line.contains(&rule.path_contains) {
+                    continue;
+                }
+                if let Some(n) = rule.remaining.as_mut() {
+                    *n -= 1;
+                }
+                chosen = (rule.fault, rule.hook.take());
+                break;
+            }
+        }
+        chosen
+    };
+    if let Some(hook) = hook {
+        hook().await;
+    }
+    if fault.is_some() {
+        *fired.lock().unwrap() += 1;
+    }
+    match fault {
+        Some(Fault::Busy { retry_after_secs }) => {
+            let resp = format!(
+                "HTTP/1.1 503 Server Busy\r\nRetry-After: {retry_after_secs}\r\nx-ms-error-code: ServerBusy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            client.write_all(resp.as_bytes()).await?;
+            return client.shutdown().await;
+        }
+        Some(Fault::ServerError) => {
+            let resp = "HTTP/1.1 500 Operation could not be completed within the specified time.\r\nx-ms-error-code: OperationTimedOut\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            client.write_all(resp.as_bytes()).await?;
+            return client.shutdown().await;
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        _ => {}
+    }
+
+    // Forward on a fresh connection that closes after the response.
+    let mut forwarded = String::new();
+    for line in head_text.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        forwarded.push_str(line);
+        forwarded.push_str("\r\n");
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
+    up.write_all(forwarded.as_bytes()).await?;
+    up.write_all(&body).await?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response).await?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |i| i + 4);
+    let (raw_head, resp_body) = response.split_at(split);
+    // Every answer closes its connection, so a fault cannot poison a reused one.
+    let mut head_out = String::new();
+    for line in String::from_utf8_lossy(raw_head)
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+    {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            head_out.push_str(line);
+            head_out.push_str("\r\n");
+        }
+    }
+    head_out.push_str("Connection: close\r\n\r\n");
+    let resp_head = head_out.as_bytes();
+    let half = resp_body.len() / 2;
+    match fault {
+        Some(Fault::ResetMidBody) => {
+            client.write_all(resp_head).await?;
+            client.write_all(&resp_body[..half]).await?;
+            client.flush().await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.set_zero_linger()?;
+            drop(client);
+        }
+        Some(Fault::Truncate) => {
+            client.write_all(resp_head).await?;
+            client.write_all(&resp_body[..half]).await?;
+            client.shutdown().await?;
+        }
+        Some(Fault::Stall(d)) => {
+            client.write_all(resp_head).await?;
+            client.write_all(&resp_body[..half]).await?;
+            client.flush().await?;
+            tokio::time::sleep(d).await;
+        }
+        _ => {
+            client.write_all(resp_head).await?;
+            client.write_all(resp_body).await?;
+            client.shutdown().await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Running out of space, on small loop-device filesystems (root only).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Fault, FaultProxy};
+use crate::support::*;
+
+/// An ext4 filesystem of `mib` MiB on a loop device, mounted on a temp dir; undone on drop.
+struct LoopFs {
+    mount: tempfile::TempDir,
+    device: String,
+    _image: tempfile::TempDir,
+}
+
+impl LoopFs {
+    fn new(mib: u64) -> Option<Self> {
+        if !is_root() {
+            skip_or_fail("loop-device tests need root");
+            return None;
+        }
+        let image_dir = tempfile::tempdir().unwrap();
+        let image = image_dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output();
+        let device = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            other => {
+                skip_or_fail(&format!("losetup failed: {other:?}"));
+                return None;
+            }
+        };
+        let mount = tempfile::tempdir().unwrap();
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", &device])
+            .status()
+            .unwrap()
+            .success()
+            && Command::new("mount")
+                .arg(&device)
+                .arg(mount.path())
+                .status()
+                .unwrap()
+                .success();
+        assert!(ok, "mkfs/mount of {device} failed");
+        Some(Self {
+            mount,
+            device,
+            _image: image_dir,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.mount.path()
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mount.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+fn no_model_published(cache: &Path) {
+    assert!(!cache.join("models/gpt-oss-120b").exists());
+    let store = cache.join("store/gpt-oss-120b");
+    assert!(!store.exists() || std::fs::read_dir(&store).unwrap().next().is_none());
+}
+
+#[test]
+fn a_filesystem_too_small_for_the_model_fails_before_downloading() {
+    let Some(fs) = LoopFs::new(24) else { return };
+    let source = small_model(3 << 20, 5); // about 45 MiB selected
+    let mut cmd = modelcache();
+    cmd.args([
+        "prefetch",
+        "--model",
+        "gpt-oss-120b",
+        "--chunk-size",
+        "1MiB",
+    ])
+    .arg(format!("--source=file://{}", source.path().display()))
+    .arg("--cache-root")
+    .arg(fs.path());
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not enough space"),
+        "{}",
+        stderr(&out)
+    );
+    // The check ran before the first byte: no partial file was created.
+    assert!(!fs.path().join("staging/gpt-oss-120b/files").exists());
+    no_model_published(fs.path());
+}
+
+#[test]
+fn a_disk_filled_during_the_run_fails_cleanly_with_nothing_published() {
+    let Some(az) = azurite() else { return };
+    let Some(fs) = LoopFs::new(64) else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 3 << 20, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "gpt-oss-120b/model-",
+        Fault::Delay(Duration::from_millis(200)),
+        None,
+    );
+    let mut cmd = modelcache();
+    with_emulator(&mut cmd, &proxy.endpoint());
+    cmd.args([
+        "prefetch",
+        "--model",
+        "gpt-oss-120b",
+        "--chunk-size",
+        "1MiB",
+        "--concurrency",
+        "1",
+    ])
+    .args(["--source", &model.url()])
+    .arg("--cache-root")
+    .arg(fs.path())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Once the download has started (past the free-space check), take every free block.
+    let files = fs.path().join("staging/gpt-oss-120b/files");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !files.exists() {
+        assert!(Instant::now() < deadline, "the download never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let filler: PathBuf = fs.path().join("filler");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "dd if=/dev/zero of={} bs=1M 2>/dev/null",
+            filler.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(!status.success(), "dd should stop at a full disk");
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.to_lowercase().contains("no space left"), "{err}");
+    no_model_published(fs.path());
+}

@@ -1,0 +1,443 @@
+//! Shared test fixtures: a real Azurite started once per test binary, a signed raw HTTP client
+//! for what `object_store` cannot do (create containers, upload hostile names), uploads in
+//! blocks, generated models, and the built binary.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use sha2::Sha256;
+
+pub const ACCOUNT: &str = "devstoreaccount1";
+pub const KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// True when running in CI, where a missing prerequisite is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skips (loudly) outside CI, fails in CI.
+pub fn skip_or_fail(reason: &str) {
+    if in_ci() {
+        panic!("CI=true but a prerequisite is missing: {reason}");
+    }
+    eprintln!("\n*** SKIPPED: {reason} ***\n");
+}
+
+/// Whether we are root (loop devices, mount).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Path of the built binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_modelcache"))
+}
+
+/// A `modelcache` command with a clean environment (no Azure variables leak in from the host).
+pub fn modelcache() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MODELCACHE_LOG", "info")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Adds the emulator settings pointing at `endpoint` (Azurite or the fault proxy).
+pub fn with_emulator(cmd: &mut Command, endpoint: &str) {
+    cmd.env("AZURE_STORAGE_USE_EMULATOR", "true")
+        .env("AZURITE_BLOB_STORAGE_URL", endpoint);
+}
+
+/// Runs a command to completion with a time limit, returning its output.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn modelcache");
+    wait_with_limit(child, limit)
+}
+
+pub fn wait_with_limit(child: Child, limit: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for modelcache"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("modelcache did not finish within {limit:?}");
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `--json` summary of a successful prefetch.
+pub fn summary(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "prefetch failed: {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    let line = stdout(o).lines().last().unwrap_or_default().to_string();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {line}"))
+}
+
+/// A small GPT-OSS-shaped model in a temp dir: 15 shards of `shard_bytes` plus extras.
+pub fn small_model(shard_bytes: usize, seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    modelcache::demo::generate_model(
+        dir.path(),
+        &modelcache::demo::DemoShape {
+            shards: 15,
+            shard_bytes,
+            original_bytes: 300_000,
+            seed,
+        },
+    )
+    .unwrap();
+    dir
+}
+
+/// Every file under `dir`, relative, sorted.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Asserts the published model holds exactly the selected source files, byte for byte.
+pub fn assert_published_identical(source: &Path, model: &Path) {
+    let expected: Vec<String> = files_under(source)
+        .into_iter()
+        .filter(|f| {
+            !f.starts_with("original/")
+                && !f.starts_with("metal/")
+                && f != "modelcache.manifest.json"
+        })
+        .collect();
+    let got: Vec<String> = files_under(model)
+        .into_iter()
+        .filter(|f| !f.starts_with(".modelcache/"))
+        .collect();
+    assert_eq!(got, expected, "published file set");
+    for f in &expected {
+        let a = std::fs::read(source.join(f)).unwrap();
+        let b = std::fs::read(model.join(f)).unwrap();
+        assert!(a == b, "{f} differs after prefetch");
+    }
+}
+
+/// A running Azurite, shared by the tests of this binary.
+pub struct Azurite {
+    pub port: u16,
+    _workspace: tempfile::TempDir,
+    _guard: Child,
+}
+
+impl Azurite {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn azurite_bin() -> Option<PathBuf> {
+    let local =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/azurite/node_modules/.bin/azurite-blob");
+    if local.exists() {
+        return Some(local);
+    }
+    let which = Command::new("sh")
+        .args(["-c", "command -v azurite-blob"])
+        .output()
+        .ok()?;
+    let p = String::from_utf8_lossy(&which.stdout).trim().to_string();
+    (!p.is_empty()).then(|| PathBuf::from(p))
+}
+
+/// Starts Azurite once (on a free port, disk workspace), or returns None after a loud skip.
+pub fn azurite() -> Option<&'static Azurite> {
+    static AZURITE: OnceLock<Option<Azurite>> = OnceLock::new();
+    let started = AZURITE.get_or_init(|| {
+        let bin = azurite_bin()?;
+        let workspace = tempfile::tempdir().unwrap();
+        // The shell ends Azurite when our stdin closes, i.e. when this test process exits.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" "$@" & pid=$!; read _; kill $pid"#)
+            .arg(&bin)
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                "0",
+                "--skipApiVersionCheck",
+                "--loose",
+                "--disableTelemetry",
+                "-l",
+            ])
+            .arg(workspace.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start azurite");
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 512];
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let port = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "azurite did not start: {seen}"
+            );
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "azurite exited: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(i) = seen.find("listens on http://127.0.0.1:") {
+                let rest = &seen[i + "listens on http://127.0.0.1:".len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if rest.len() > digits.len() {
+                    break digits.parse::<u16>().unwrap();
+                }
+            }
+        };
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            while out.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        });
+        Some(Azurite {
+            port,
+            _workspace: workspace,
+            _guard: child,
+        })
+    });
+    if started.is_none() {
+        skip_or_fail(
+            "Azurite is not installed (run the README's test command, which installs it into .tools/)",
+        );
+    }
+    started.as_ref()
+}
+
+/// Makes `name` unique to this test.
+pub fn unique(name: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A raw request to Azurite signed with the account key (SharedKey).
+pub fn signed_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let version = "2021-08-06";
+    let mut ms_headers: Vec<(String, String)> = vec![
+        ("x-ms-date".into(), date.clone()),
+        ("x-ms-version".into(), version.into()),
+    ];
+    for (k, v) in extra_headers {
+        if k.starts_with("x-ms-") {
+            ms_headers.push(((*k).to_string(), (*v).to_string()));
+        }
+    }
+    ms_headers.sort();
+    let canonical_headers: String = ms_headers
+        .iter()
+        .map(|(k, v)| format!("{k}:{v}\n"))
+        .collect();
+    let mut q: Vec<(&str, &str)> = query.to_vec();
+    q.sort();
+    let canonical_query: String = q.iter().map(|(k, v)| format!("\n{k}:{v}")).collect();
+    let content_length = if body.is_empty() {
+        String::new()
+    } else {
+        body.len().to_string()
+    };
+    let string_to_sign = format!(
+        "{method}\n\n\n{content_length}\n\n\n\n\n\n\n\n\n{canonical_headers}/{ACCOUNT}/{ACCOUNT}{path}{canonical_query}"
+    );
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(KEY)
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(string_to_sign.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let query_string: String = query
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| format!("{}{k}={v}", if i == 0 { "?" } else { "&" }))
+        .collect();
+    let mut req = format!(
+        "{method} /{ACCOUNT}{path}{query_string} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: SharedKey {ACCOUNT}:{sig}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in &ms_headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(req.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    stream.read_to_end(&mut resp).unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Creates a container.
+pub fn create_container(az: &Azurite, container: &str) {
+    let (status, text) = signed_request(
+        az.port,
+        "PUT",
+        &format!("/{container}"),
+        &[("restype", "container")],
+        &[],
+        b"",
+    );
+    assert!(status == 201 || status == 409, "create container: {text}");
+}
+
+/// Uploads one blob with a raw Put Blob (any name, even a hostile one).
+pub fn put_raw_blob(az: &Azurite, container: &str, name: &str, data: &[u8]) {
+    let (status, text) = signed_request(
+        az.port,
+        "PUT",
+        &format!("/{container}/{name}"),
+        &[],
+        &[("x-ms-blob-type", "BlockBlob")],
+        data,
+    );
+    assert_eq!(status, 201, "put blob {name}: {text}");
+}
+
+/// An `object_store` client for a container of the shared Azurite.
+pub fn store(az: &Azurite, container: &str) -> Arc<MicrosoftAzure> {
+    Arc::new(
+        MicrosoftAzureBuilder::new()
+            .with_account(ACCOUNT)
+            .with_access_key(KEY)
+            .with_endpoint(format!("{}/{ACCOUNT}", az.endpoint()))
+            .with_allow_http(true)
+            .with_container_name(container)
+            .build()
+            .unwrap(),
+    )
+}
+
+/// Uploads every file of `dir` under `prefix`, each in 256 KiB blocks (Put Block + Put Block
+/// List), as large uploads to Blob Storage are made.
+pub async fn upload_dir(store: &MicrosoftAzure, dir: &Path, prefix: &str) {
+    for rel in files_under(dir) {
+        let data = std::fs::read(dir.join(&rel)).unwrap();
+        upload_blocks(store, &format!("{prefix}/{rel}"), &data).await;
+    }
+}
+
+pub async fn upload_blocks(store: &MicrosoftAzure, name: &str, data: &[u8]) {
+    let upload = store.put_multipart(&ObjPath::from(name)).await.unwrap();
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, 256 * 1024);
+    writer.write(data);
+    writer.finish().await.unwrap();
+}
+
+pub async fn put_small(store: &MicrosoftAzure, name: &str, data: &[u8]) {
+    store
+        .put(&ObjPath::from(name), PutPayload::from(data.to_vec()))
+        .await
+        .unwrap();
+}
+
+/// A container holding a small model (uploaded in blocks) and its manifest, computed with the
+/// binary's own `manifest --upload`.
+pub struct AzureModel {
+    pub container: String,
+    pub source: tempfile::TempDir,
+    pub store: Arc<MicrosoftAzure>,
+}
+
+impl AzureModel {
+    pub fn url(&self) -> String {
+        format!("az://{}/gpt-oss-120b", self.container)
+    }
+}
+
+pub async fn azure_model(az: &Azurite, shard_bytes: usize, with_manifest: bool) -> AzureModel {
+    let container = unique("models");
+    create_container(az, &container);
+    let source = small_model(shard_bytes, 7);
+    let store = store(az, &container);
+    upload_dir(&store, source.path(), "gpt-oss-120b").await;
+    let model = AzureModel {
+        container,
+        source,
+        store,
+    };
+    if with_manifest {
+        let mut cmd = modelcache();
+        with_emulator(&mut cmd, &az.endpoint());
+        cmd.args([
+            "manifest",
+            "--upload",
+            "--chunk-size",
+            "64KiB",
+            "--source",
+            &model.url(),
+        ]);
+        let out = run(&mut cmd, Duration::from_secs(120));
+        assert!(out.status.success(), "manifest --upload: {}", stderr(&out));
+    }
+    model
+}
