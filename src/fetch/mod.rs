@@ -383,7 +383,7 @@ async fn attempt(
     let plan = plan(source, request).await?;
     let total: u64 = plan.files.iter().map(|f| f.size).sum();
     progress.set_total(total);
-    let verification = if plan.manifest.is_some() {
+    let verification = if plan.manifest.is_some() && options.hash {
         Verification::Blake3
     } else {
         Verification::Structural

@@ -326,6 +326,11 @@ impl Engine {
                 }));
             }
             self.progress.add_fetched(bytes.len() as u64);
+            if writer.buf.is_empty() && bytes.len() >= WRITE_BUFFER {
+                // A large read (the directory source's) is hashed and written as it is.
+                writer.write(bytes).await?;
+                continue;
+            }
             writer.buf.extend_from_slice(&bytes);
             if writer.buf.len() >= WRITE_BUFFER {
                 writer.flush().await?;
@@ -399,18 +404,31 @@ impl RangeWriter {
             return Ok(());
         }
         let buf = std::mem::take(&mut self.buf);
+        let mut buf = self.write(buf).await?;
+        buf.clear();
+        self.buf = buf;
+        Ok(())
+    }
+
+    /// Hashes and writes `data` at the current position off the async threads, returning the
+    /// buffer for reuse.
+    async fn write<B: AsRef<[u8]> + Send + 'static>(
+        &mut self,
+        data: B,
+    ) -> Result<B, PrefetchError> {
         let mut hasher = self.hasher.take();
         let handle = self.handle.clone();
         let pos = self.pos;
-        let (buf, hasher, written) = tokio::task::spawn_blocking(move || {
+        let (data, hasher, written) = tokio::task::spawn_blocking(move || {
+            let bytes = data.as_ref();
             if let Some(h) = hasher.as_mut() {
-                h.update(&buf);
+                h.update(bytes);
             }
             let written = match &handle {
-                Some(f) => f.write_all_at(&buf, pos),
+                Some(f) => f.write_all_at(bytes, pos),
                 None => Ok(()),
             };
-            (buf, hasher, written)
+            (data, hasher, written)
         })
         .await
         .map_err(|e| PrefetchError::Internal(e.to_string()))?;
@@ -418,10 +436,8 @@ impl RangeWriter {
             let path = self.sink_path.clone().unwrap_or_default();
             return Err(PrefetchError::local("write", path, e));
         }
-        self.pos += buf.len() as u64;
+        self.pos += data.as_ref().len() as u64;
         self.hasher = hasher;
-        self.buf = buf;
-        self.buf.clear();
-        Ok(())
+        Ok(data)
     }
 }

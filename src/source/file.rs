@@ -5,19 +5,19 @@
 //! listing and reading is reported as [`SourceError::Changed`], like a replaced blob.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{ByteStream, RemoteFile, RetryCause, Source, SourceError};
 
 /// Bytes read per blocking read call.
-const READ_SIZE: usize = 1 << 20;
+const READ_SIZE: u64 = 1 << 20;
 
 /// A directory tree read with positional reads.
 #[derive(Debug)]
@@ -138,45 +138,56 @@ impl Source for FileSource {
         if etag != file.etag {
             return Err(SourceError::Changed { path: name });
         }
-        let handle = Arc::new(handle);
-        let stream = futures::stream::unfold(range.start, move |pos| {
-            let handle = Arc::clone(&handle);
-            let name = name.clone();
-            let end = range.end;
-            async move {
-                if pos >= end {
-                    return None;
+        // Each range owns its handle, positioned once: `read_to_end` into fresh capacity then
+        // fills the buffer without zeroing it first.
+        let stream = futures::stream::unfold(
+            (Some(handle), range.start, false),
+            move |(handle, pos, seeked)| {
+                let name = name.clone();
+                let end = range.end;
+                async move {
+                    let mut handle = handle?;
+                    if pos >= end {
+                        return None;
+                    }
+                    let want = (end - pos).min(READ_SIZE);
+                    let read = tokio::task::spawn_blocking(move || {
+                        if !seeked {
+                            handle.seek(SeekFrom::Start(pos))?;
+                        }
+                        let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(0));
+                        (&mut handle).take(want).read_to_end(&mut buf)?;
+                        Ok::<_, std::io::Error>((handle, buf))
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok((_, buf))) if buf.is_empty() => Some((
+                            Err(SourceError::transient(
+                                &name,
+                                RetryCause::ShortBody,
+                                "the file is shorter than listed",
+                            )),
+                            (None, end, true),
+                        )),
+                        Ok(Ok((handle, buf))) => {
+                            let next = pos + buf.len() as u64;
+                            Some((Ok(Bytes::from(buf)), (Some(handle), next, true)))
+                        }
+                        Ok(Err(e)) => Some((
+                            Err(SourceError::transient(&name, RetryCause::Connection, e)),
+                            (None, end, true),
+                        )),
+                        Err(e) => Some((
+                            Err(SourceError::Other {
+                                path: name.clone(),
+                                source: Box::new(e),
+                            }),
+                            (None, end, true),
+                        )),
+                    }
                 }
-                let want = usize::try_from(end - pos)
-                    .unwrap_or(READ_SIZE)
-                    .min(READ_SIZE);
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = BytesMut::zeroed(want);
-                    let n = handle.read_at(&mut buf, pos)?;
-                    buf.truncate(n);
-                    Ok::<_, std::io::Error>(buf.freeze())
-                })
-                .await;
-                let item = match read {
-                    Ok(Ok(bytes)) if bytes.is_empty() => Err(SourceError::transient(
-                        &name,
-                        RetryCause::ShortBody,
-                        "the file is shorter than listed",
-                    )),
-                    Ok(Ok(bytes)) => Ok(bytes),
-                    Ok(Err(e)) => Err(SourceError::transient(&name, RetryCause::Connection, e)),
-                    Err(e) => Err(SourceError::Other {
-                        path: name.clone(),
-                        source: Box::new(e),
-                    }),
-                };
-                let next = match &item {
-                    Ok(b) => pos + b.len() as u64,
-                    Err(_) => end,
-                };
-                Some((item, next))
-            }
-        });
+            },
+        );
         Ok(stream.boxed())
     }
 
