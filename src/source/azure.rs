@@ -106,6 +106,9 @@ impl AzureSource {
             _ => return Err(invalid("unsupported scheme")),
         };
         let prefix = prefix.trim_matches('/');
+        if let Some(kind) = choose_credential(env, parsed.query().is_some_and(|q| !q.is_empty())) {
+            builder = builder.with_config(AzureConfigKey::CredentialType, kind);
+        }
         let store = builder
             .with_container_name(&container)
             .build()
@@ -221,6 +224,33 @@ impl Source for AzureSource {
             .map(|_| ())
             .map_err(|e| map_error(path, e))
     }
+}
+
+/// Picks the credential in the documented order: workload identity, SAS, account key, and
+/// managed identity (IMDS) when nothing else is configured. `object_store`'s own automatic choice
+/// would prefer an account key over workload identity. IMDS comes last rather than second
+/// because it answers on every AKS node and would shadow credentials the operator set on purpose.
+/// `AZURE_CREDENTIAL_TYPE`, when set, is left to decide.
+fn choose_credential(env: &Environment, url_has_sas: bool) -> Option<&'static str> {
+    let set = |k: &str| env.get(k).is_some_and(|v| !v.is_empty());
+    if set("AZURE_CREDENTIAL_TYPE") || set("AZURE_STORAGE_USE_EMULATOR") {
+        return None;
+    }
+    let workload =
+        set("AZURE_CLIENT_ID") && set("AZURE_TENANT_ID") && set("AZURE_FEDERATED_TOKEN_FILE");
+    let sas = url_has_sas || set("AZURE_STORAGE_SAS_TOKEN") || set("AZURE_STORAGE_SAS_KEY");
+    let key = set("AZURE_STORAGE_ACCOUNT_KEY") || set("AZURE_STORAGE_ACCESS_KEY");
+    Some(if workload {
+        "workload_identity"
+    } else if sas {
+        "sas_token"
+    } else if key {
+        "access_key"
+    } else if set("AZURE_CLIENT_SECRET") {
+        "client_secret"
+    } else {
+        "managed_identity"
+    })
 }
 
 /// Maps an `object_store` error to what the caller can do about it. The one place where HTTP
@@ -368,6 +398,32 @@ mod tests {
         assert_eq!(parse_retry_after("99999"), Some(Duration::from_secs(300)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn credentials_follow_the_documented_order() {
+        let env = |pairs: &[(&str, &str)]| {
+            Environment::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        };
+        let wi = [
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"),
+            ("AZURE_STORAGE_ACCOUNT_KEY", "k"),
+        ];
+        assert_eq!(
+            choose_credential(&env(&wi), true),
+            Some("workload_identity")
+        );
+        let key = [("AZURE_STORAGE_ACCOUNT_KEY", "k")];
+        assert_eq!(choose_credential(&env(&key), true), Some("sas_token"));
+        assert_eq!(choose_credential(&env(&key), false), Some("access_key"));
+        assert_eq!(
+            choose_credential(&env(&[]), false),
+            Some("managed_identity")
+        );
+        let forced = [("AZURE_CREDENTIAL_TYPE", "azure_cli")];
+        assert_eq!(choose_credential(&env(&forced), false), None);
     }
 
     #[test]
