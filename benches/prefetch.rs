@@ -52,6 +52,17 @@ fn cpu_seconds() -> f64 {
     t(u.user_time()) + t(u.system_time())
 }
 
+/// A GPT-OSS-shaped model of 15 shards of `shard_mb` MiB.
+fn generate(dir: &Path, shard_mb: usize, seed: u64) {
+    let shape = modelcache::demo::DemoShape {
+        shards: 15,
+        shard_bytes: shard_mb << 20,
+        original_bytes: 1 << 20,
+        seed,
+    };
+    modelcache::demo::generate_model(dir, &shape).unwrap();
+}
+
 /// Files vLLM needs: what the default selection keeps.
 fn selected(dir: &Path) -> Vec<(PathBuf, u64, String)> {
     support::files_under(dir)
@@ -233,16 +244,7 @@ impl Scratch {
 
 fn bench_file(shard_mb: usize) {
     let src = tempfile::tempdir().unwrap();
-    modelcache::demo::generate_model(
-        src.path(),
-        &modelcache::demo::DemoShape {
-            shards: 15,
-            shard_bytes: shard_mb << 20,
-            original_bytes: 1 << 20,
-            seed: 1,
-        },
-    )
-    .unwrap();
+    generate(src.path(), shard_mb, 1);
     let files = selected(src.path());
     let total: u64 = files.iter().map(|f| f.1).sum();
     let url = format!("file://{}", src.path().display());
@@ -297,16 +299,7 @@ fn bench_azurite(shard_mb: usize) {
     let container = support::unique("bench");
     support::create_container(az, &container);
     let src = tempfile::tempdir().unwrap();
-    modelcache::demo::generate_model(
-        src.path(),
-        &modelcache::demo::DemoShape {
-            shards: 15,
-            shard_bytes: shard_mb << 20,
-            original_bytes: 1 << 20,
-            seed: 2,
-        },
-    )
-    .unwrap();
+    generate(src.path(), shard_mb, 2);
     let store = support::store(az, &container);
     rt.block_on(support::upload_dir(&store, src.path(), "m"));
     let files = selected(src.path());

@@ -8,33 +8,18 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
-fn prefetch_cmd(endpoint: &str, url: &str, cache: &std::path::Path) -> std::process::Command {
-    let mut cmd = modelcache();
-    with_emulator(&mut cmd, endpoint);
-    cmd.args([
-        "prefetch",
-        "--json",
-        "--model",
-        "gpt-oss-120b",
-        "--chunk-size",
-        "64KiB",
-        "--concurrency",
-        "8",
-        "--source",
-        url,
-    ])
-    .arg("--cache-root")
-    .arg(cache);
-    cmd
-}
-
 #[test]
 fn model_uploaded_in_blocks_is_prefetched_byte_identical_and_skips_original() {
     let Some(az) = azurite() else { return };
     let model = runtime().block_on(azure_model(az, 200_000, true));
     let cache = tempfile::tempdir().unwrap();
     let out = run(
-        &mut prefetch_cmd(&az.endpoint(), &model.url(), cache.path()),
+        &mut prefetch_cmd(
+            Some(&az.endpoint()),
+            &model.url(),
+            cache.path(),
+            &["--concurrency", "8"],
+        ),
         Duration::from_secs(120),
     );
     let s = summary(&out);
@@ -52,7 +37,12 @@ fn model_uploaded_in_blocks_is_prefetched_byte_identical_and_skips_original() {
 
     // A second run finds the revision published and fetches nothing.
     let again = summary(&run(
-        &mut prefetch_cmd(&az.endpoint(), &model.url(), cache.path()),
+        &mut prefetch_cmd(
+            Some(&az.endpoint()),
+            &model.url(),
+            cache.path(),
+            &["--concurrency", "8"],
+        ),
         Duration::from_secs(60),
     ));
     assert_eq!(again["already_published"], true);
@@ -115,7 +105,12 @@ fn blob_replaced_after_listing_restarts_from_a_new_listing() {
     );
     let cache = tempfile::tempdir().unwrap();
     let out = run(
-        &mut prefetch_cmd(&proxy.endpoint(), &model.url(), cache.path()),
+        &mut prefetch_cmd(
+            Some(&proxy.endpoint()),
+            &model.url(),
+            cache.path(),
+            &["--concurrency", "8"],
+        ),
         Duration::from_secs(120),
     );
     let s = summary(&out);
@@ -146,7 +141,12 @@ fn corrupted_shard_under_a_stale_manifest_is_refused_and_nothing_is_published() 
 
     let cache = tempfile::tempdir().unwrap();
     let out = run(
-        &mut prefetch_cmd(&az.endpoint(), &model.url(), cache.path()),
+        &mut prefetch_cmd(
+            Some(&az.endpoint()),
+            &model.url(),
+            cache.path(),
+            &["--concurrency", "8"],
+        ),
         Duration::from_secs(120),
     );
     assert_eq!(out.status.code(), Some(5), "stderr: {}", stderr(&out));
@@ -184,7 +184,12 @@ fn blob_names_that_escape_the_model_are_refused() {
 
     let cache = tempfile::tempdir().unwrap();
     let out = run(
-        &mut prefetch_cmd(&az.endpoint(), &format!("az://{container}/m"), cache.path()),
+        &mut prefetch_cmd(
+            Some(&az.endpoint()),
+            &format!("az://{container}/m"),
+            cache.path(),
+            &["--concurrency", "8"],
+        ),
         Duration::from_secs(60),
     );
     assert_eq!(
@@ -206,9 +211,10 @@ fn a_missing_container_is_a_clear_source_error() {
     let cache = tempfile::tempdir().unwrap();
     let out = run(
         &mut prefetch_cmd(
-            &az.endpoint(),
+            Some(&az.endpoint()),
             "az://no-such-container/gpt-oss-120b",
             cache.path(),
+            &[],
         ),
         Duration::from_secs(60),
     );

@@ -6,20 +6,11 @@ use std::time::Duration;
 use crate::support::*;
 
 fn prefetch_file(source: &Path, cache: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = modelcache();
-    cmd.args([
-        "prefetch",
-        "--json",
-        "--model",
-        "gpt-oss-120b",
-        "--chunk-size",
-        "64KiB",
-    ])
-    .arg(format!("--source=file://{}", source.display()))
-    .arg("--cache-root")
-    .arg(cache)
-    .args(extra);
-    run(&mut cmd, Duration::from_secs(120))
+    let url = format!("file://{}", source.display());
+    run(
+        &mut prefetch_cmd(None, &url, cache, extra),
+        Duration::from_secs(120),
+    )
 }
 
 fn write_manifest(source: &Path) {

@@ -11,23 +11,13 @@ fn prefetch_via(
     cache: &std::path::Path,
     extra: &[&str],
 ) -> std::process::Output {
-    let mut cmd = modelcache();
-    with_emulator(&mut cmd, &proxy.endpoint());
-    cmd.args([
-        "prefetch",
-        "--json",
-        "--model",
-        "gpt-oss-120b",
-        "--chunk-size",
-        "64KiB",
-        "--concurrency",
-        "4",
-    ])
-    .args(["--source", &model.url()])
-    .arg("--cache-root")
-    .arg(cache)
-    .args(extra);
-    run(&mut cmd, Duration::from_secs(180))
+    let mut cmd = prefetch_cmd(
+        Some(&proxy.endpoint()),
+        &model.url(),
+        cache,
+        &["--concurrency", "4"],
+    );
+    run(cmd.args(extra), Duration::from_secs(180))
 }
 
 #[test]

@@ -20,24 +20,8 @@ fn a_killed_prefetch_resumes_without_fetching_finished_ranges_again() {
         None,
     );
     let cache = tempfile::tempdir().unwrap();
-    let args = |cmd: &mut std::process::Command| {
-        cmd.args([
-            "prefetch",
-            "--json",
-            "--model",
-            "gpt-oss-120b",
-            "--chunk-size",
-            "64KiB",
-            "--concurrency",
-            "2",
-        ])
-        .args(["--source", &model.url()])
-        .arg("--cache-root")
-        .arg(cache.path());
-    };
-    let mut first = modelcache();
-    with_emulator(&mut first, &proxy.endpoint());
-    args(&mut first);
+    let slow = ["--concurrency", "2"];
+    let mut first = prefetch_cmd(Some(&proxy.endpoint()), &model.url(), cache.path(), &slow);
     let mut child = first
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -66,9 +50,7 @@ fn a_killed_prefetch_resumes_without_fetching_finished_ranges_again() {
     child.wait().unwrap();
     assert!(!cache.path().join("models/gpt-oss-120b").exists());
 
-    let mut second = modelcache();
-    with_emulator(&mut second, &az.endpoint());
-    args(&mut second);
+    let mut second = prefetch_cmd(Some(&az.endpoint()), &model.url(), cache.path(), &slow);
     let s = summary(&run(&mut second, Duration::from_secs(120)));
     let total = s["bytes_total"].as_u64().unwrap();
     let fetched = s["bytes_fetched"].as_u64().unwrap();
