@@ -43,6 +43,12 @@ pub mod exit {
     pub const NO_SPACE: u8 = 6;
     /// The local cache failed (I/O error).
     pub const CACHE_FAILED: u8 = 7;
+    /// `wait` gave up: the model was not ready within `--timeout`.
+    pub const TIMEOUT: u8 = 8;
+    /// `wait`: the agent reports the model as failed.
+    pub const MODEL_FAILED: u8 = 9;
+    /// Stopped by SIGINT or SIGTERM; finished work is kept for the next run.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const EXIT_CODES_HELP: &str = "\
@@ -54,7 +60,10 @@ Exit codes:
   4  download failed after every retry, or the source kept changing
   5  verification failed: hash, size or safetensors structure
   6  not enough space in the cache
-  7  local cache I/O failure";
+  7  local cache I/O failure
+  8  wait: not ready within --timeout
+  9  wait: the model failed
+  130  interrupted (SIGINT/SIGTERM); finished ranges are kept for the next run";
 
 const ABOUT: &str = "Node-local model cache for Kubernetes GPU nodes.";
 
@@ -297,6 +306,7 @@ impl From<PrefetchError> for CommandError {
             ErrorKind::VerifyFailed => exit::VERIFY_FAILED,
             ErrorKind::NoSpace => exit::NO_SPACE,
             ErrorKind::Cache => exit::CACHE_FAILED,
+            ErrorKind::Cancelled => exit::INTERRUPTED,
         };
         CommandError::new(code, e)
     }
@@ -320,6 +330,26 @@ pub fn run(cli: Cli, env: &Environment) -> Result<ExitCode, CommandError> {
             Command::Demo(args) => run_demo(args).await,
         }
     })
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM, so a prefetch stops with its journal
+/// checkpointed instead of dying mid-write.
+pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        cancel.cancel();
+    });
+    token
 }
 
 /// Process-wide resource use, for summaries and benchmarks.
@@ -385,6 +415,7 @@ pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitC
         selection,
         options,
         require_manifest: args.require_manifest,
+        cancel: cancel_on_signal(),
     };
     let layout = Layout::new(&args.cache_root);
     let progress = Arc::new(Progress::new());
@@ -690,6 +721,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         selection,
         options,
         require_manifest: true,
+        cancel: cancel_on_signal(),
     };
     let layout = Layout::new(&cache_root);
     let progress = Arc::new(Progress::new());

@@ -50,6 +50,8 @@ pub enum ErrorKind {
     NoSpace,
     /// The local cache failed (I/O).
     Cache,
+    /// The caller cancelled the prefetch (shutdown).
+    Cancelled,
 }
 
 /// A failed prefetch, with the file, range or path involved.
@@ -147,6 +149,9 @@ pub enum PrefetchError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The caller cancelled the prefetch; finished ranges are journaled for the next run.
+    #[error("the prefetch was cancelled; finished ranges are kept for the next run")]
+    Cancelled,
     /// A bug or a panicked task.
     #[error("internal error: {0}")]
     Internal(String),
@@ -198,6 +203,7 @@ impl PrefetchError {
                 StoreError::InvalidName { .. } => ErrorKind::InvalidInput,
                 other => other.io_error().map_or(ErrorKind::Cache, io_kind),
             },
+            PrefetchError::Cancelled => ErrorKind::Cancelled,
             PrefetchError::Internal(_) => ErrorKind::Cache,
         }
     }
@@ -214,6 +220,8 @@ pub struct PrefetchRequest {
     pub options: FetchOptions,
     /// Refuse a source without a manifest.
     pub require_manifest: bool,
+    /// Cancels the prefetch (shutdown); finished ranges stay journaled.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// The outcome of a successful prefetch.
@@ -484,6 +492,7 @@ async fn attempt(
         progress: Arc::clone(progress),
         files: slots,
         pending: Mutex::new(Vec::new()),
+        cancel: request.cancel.clone(),
     });
 
     info!(
@@ -513,7 +522,7 @@ async fn attempt(
             .enumerate()
             .flat_map(|(i, s)| s.missing().into_iter().map(move |r| (i, r)))
             .collect();
-        run_with_checkpoints(&engine, jobs, &journal).await?;
+        run_with_checkpoints(&engine, jobs, &journal, &layout.progress_path(name)).await?;
 
         // Every range is in: combine each file's digests and compare with the manifest.
         progress.set_phase(Phase::Verifying);
@@ -575,6 +584,7 @@ async fn attempt(
                 let digests: Vec<_> = s.digests().into_iter().flatten().collect();
                 combine(&digests).to_hex().to_string()
             }),
+            mtime_ns: None,
         })
         .collect();
     let marker = ReadyMarker {
@@ -624,10 +634,12 @@ async fn run_with_checkpoints(
     engine: &Arc<Engine>,
     jobs: Vec<(usize, u64)>,
     journal: &Arc<Mutex<Journal>>,
+    progress_file: &std::path::Path,
 ) -> Result<(), PrefetchError> {
     let ticker = {
         let engine = Arc::clone(engine);
         let journal = Arc::clone(journal);
+        let progress_file = progress_file.to_path_buf();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_secs(2));
             interval.tick().await;
@@ -636,6 +648,7 @@ async fn run_with_checkpoints(
                 if let Err(e) = checkpoint(&engine, &journal).await {
                     warn!("checkpoint of the resume journal failed: {e}");
                 }
+                write_progress(&progress_file, &engine.progress);
             }
         })
     };
@@ -645,6 +658,17 @@ async fn run_with_checkpoints(
     let flushed = checkpoint(engine, journal).await;
     result?;
     flushed.map_err(PrefetchError::from)
+}
+
+/// Best effort: progress is for people watching, so a failure to write it is not an error.
+fn write_progress(path: &std::path::Path, progress: &Progress) {
+    let Ok(json) = serde_json::to_vec(&progress.snapshot()) else {
+        return;
+    };
+    let tmp = path.with_extension("json.tmp");
+    if std::fs::write(&tmp, json).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
 }
 
 /// Makes finished ranges durable: fdatasync each partial file they wrote, then append their lines
@@ -772,6 +796,7 @@ pub async fn compute_manifest(
             .map(|f| FileSlot::new(f, None, chunk))
             .collect(),
         pending: Mutex::new(Vec::new()),
+        cancel: tokio_util::sync::CancellationToken::new(),
     });
     let jobs: Vec<(usize, u64)> = engine
         .files

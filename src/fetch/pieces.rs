@@ -146,6 +146,8 @@ pub(crate) struct Engine {
     pub(crate) progress: Arc<Progress>,
     pub(crate) files: Vec<FileSlot>,
     pub(crate) pending: Mutex<Vec<Finished>>,
+    /// Cancelled by the caller (shutdown): stop launching ranges and abandon those in flight.
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 impl Engine {
@@ -165,7 +167,18 @@ impl Engine {
                 let engine = Arc::clone(self);
                 set.spawn(async move { engine.fetch_range(file, index).await });
             }
-            match set.join_next().await {
+            let next = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => {
+                    // In-flight ranges are dropped unjournaled; finished ones are checkpointed
+                    // by the caller, so the journal stays consistent.
+                    set.abort_all();
+                    while set.join_next().await.is_some() {}
+                    return Err(PrefetchError::Cancelled);
+                }
+                next = set.join_next() => next,
+            };
+            match next {
                 None => return Ok(()),
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {

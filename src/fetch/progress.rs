@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
+
 use crate::source::RetryCause;
 
 /// What a prefetch is doing now.
@@ -105,5 +107,37 @@ impl Progress {
             .zip(&self.retries)
             .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
             .collect()
+    }
+}
+
+/// A point-in-time copy of the counters, written to `staging/NAME/progress.json` so that
+/// `modelcache wait --cache-root` can report progress with no network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressSnapshot {
+    /// The phase name.
+    pub phase: String,
+    /// Bytes in the model.
+    pub total: u64,
+    /// Bytes fetched in this run.
+    pub fetched: u64,
+    /// Bytes reused.
+    pub reused: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub updated_unix_ms: u64,
+}
+
+impl Progress {
+    /// The counters now.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        ProgressSnapshot {
+            phase: self.phase().as_str().to_string(),
+            total: self.total(),
+            fetched: self.fetched(),
+            reused: self.reused(),
+            updated_unix_ms: now,
+        }
     }
 }

@@ -148,6 +148,11 @@ impl Layout {
             .join(format!("{relative}.partial"))
     }
 
+    /// Live progress of a download, for `wait --cache-root`.
+    pub fn progress_path(&self, name: &ModelName) -> PathBuf {
+        self.staging_dir(name).join("progress.json")
+    }
+
     /// The resume journal of a model.
     pub fn journal_path(&self, name: &ModelName) -> PathBuf {
         self.staging_dir(name).join("journal.jsonl")
@@ -199,6 +204,19 @@ pub struct ReadyFile {
     /// BLAKE3, when it was computed while downloading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blake3: Option<String>,
+    /// Modification time at publish, nanoseconds since the epoch: a file rewritten since no
+    /// longer matches, without re-hashing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<u64>,
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> Option<u64> {
+    let t = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    u64::try_from(t.as_nanos()).ok()
 }
 
 /// `.modelcache/ready.json`: what was published and how it was verified.
@@ -229,11 +247,16 @@ impl ReadyMarker {
         serde_json::from_slice(&bytes).map_err(|source| StoreError::Marker { path, source })
     }
 
-    /// Whether every file the marker lists exists in `revision_dir` with its recorded size.
+    /// Whether every file the marker lists exists in `revision_dir` with its recorded size and
+    /// modification time: the cheap check that a published model is intact (no re-hash).
     pub fn files_present(&self, revision_dir: &Path) -> bool {
         self.files.iter().all(|f| {
             std::fs::metadata(revision_dir.join(&f.path))
-                .map(|m| m.is_file() && m.len() == f.size)
+                .map(|m| {
+                    m.is_file()
+                        && m.len() == f.size
+                        && (f.mtime_ns.is_none() || f.mtime_ns == mtime_ns(&m))
+                })
                 .unwrap_or(false)
         })
     }
@@ -272,11 +295,13 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, Sto
             std::fs::remove_dir_all(&tmp).map_err(StoreError::io("remove", &tmp))?;
         }
         let mut dirs = vec![tmp.clone()];
-        for file in &staged.marker.files {
+        let mut marker = staged.marker.clone();
+        for file in &mut marker.files {
             let from = layout.partial_path(name, &file.path);
             let to = tmp.join(&file.path);
             let handle = File::open(&from).map_err(StoreError::io("open", &from))?;
             handle.sync_all().map_err(StoreError::io("fsync", &from))?;
+            file.mtime_ns = handle.metadata().ok().as_ref().and_then(mtime_ns);
             drop(handle);
             if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
@@ -288,7 +313,7 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, Sto
         std::fs::create_dir_all(&records).map_err(StoreError::io("create", &records))?;
         dirs.push(records.clone());
         let marker_json =
-            serde_json::to_vec_pretty(staged.marker).map_err(|source| StoreError::Marker {
+            serde_json::to_vec_pretty(&marker).map_err(|source| StoreError::Marker {
                 path: records.join(READY_FILE),
                 source,
             })?;
@@ -375,6 +400,7 @@ mod tests {
                     path: "sub/a.bin".into(),
                     size: 2,
                     blake3: None,
+                    mtime_ns: None,
                 }],
                 bytes: 2,
                 verification: Verification::Structural,
@@ -392,12 +418,19 @@ mod tests {
                 rev
             );
             assert_eq!(layout.published_revision(&name).as_deref(), Some(rev));
-            let read = ReadyMarker::read(&layout.revision_dir(&name, rev)).unwrap();
-            assert_eq!(read, marker);
-            assert!(read.files_present(&layout.revision_dir(&name, rev)));
+            let dir = layout.revision_dir(&name, rev);
+            let read = ReadyMarker::read(&dir).unwrap();
+            assert_eq!(read.files[0].size, marker.files[0].size);
+            assert!(read.files[0].mtime_ns.is_some());
+            assert!(read.files_present(&dir));
         }
         // The old revision stays intact for readers that opened it.
-        assert!(layout.revision_dir(&name, "r1").join("sub/a.bin").exists());
+        let r1 = layout.revision_dir(&name, "r1");
+        assert!(r1.join("sub/a.bin").exists());
+        // A file rewritten after publish (same size) fails the cheap check.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(r1.join("sub/a.bin"), "xx").unwrap();
+        assert!(!ReadyMarker::read(&r1).unwrap().files_present(&r1));
         // The link is relative, so it resolves the same inside a container's mount.
         let target = std::fs::read_link(layout.model_link(&name)).unwrap();
         assert!(target.is_relative());
