@@ -5,6 +5,7 @@
 //! arrives and checking structure ([`verify`]), and publishing atomically ([`store`]). The
 //! command line ([`cli`]) resolves flags into the engine's typed settings ([`config`]).
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod demo;

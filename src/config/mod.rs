@@ -4,7 +4,9 @@
 //! This module owns parsing and validation of user-facing values (sizes, durations, globs) and
 //! the defaults. It reads the environment exactly once ([`Environment::capture`]); everything
 //! else receives the typed values. Command-line parsing lives in `cli`, which resolves flags into
-//! these types.
+//! these types; the agent's file lives in [`agent`].
+
+pub mod agent;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -48,7 +50,11 @@ pub struct InvalidValue {
 }
 
 impl InvalidValue {
-    fn new(key: &str, value: impl std::fmt::Display, expected: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        key: &str,
+        value: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Self {
         Self {
             key: key.to_string(),
             value: value.to_string(),
@@ -239,10 +245,12 @@ fn build_globs(key: &str, patterns: &[String]) -> Result<GlobSet, InvalidValue> 
 /// The process environment, read once at start-up.
 ///
 /// Only the variables this program understands are kept: `AZURE_*` (handed to the Azure
-/// client's configuration), `AZURITE_BLOB_STORAGE_URL`, and `MSI_ENDPOINT`.
+/// client's configuration), `AZURITE_BLOB_STORAGE_URL`, `MSI_ENDPOINT`, and `MODELCACHE_*`
+/// (configuration overrides).
 #[derive(Clone, Default)]
 pub struct Environment {
     azure: BTreeMap<String, String>,
+    modelcache: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Environment {
@@ -250,6 +258,10 @@ impl std::fmt::Debug for Environment {
         // Values can be account keys or SAS tokens: print the names only.
         f.debug_struct("Environment")
             .field("azure_keys", &self.azure.keys().collect::<Vec<_>>())
+            .field(
+                "modelcache_keys",
+                &self.modelcache.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -262,13 +274,20 @@ impl Environment {
 
     /// Builds an environment from explicit pairs (tests pass a map here).
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
-        let azure = pairs
-            .into_iter()
-            .filter(|(k, _)| {
-                k.starts_with("AZURE_") || k == "AZURITE_BLOB_STORAGE_URL" || k == "MSI_ENDPOINT"
-            })
-            .collect();
-        Self { azure }
+        let mut env = Self::default();
+        for (k, v) in pairs {
+            if k.starts_with("AZURE_") || k == "AZURITE_BLOB_STORAGE_URL" || k == "MSI_ENDPOINT" {
+                env.azure.insert(k, v);
+            } else if k.starts_with("MODELCACHE_") {
+                env.modelcache.insert(k, v);
+            }
+        }
+        env
+    }
+
+    /// A `MODELCACHE_*` variable's value.
+    pub fn modelcache(&self, key: &str) -> Option<&str> {
+        self.modelcache.get(key).map(String::as_str)
     }
 
     /// The Azure-related variables, by name.

@@ -119,6 +119,17 @@ pub enum PrefetchError {
         /// Restarts made.
         restarts: u32,
     },
+    /// The disk budget cannot hold the model even after evicting every unpinned model.
+    #[error(
+        "the model needs {} but the cache budget leaves {} after evicting every unpinned model (hint: raise cache.budget or unpin a model)",
+        human_bytes(*needed), human_bytes(*available)
+    )]
+    OverBudget {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes the budget leaves.
+        available: u64,
+    },
     /// The free-space check failed before downloading.
     #[error(
         "not enough space in {dir}: the model needs {} more ({needed} bytes with headroom) but {} ({available} bytes) are free (hint: free space, or narrow the model with --include/--exclude)",
@@ -195,7 +206,7 @@ impl PrefetchError {
             PrefetchError::SourceChanged { .. } | PrefetchError::SourceKeptChanging { .. } => {
                 ErrorKind::DownloadFailed
             }
-            PrefetchError::NoSpace { .. } => ErrorKind::NoSpace,
+            PrefetchError::NoSpace { .. } | PrefetchError::OverBudget { .. } => ErrorKind::NoSpace,
             PrefetchError::Local { source, .. } => io_kind(source),
             PrefetchError::Verify(VerifyError::ManifestRequired) => ErrorKind::SourceUnavailable,
             PrefetchError::Verify(_) => ErrorKind::VerifyFailed,
@@ -210,7 +221,7 @@ impl PrefetchError {
 }
 
 /// What to prefetch and how.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PrefetchRequest {
     /// The model's name in the cache.
     pub model: ModelName,
@@ -222,6 +233,24 @@ pub struct PrefetchRequest {
     pub require_manifest: bool,
     /// Cancels the prefetch (shutdown); finished ranges stay journaled.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// Called with the bytes still to be written before the free-space check, so a caller
+    /// with a disk budget can evict other models first (or refuse with an error).
+    pub make_room: Option<MakeRoom>,
+}
+
+/// See [`PrefetchRequest::make_room`].
+pub type MakeRoom = Arc<dyn Fn(u64) -> Result<(), PrefetchError> + Send + Sync>;
+
+impl std::fmt::Debug for PrefetchRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefetchRequest")
+            .field("model", &self.model)
+            .field("selection", &self.selection)
+            .field("options", &self.options)
+            .field("require_manifest", &self.require_manifest)
+            .field("make_room", &self.make_room.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The outcome of a successful prefetch.
@@ -484,6 +513,9 @@ async fn attempt(
     progress.add_reused(reused.saturating_sub(progress.reused()));
     let journal = Arc::new(Mutex::new(Journal::rewrite(&journal_path, &kept)?));
 
+    if let Some(make_room) = &request.make_room {
+        make_room(needed_space)?;
+    }
     check_space(&layout.staging_dir(name), needed_space)?;
 
     let engine = Arc::new(Engine {

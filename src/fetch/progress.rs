@@ -40,6 +40,7 @@ impl Phase {
 #[derive(Debug, Default)]
 pub struct Progress {
     phase: AtomicU8,
+    phase_log: std::sync::Mutex<Vec<(Phase, std::time::Instant)>>,
     total: AtomicU64,
     fetched: AtomicU64,
     reused: AtomicU64,
@@ -53,7 +54,25 @@ impl Progress {
     }
 
     pub(crate) fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
+        let previous = self.phase.swap(phase as u8, Ordering::Relaxed);
+        let mut log = self.phase_log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.is_empty() || previous != phase as u8 {
+            log.push((phase, std::time::Instant::now()));
+        }
+    }
+
+    /// How long each phase took so far, in order (a phase entered twice appears twice).
+    pub fn phase_durations(&self) -> Vec<(Phase, std::time::Duration)> {
+        let log = self.phase_log.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        log.iter()
+            .enumerate()
+            .filter(|(_, (p, _))| *p != Phase::Done)
+            .map(|(i, (p, t))| {
+                let end = log.get(i + 1).map_or(now, |(_, next)| *next);
+                (*p, end.duration_since(*t))
+            })
+            .collect()
     }
 
     /// The current phase.

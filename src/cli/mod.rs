@@ -2,6 +2,9 @@
 //! settings, one `run_<command>` per subcommand, progress display and exit codes.
 //!
 //! Clap types stop here: the engine receives [`FetchOptions`], [`Selection`] and a [`Layout`].
+//! The agent-facing commands (agent, wait, status) live in [`node`].
+
+mod node;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -110,8 +113,70 @@ pub enum Command {
     /// Compute the BLAKE3 manifest of a source prefix, once per model revision.
     #[command(after_help = EXIT_CODES_HELP)]
     Manifest(ManifestArgs),
+    /// Run the node agent: keep configured models published, serve the HTTP API.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Agent(AgentArgs),
+    /// Block until a model is ready (the vLLM pod's init container).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Wait(WaitArgs),
+    /// Show what the agent is doing, as a table.
+    Status(StatusArgs),
     /// Run the whole flow on a generated GPT-OSS-shaped model in a local folder.
     Demo(DemoArgs),
+}
+
+/// `modelcache agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The configuration file (TOML) [default: built-in defaults, see --print-default-config].
+    #[arg(long, env = "MODELCACHE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. --set fetch.concurrency=32 (repeatable; wins over the environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Check the configuration, print what it resolves to, and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Print the documented default configuration file and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+}
+
+/// `modelcache wait`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["cache_root", "api"])))]
+pub struct WaitArgs {
+    /// The model to wait for.
+    #[arg(long, env = "MODELCACHE_MODEL", value_name = "NAME")]
+    pub model: String,
+    /// Watch the published link and ready marker under this cache root (no network needed).
+    #[arg(long, value_name = "DIR")]
+    pub cache_root: Option<PathBuf>,
+    /// Poll the agent's API at this URL, e.g. http://$(NODE_IP):8080.
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
+    /// Give up after this long [default: 30m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Time between checks [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+}
+
+/// `modelcache status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's API.
+    #[arg(
+        long,
+        env = "MODELCACHE_API",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub api: String,
+    /// Print the agent's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Source location and credentials.
@@ -284,7 +349,10 @@ pub struct CommandError {
 }
 
 impl CommandError {
-    fn new(exit_code: u8, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub(crate) fn new(
+        exit_code: u8,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         Self {
             exit_code,
             error: error.into(),
@@ -312,7 +380,7 @@ impl From<PrefetchError> for CommandError {
     }
 }
 
-fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
+pub(crate) fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
     CommandError::new(exit::INVALID_INPUT, e)
 }
 
@@ -327,6 +395,9 @@ pub fn run(cli: Cli, env: &Environment) -> Result<ExitCode, CommandError> {
             Command::Prefetch(args) => run_prefetch(args, env).await,
             Command::Verify(args) => run_verify(args).await,
             Command::Manifest(args) => run_manifest(args, env).await,
+            Command::Agent(args) => node::run_agent(args, env).await,
+            Command::Wait(args) => node::run_wait(args).await,
+            Command::Status(args) => node::run_status(args).await,
             Command::Demo(args) => run_demo(args).await,
         }
     })
@@ -416,6 +487,7 @@ pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitC
         options,
         require_manifest: args.require_manifest,
         cancel: cancel_on_signal(),
+        make_room: None,
     };
     let layout = Layout::new(&args.cache_root);
     let progress = Arc::new(Progress::new());
@@ -722,6 +794,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         options,
         require_manifest: true,
         cancel: cancel_on_signal(),
+        make_room: None,
     };
     let layout = Layout::new(&cache_root);
     let progress = Arc::new(Progress::new());

@@ -1,0 +1,321 @@
+//! The agent's HTTP API (axum): routes, handlers, the JSON error envelope and the bearer-token
+//! guard. It knows models and states, not ranges or disks.
+//!
+//! Two routers share the handlers: the read router (may listen on the node address) serves
+//! state-changing routes only behind a configured bearer token; the admin router listens on
+//! loopback only and serves everything. Every request is bounded in body size and time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_http::timeout::TimeoutLayer;
+use tracing::error;
+
+use super::models::{ModelError, ModelStatus, Models, PrefetchOverride};
+use crate::config::agent::Token;
+
+/// Largest accepted request body.
+const BODY_LIMIT: usize = 64 * 1024;
+/// Longest a request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The models.
+    pub models: Arc<Models>,
+}
+
+/// The JSON error envelope: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: EnvelopeBody<'a>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn model_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("no model named {name} is known to this agent"),
+        )
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::NotFound(name) => ApiError::model_not_found(&name),
+            ModelError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m),
+            ModelError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ModelError::Internal(m) => {
+                // Logged in full; the body stays generic (no paths or URLs).
+                error!("request failed: {m}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the agent failed to complete the request; see its log",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Envelope {
+            error: EnvelopeBody {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// The read router, for `listen.read`: state-changing routes need `token`; without one they
+/// are refused here.
+pub fn read_router(state: AppState, token: Option<Token>) -> Router {
+    let guarded = mutating_routes().route_layer(middleware::from_fn_with_state(
+        Arc::new(token),
+        require_token,
+    ));
+    bounded(read_routes().merge(guarded).with_state(state))
+}
+
+/// The admin router, for `listen.admin` (loopback only): every route.
+pub fn admin_router(state: AppState) -> Router {
+    bounded(read_routes().merge(mutating_routes()).with_state(state))
+}
+
+fn bounded(router: Router) -> Router {
+    router
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+}
+
+fn read_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{name}", get(get_model))
+        .route("/v1/models/{name}/ready", get(model_ready))
+}
+
+fn mutating_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/models/{name}/prefetch", post(prefetch))
+        .route("/v1/models/{name}", delete(evict))
+}
+
+async fn require_token(
+    State(token): State<Arc<Option<Token>>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = token.as_ref() else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "state-changing requests are served on the admin address (listen.admin, loopback) only; set listen.token_file to allow them here with a bearer token",
+        )
+        .into_response();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if token.matches(p.trim()) => next.run(request).await,
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this request needs the agent's bearer token: Authorization: Bearer TOKEN",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    cache_root: bool,
+    models: std::collections::BTreeMap<String, super::models::State>,
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let cache_root = state.models.layout().root().join("models").is_dir();
+    let (pinned_ready, models) = state.models.pinned_ready();
+    let ready = cache_root && pinned_ready;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Readiness {
+            ready,
+            cache_root,
+            models,
+        }),
+    )
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let models = Arc::clone(&state.models);
+    let text = tokio::task::spawn_blocking(move || models.render_metrics())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<Vec<ModelStatus>> {
+    Json(state.models.list())
+}
+
+async fn get_model(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelStatus>, ApiError> {
+    state
+        .models
+        .get(&name)
+        .map(Json)
+        .ok_or_else(|| ApiError::model_not_found(&name))
+}
+
+async fn model_ready(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<ModelStatus>), ApiError> {
+    let status = state
+        .models
+        .get(&name)
+        .ok_or_else(|| ApiError::model_not_found(&name))?;
+    state.models.touch(&name);
+    let code = if status.state == super::models::State::Ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((code, Json(status)))
+}
+
+/// Body of `POST /v1/models/NAME/prefetch`; empty for a configured model.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrefetchBody {
+    source: Option<String>,
+    account: Option<String>,
+    include: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    pin: Option<bool>,
+    require_manifest: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct Accepted {
+    model: String,
+    job: u64,
+    joined: bool,
+}
+
+async fn prefetch(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let body: PrefetchBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PrefetchBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("invalid request body: {e}"),
+            )
+        })?
+    };
+    let (job, joined) = state.models.request_prefetch(
+        &name,
+        PrefetchOverride {
+            source: body.source,
+            account: body.account,
+            include: body.include,
+            exclude: body.exclude,
+            pin: body.pin,
+            require_manifest: body.require_manifest,
+        },
+    )?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            model: name,
+            job,
+            joined,
+        }),
+    ))
+}
+
+async fn evict(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let models = Arc::clone(&state.models);
+    tokio::task::spawn_blocking(move || models.evict(&name))
+        .await
+        .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))??;
+    Ok(StatusCode::NO_CONTENT)
+}

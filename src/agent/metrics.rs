@@ -1,0 +1,270 @@
+//! Prometheus metrics of the agent (`GET /metrics`), in the text exposition format.
+//!
+//! Byte and retry counters come from each run's live [`Progress`]: finished runs are folded into
+//! running totals, and a scrape adds the runs in flight, so every counter only grows.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::models::State;
+use crate::fetch::progress::{Phase, Progress};
+use crate::source::RetryCause;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    model: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    fetched: u64,
+    reused: u64,
+    retries: [u64; RetryCause::ALL.len()],
+}
+
+impl Totals {
+    fn add(&mut self, p: &Progress) {
+        self.fetched += p.fetched();
+        self.reused += p.reused();
+        for (i, (_, n)) in p.retries().into_iter().enumerate() {
+            if let Some(slot) = self.retries.get_mut(i) {
+                *slot += n;
+            }
+        }
+    }
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    fetched: Family<ModelLabel, Counter>,
+    reused: Family<ModelLabel, Counter>,
+    retries: Family<CauseLabel, Counter>,
+    throttled: Counter,
+    verify_failures: Counter,
+    evictions: Counter,
+    state: Family<StateLabel, Gauge>,
+    phases: Family<PhaseLabel, Histogram>,
+    free: Gauge,
+    used: Gauge,
+    finished: Mutex<BTreeMap<String, Totals>>,
+    reported: Mutex<BTreeMap<String, Totals>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let fetched = Family::<ModelLabel, Counter>::default();
+        let reused = Family::<ModelLabel, Counter>::default();
+        let retries = Family::<CauseLabel, Counter>::default();
+        let throttled = Counter::default();
+        let verify_failures = Counter::default();
+        let evictions = Counter::default();
+        let state = Family::<StateLabel, Gauge>::default();
+        // 1 s to about 2.3 hours: a cold 65 GB fill on a slow link takes tens of minutes.
+        let phases = Family::<PhaseLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1.0, 2.0, 14))) as fn() -> Histogram,
+        );
+        let free = Gauge::default();
+        let used = Gauge::default();
+        registry.register(
+            "modelcache_bytes_fetched",
+            "Bytes received from sources",
+            fetched.clone(),
+        );
+        registry.register(
+            "modelcache_bytes_reused",
+            "Bytes reused from earlier runs or published revisions",
+            reused.clone(),
+        );
+        registry.register(
+            "modelcache_range_retries",
+            "Ranges retried, by cause",
+            retries.clone(),
+        );
+        registry.register(
+            "modelcache_throttled_responses",
+            "Answers asking us to slow down (503, 429)",
+            throttled.clone(),
+        );
+        registry.register(
+            "modelcache_verification_failures",
+            "Prefetches failed by a hash, size or structure check",
+            verify_failures.clone(),
+        );
+        registry.register(
+            "modelcache_evictions",
+            "Models evicted to stay within the disk budget or on request",
+            evictions.clone(),
+        );
+        registry.register(
+            "modelcache_model_state",
+            "1 for the state each model is in",
+            state.clone(),
+        );
+        registry.register(
+            "modelcache_phase_duration_seconds",
+            "Duration of each prefetch phase",
+            phases.clone(),
+        );
+        registry.register(
+            "modelcache_cache_free_bytes",
+            "Free bytes on the cache filesystem",
+            free.clone(),
+        );
+        registry.register(
+            "modelcache_cache_used_bytes",
+            "Bytes used by models and staging",
+            used.clone(),
+        );
+        Self {
+            registry,
+            fetched,
+            reused,
+            retries,
+            throttled,
+            verify_failures,
+            evictions,
+            state,
+            phases,
+            free,
+            used,
+            finished: Mutex::default(),
+            reported: Mutex::default(),
+        }
+    }
+
+    /// Folds a finished run into the totals and records its phase durations.
+    pub fn record_run(&self, model: &str, progress: &Progress) {
+        self.finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(model.to_string())
+            .or_default()
+            .add(progress);
+        for (phase, d) in progress.phase_durations() {
+            if phase != Phase::Done {
+                self.phase(phase.as_str(), d);
+            }
+        }
+    }
+
+    /// Records one phase's duration.
+    pub fn phase(&self, phase: &str, d: Duration) {
+        self.phases
+            .get_or_create(&PhaseLabel {
+                phase: phase.to_string(),
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    /// Counts a verification failure.
+    pub fn verification_failed(&self) {
+        self.verify_failures.inc();
+    }
+
+    /// Counts an eviction.
+    pub fn evicted(&self) {
+        self.evictions.inc();
+    }
+
+    /// Brings counters up to date with the live runs and renders the text format.
+    pub fn render(&self, live: &[(String, State, Arc<Progress>)], free: u64, used: u64) -> String {
+        let finished = self
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_cause = [0u64; RetryCause::ALL.len()];
+        let mut by_cause_before = [0u64; RetryCause::ALL.len()];
+        for (model, state, progress) in live {
+            let mut now = finished.get(model).copied().unwrap_or_default();
+            if matches!(state, State::Downloading | State::Verifying) {
+                now.add(progress);
+            }
+            let before = reported.entry(model.clone()).or_default();
+            let label = ModelLabel {
+                model: model.clone(),
+            };
+            self.fetched
+                .get_or_create(&label)
+                .inc_by(now.fetched.saturating_sub(before.fetched));
+            self.reused
+                .get_or_create(&label)
+                .inc_by(now.reused.saturating_sub(before.reused));
+            for i in 0..by_cause.len() {
+                by_cause[i] += now.retries[i];
+                by_cause_before[i] += before.retries[i];
+            }
+            // Only ever move forward, so a counter never goes down.
+            before.fetched = before.fetched.max(now.fetched);
+            before.reused = before.reused.max(now.reused);
+            for i in 0..before.retries.len() {
+                before.retries[i] = before.retries[i].max(now.retries[i]);
+            }
+            for s in State::ALL {
+                self.state
+                    .get_or_create(&StateLabel {
+                        model: model.clone(),
+                        state: s.as_str().to_string(),
+                    })
+                    .set(i64::from(s == *state));
+            }
+        }
+        for (i, cause) in RetryCause::ALL.iter().enumerate() {
+            let delta = by_cause[i].saturating_sub(by_cause_before[i]);
+            self.retries
+                .get_or_create(&CauseLabel {
+                    cause: cause.as_str().to_string(),
+                })
+                .inc_by(delta);
+            if *cause == RetryCause::Throttled {
+                self.throttled.inc_by(delta);
+            }
+        }
+        self.free.set(i64::try_from(free).unwrap_or(i64::MAX));
+        self.used.set(i64::try_from(used).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,118 @@
+//! The node agent (`modelcache agent`): the composition root. It builds the model registry from
+//! the configuration, serves the HTTP API on the read and admin addresses, and on SIGTERM or
+//! SIGINT stops accepting requests, cancels prefetches (their finished ranges are journaled) and
+//! exits within a few seconds.
+
+pub mod http;
+pub mod metrics;
+pub mod models;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Environment;
+use crate::config::agent::AgentConfig;
+use http::AppState;
+use models::{ModelError, Models};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A listener could not be bound.
+    #[error("failed to listen on {addr} ({key})")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The configuration key.
+        key: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cache could not be prepared.
+    #[error("failed to prepare the cache: {0}")]
+    Cache(#[from] ModelError),
+    /// Serving failed.
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let read = TcpListener::bind(config.read_addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: config.read_addr,
+            key: "listen.read",
+            source,
+        })?;
+    let admin = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: config.admin_addr,
+            key: "listen.admin",
+            source,
+        })?;
+    let models = Models::start(Arc::clone(&config), env)?;
+    let state = AppState {
+        models: Arc::clone(&models),
+    };
+    info!(
+        listen.read = %read.local_addr().map_err(AgentError::Serve)?,
+        listen.admin = %admin.local_addr().map_err(AgentError::Serve)?,
+        cache_root = %config.cache_root.display(),
+        models = config.models.len(),
+        "agent listening on {} (read) and {} (admin), cache {}",
+        read.local_addr().map_err(AgentError::Serve)?,
+        admin.local_addr().map_err(AgentError::Serve)?,
+        config.cache_root.display()
+    );
+    let stop = CancellationToken::new();
+    let signals = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            info!("shutting down: cancelling prefetches (finished ranges stay journaled)");
+            stop.cancel();
+        })
+    };
+    let read_server = axum::serve(read, http::read_router(state.clone(), config.token.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let admin_server = axum::serve(admin, http::admin_router(state))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let mut servers = tokio::spawn(async move {
+        tokio::try_join!(read_server.into_future(), admin_server.into_future())
+    });
+    tokio::select! {
+        result = &mut servers => {
+            // A server ended before any signal: that is a failure to serve.
+            stop.cancel();
+            models.shutdown(Duration::from_secs(5)).await;
+            return match result {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(AgentError::Serve(e)),
+                Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
+            };
+        }
+        () = stop.cancelled() => {}
+    }
+    // Let in-flight requests finish, briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;
+    models.shutdown(Duration::from_secs(5)).await;
+    signals.abort();
+    info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The commands that run or talk to the node agent: `agent`, `wait` and `status`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use super::{AgentArgs, CommandError, StatusArgs, WaitArgs, exit, invalid};
+use crate::config::agent::{AgentConfig, DEFAULT_CONFIG};
+use crate::config::{Environment, human_bytes};
+use crate::fetch::progress::ProgressSnapshot;
+use crate::store::{Layout, ModelName, ReadyMarker};
+
+/// `modelcache agent`.
+pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = AgentConfig::load(args.config.as_deref(), env, &args.set).map_err(invalid)?;
+    if args.check {
+        let models: Vec<String> = config
+            .models
+            .iter()
+            .map(|m| format!("{}{}", m.name, if m.pin { " (pinned)" } else { "" }))
+            .collect();
+        println!(
+            "configuration OK: cache {}, read {}, admin {}, token {}, models: {}",
+            config.cache_root.display(),
+            config.read_addr,
+            config.admin_addr,
+            if config.token.is_some() {
+                "set"
+            } else {
+                "unset"
+            },
+            if models.is_empty() {
+                "none".to_string()
+            } else {
+                models.join(", ")
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::agent::run(config, env.clone())
+        .await
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What one look at readiness found.
+enum Look {
+    Ready(String),
+    Waiting(String),
+    Failed(String),
+}
+
+/// `modelcache wait`.
+pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
+    let name = ModelName::new(&args.model).map_err(invalid)?;
+    let timeout = args.timeout.unwrap_or(Duration::from_secs(1800));
+    let interval = args.interval.unwrap_or(Duration::from_secs(2));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+    let started = Instant::now();
+    let mut last_line = String::new();
+    let mut last_sample: Option<(Instant, u64)> = None;
+    loop {
+        let look = match (&args.cache_root, &args.api) {
+            (Some(root), _) => look_at_cache(&Layout::new(root), &name, &mut last_sample),
+            (None, Some(api)) => look_at_api(&client, api, &name).await,
+            (None, None) => return Err(invalid("give --cache-root or --api")),
+        };
+        match look {
+            Look::Ready(line) => {
+                println!("{line}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Look::Failed(reason) => {
+                return Err(CommandError::new(
+                    exit::MODEL_FAILED,
+                    format!("{name} failed: {reason}"),
+                ));
+            }
+            Look::Waiting(line) => {
+                if line != last_line {
+                    println!("{line}");
+                    last_line = line;
+                }
+            }
+        }
+        if started.elapsed() >= timeout {
+            return Err(CommandError::new(
+                exit::TIMEOUT,
+                format!(
+                    "{name} was not ready within {} (last: {last_line}) (hint: raise --timeout; `modelcache status` shows what the agent is doing)",
+                    humantime::format_duration(timeout)
+                ),
+            ));
+        }
+        tokio::time::sleep(interval.min(timeout.saturating_sub(started.elapsed()))).await;
+    }
+}
+
+/// Ready when the link's revision has a ready marker whose files are intact.
+fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, u64)>) -> Look {
+    if let Some(revision) = layout.published_revision(name) {
+        let dir = layout.revision_dir(name, &revision);
+        if let Ok(marker) = ReadyMarker::read(&dir) {
+            if marker.files_present(&dir) {
+                return Look::Ready(format!(
+                    "{name} is ready: revision {revision}, {} in {} files, verified {} -> {}",
+                    human_bytes(marker.bytes),
+                    marker.files.len(),
+                    marker.verification,
+                    layout.model_link(name).display()
+                ));
+            }
+        }
+    }
+    let snapshot = std::fs::read(layout.progress_path(name))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ProgressSnapshot>(&b).ok());
+    Look::Waiting(match snapshot {
+        Some(p) => {
+            let now = Instant::now();
+            let rate = match *last {
+                Some((t, bytes)) if now > t && p.fetched >= bytes => {
+                    #[expect(clippy::cast_precision_loss, reason = "display")]
+                    let r = (p.fetched - bytes) as f64 / now.duration_since(t).as_secs_f64();
+                    r
+                }
+                _ => 0.0,
+            };
+            *last = Some((now, p.fetched));
+            progress_text(
+                name.as_str(),
+                &p.phase,
+                (p.fetched + p.reused).min(p.total),
+                p.total,
+                rate,
+            )
+        }
+        None => format!("{name}: not published yet; waiting for the agent to fetch it"),
+    })
+}
+
+/// Asks the agent.
+async fn look_at_api(client: &reqwest::Client, api: &str, name: &ModelName) -> Look {
+    let url = format!("{}/v1/models/{name}", api.trim_end_matches('/'));
+    let response = match client.get(&url).send().await {
+        Ok(r) => r,
+        Err(e) => return Look::Waiting(format!("{name}: waiting for the agent at {api}: {e}")),
+    };
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Look::Waiting(format!("{name}: the agent does not know this model yet"));
+    }
+    let body: serde_json::Value = match response.json().await {
+        Ok(v) => v,
+        Err(e) => return Look::Waiting(format!("{name}: unreadable answer from {api}: {e}")),
+    };
+    match body["state"].as_str().unwrap_or("unknown") {
+        "ready" => Look::Ready(format!(
+            "{name} is ready: revision {}, verified {}",
+            body["revision"].as_str().unwrap_or("?"),
+            body["verification"].as_str().unwrap_or("?")
+        )),
+        "failed" => Look::Failed(
+            body["last_error"]
+                .as_str()
+                .unwrap_or("unknown error")
+                .to_string(),
+        ),
+        phase => Look::Waiting(progress_text(
+            name.as_str(),
+            phase,
+            body["bytes_done"].as_u64().unwrap_or(0),
+            body["bytes_total"].as_u64().unwrap_or(0),
+            body["rate_bytes_per_second"].as_f64().unwrap_or(0.0),
+        )),
+    }
+}
+
+fn progress_text(name: &str, phase: &str, done: u64, total: u64, rate: f64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let pct = if total > 0 {
+        done as f64 * 100.0 / total as f64
+    } else {
+        0.0
+    };
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let eta = if rate > 0.0 {
+        format!("{:.0}s", total.saturating_sub(done) as f64 / rate)
+    } else {
+        "-".into()
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "display"
+    )]
+    let rate_bytes = rate as u64;
+    format!(
+        "{name}: {phase} {} / {} ({pct:.0}%) {}/s ETA {eta}",
+        human_bytes(done),
+        human_bytes(total),
+        human_bytes(rate_bytes)
+    )
+}
+
+/// `modelcache status`.
+pub async fn run_status(args: StatusArgs) -> Result<ExitCode, CommandError> {
+    let url = format!("{}/v1/models", args.api.trim_end_matches('/'));
+    let unavailable = |e: &dyn std::fmt::Display| {
+        CommandError::new(
+            exit::SOURCE_UNAVAILABLE,
+            format!(
+                "cannot reach the agent at {}: {e} (hint: --api or MODELCACHE_API)",
+                args.api
+            ),
+        )
+    };
+    let response = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let models: Vec<serde_json::Value> = response.json().await.map_err(|e| unavailable(&e))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&models).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<12} {:>21} {:>11} {:>6} {:<16} {:<10} ERROR",
+        "MODEL", "STATE", "PROGRESS", "RATE", "ETA", "REVISION", "VERIFIED"
+    );
+    for m in models {
+        let done = m["bytes_done"].as_u64().unwrap_or(0);
+        let total = m["bytes_total"].as_u64().unwrap_or(0);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "display"
+        )]
+        let rate = m["rate_bytes_per_second"].as_f64().unwrap_or(0.0) as u64;
+        println!(
+            "{:<24} {:<12} {:>21} {:>11} {:>6} {:<16} {:<10} {}",
+            m["name"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            format!("{} / {}", human_bytes(done), human_bytes(total)),
+            format!("{}/s", human_bytes(rate)),
+            m["eta_seconds"]
+                .as_f64()
+                .map_or("-".to_string(), |e| format!("{e:.0}s")),
+            m["revision"].as_str().unwrap_or("-"),
+            m["verification"].as_str().unwrap_or("-"),
+            m["last_error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,640 @@
+//! The agent's configuration: a TOML file (from a ConfigMap), every scalar key overridable by
+//! environment (`MODELCACHE_<KEY>`, dots as underscores) and by flag (`--set KEY=VALUE`).
+//!
+//! Precedence: `--set` > environment > file > built-in default. Unknown keys are errors naming
+//! the key and the file: a typo in a ConfigMap must fail the rollout, not run on defaults.
+//! [`DEFAULT_CONFIG`] is the documented default file (`modelcache agent --print-default-config`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Environment, FetchOptions, InvalidValue, Selection, parse_duration, parse_size};
+use crate::store::ModelName;
+
+/// The default configuration, with every key and its override.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+/// Scalar keys that can be overridden, with the kind of value each takes.
+const OVERRIDABLE: &[(&str, Kind)] = &[
+    ("cache_root", Kind::Text),
+    ("listen.read", Kind::Text),
+    ("listen.admin", Kind::Text),
+    ("listen.token_file", Kind::Text),
+    ("fetch.concurrency", Kind::Integer),
+    ("fetch.chunk_size", Kind::Text),
+    ("fetch.max_attempts", Kind::Integer),
+    ("fetch.stall_timeout", Kind::Text),
+    ("fetch.retry_max_delay", Kind::Text),
+    ("fetch.failed_retry_delay", Kind::Text),
+    ("cache.budget", Kind::Text),
+    ("cache.warm_page_cache", Kind::Text),
+    ("cache.warm_max_ram_fraction", Kind::Float),
+    ("cache.proc_root", Kind::Text),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Text,
+    Integer,
+    Float,
+}
+
+/// The environment variable overriding a key: `fetch.concurrency` → `MODELCACHE_FETCH_CONCURRENCY`.
+pub fn env_name(key: &str) -> String {
+    format!("MODELCACHE_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read the configuration file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("invalid configuration in {origin}: {message}")]
+    Parse {
+        /// The file (or "overrides").
+        origin: String,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error(transparent)]
+    Invalid(#[from] InvalidValue),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default = "default_cache_root")]
+    cache_root: PathBuf,
+    #[serde(default)]
+    listen: ListenFile,
+    #[serde(default)]
+    fetch: FetchFile,
+    #[serde(default)]
+    cache: CacheFile,
+    #[serde(default)]
+    models: Vec<ModelFile>,
+}
+
+fn default_cache_root() -> PathBuf {
+    PathBuf::from("/mnt/modelcache")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenFile {
+    #[serde(default = "default_read")]
+    read: String,
+    #[serde(default = "default_admin")]
+    admin: String,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+}
+
+impl Default for ListenFile {
+    fn default() -> Self {
+        Self {
+            read: default_read(),
+            admin: default_admin(),
+            token_file: None,
+        }
+    }
+}
+
+fn default_read() -> String {
+    "0.0.0.0:8080".into()
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:8081".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchFile {
+    concurrency: Option<usize>,
+    chunk_size: Option<String>,
+    max_attempts: Option<u32>,
+    stall_timeout: Option<String>,
+    retry_max_delay: Option<String>,
+    failed_retry_delay: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheFile {
+    #[serde(default)]
+    budget: Option<String>,
+    #[serde(default = "default_warm")]
+    warm_page_cache: String,
+    #[serde(default = "default_warm_fraction")]
+    warm_max_ram_fraction: f64,
+    #[serde(default = "default_proc_root")]
+    proc_root: PathBuf,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        Self {
+            budget: None,
+            warm_page_cache: default_warm(),
+            warm_max_ram_fraction: default_warm_fraction(),
+            proc_root: default_proc_root(),
+        }
+    }
+}
+
+fn default_warm() -> String {
+    "auto".into()
+}
+
+fn default_warm_fraction() -> f64 {
+    0.5
+}
+
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFile {
+    name: String,
+    source: String,
+    #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default = "yes")]
+    default_excludes: bool,
+    #[serde(default = "yes")]
+    pin: bool,
+    #[serde(default)]
+    require_manifest: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How much of the cache filesystem models may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// No limit but the filesystem's free space.
+    Unlimited,
+    /// At most this many bytes.
+    Bytes(u64),
+    /// At most this fraction (0–1] of the filesystem's size.
+    Fraction(f64),
+}
+
+/// Whether to read a published model into the page cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WarmPolicy {
+    /// Never.
+    Off,
+    /// Always.
+    On,
+    /// When the model is at most this fraction of RAM.
+    Auto(f64),
+}
+
+/// One model the agent keeps published.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// The name in the cache.
+    pub name: ModelName,
+    /// The source URL (may hold a SAS token: never log it unredacted).
+    pub source: String,
+    /// Storage account for `az://` URLs.
+    pub account: Option<String>,
+    /// Which files.
+    pub selection: Selection,
+    /// Never evicted; counted by `/readyz`.
+    pub pin: bool,
+    /// Refuse a source without a manifest.
+    pub require_manifest: bool,
+}
+
+/// A bearer token, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Constant-time-enough comparison with a presented token.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(REDACTED)")
+    }
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The cache root.
+    pub cache_root: PathBuf,
+    /// Address for read endpoints (may be the node address).
+    pub read_addr: SocketAddr,
+    /// Address for every endpoint, state-changing included; always loopback.
+    pub admin_addr: SocketAddr,
+    /// Bearer token that also allows state-changing requests on the read address.
+    pub token: Option<Token>,
+    /// Download tuning.
+    pub fetch: FetchOptions,
+    /// First delay before retrying a failed model (doubles up to ten minutes).
+    pub failed_retry_delay: Duration,
+    /// Disk budget.
+    pub budget: Budget,
+    /// Page-cache warming.
+    pub warm: WarmPolicy,
+    /// Where `/proc` is (for `meminfo`).
+    pub proc_root: PathBuf,
+    /// Configured models.
+    pub models: Vec<ModelSpec>,
+}
+
+impl AgentConfig {
+    /// Loads the file (if any), applies environment then `--set` overrides, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: &Environment,
+        sets: &[String],
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => (String::new(), "the built-in defaults".to_string()),
+        };
+        Self::from_toml(&text, &origin, env, sets)
+    }
+
+    /// Like [`AgentConfig::load`], from TOML text (`origin` names it in errors).
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: &Environment,
+        sets: &[String],
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                })?;
+        for (key, kind) in OVERRIDABLE {
+            if let Some(value) = env.modelcache(&env_name(key)) {
+                set_key(&mut table, key, *kind, value, &env_name(key))?;
+            }
+        }
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                InvalidValue::new(
+                    "--set",
+                    set,
+                    "expected KEY=VALUE, e.g. fetch.concurrency=32",
+                )
+            })?;
+            let Some((_, kind)) = OVERRIDABLE.iter().find(|(k, _)| *k == key.trim()) else {
+                let keys: Vec<&str> = OVERRIDABLE.iter().map(|(k, _)| *k).collect();
+                return Err(InvalidValue::new(
+                    "--set",
+                    set,
+                    format!("unknown key; one of {}", keys.join(", ")),
+                )
+                .into());
+            };
+            set_key(&mut table, key.trim(), *kind, value.trim(), "--set")?;
+        }
+        let file: FileConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                })?;
+        Self::validate(file, env)
+    }
+
+    fn validate(file: FileConfig, env: &Environment) -> Result<Self, ConfigError> {
+        let addr = |key: &str, raw: &str| {
+            raw.parse::<SocketAddr>().map_err(|_| {
+                InvalidValue::new(key, raw, "expected an address such as 127.0.0.1:8081")
+            })
+        };
+        let read_addr = addr("listen.read", &file.listen.read)?;
+        let admin_addr = addr("listen.admin", &file.listen.admin)?;
+        if !admin_addr.ip().is_loopback() {
+            return Err(InvalidValue::new(
+                "listen.admin",
+                &file.listen.admin,
+                "expected a loopback address: anything that reaches state-changing endpoints can fill the disk and spend egress (use listen.token_file to allow them on listen.read)",
+            )
+            .into());
+        }
+        let token = match (&file.listen.token_file, env.modelcache("MODELCACHE_TOKEN")) {
+            (_, Some(t)) if !t.trim().is_empty() => Some(Token(t.trim().to_string())),
+            (Some(path), _) => {
+                let t = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let t = t.trim().to_string();
+                if t.is_empty() {
+                    return Err(InvalidValue::new(
+                        "listen.token_file",
+                        path.display(),
+                        "the file is empty",
+                    )
+                    .into());
+                }
+                Some(Token(t))
+            }
+            _ => None,
+        };
+        let size = |key: &str, raw: &Option<String>, default: u64| match raw {
+            Some(r) => parse_size(r).map_err(|e| InvalidValue::new(key, r, e)),
+            None => Ok(default),
+        };
+        let duration = |key: &str, raw: &Option<String>, default: Duration| match raw {
+            Some(r) => parse_duration(r).map_err(|e| InvalidValue::new(key, r, e)),
+            None => Ok(default),
+        };
+        let defaults = FetchOptions::default();
+        let fetch = FetchOptions {
+            concurrency: file.fetch.concurrency.unwrap_or(defaults.concurrency),
+            chunk_size: size(
+                "fetch.chunk_size",
+                &file.fetch.chunk_size,
+                defaults.chunk_size,
+            )?,
+            max_attempts: file.fetch.max_attempts.unwrap_or(defaults.max_attempts),
+            stall_timeout: duration(
+                "fetch.stall_timeout",
+                &file.fetch.stall_timeout,
+                defaults.stall_timeout,
+            )?,
+            backoff_max: duration(
+                "fetch.retry_max_delay",
+                &file.fetch.retry_max_delay,
+                defaults.backoff_max,
+            )?,
+            ..defaults
+        };
+        fetch.validate()?;
+        let failed_retry_delay = duration(
+            "fetch.failed_retry_delay",
+            &file.fetch.failed_retry_delay,
+            Duration::from_secs(30),
+        )?;
+        let budget = match &file.cache.budget {
+            None => Budget::Unlimited,
+            Some(raw) => parse_budget(raw)?,
+        };
+        let warm = match file.cache.warm_page_cache.as_str() {
+            "off" => WarmPolicy::Off,
+            "on" => WarmPolicy::On,
+            "auto" => {
+                let f = file.cache.warm_max_ram_fraction;
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(InvalidValue::new(
+                        "cache.warm_max_ram_fraction",
+                        f,
+                        "expected a fraction in (0, 1]",
+                    )
+                    .into());
+                }
+                WarmPolicy::Auto(f)
+            }
+            other => {
+                return Err(InvalidValue::new(
+                    "cache.warm_page_cache",
+                    other,
+                    "expected auto, on or off",
+                )
+                .into());
+            }
+        };
+        let mut models: Vec<ModelSpec> = Vec::new();
+        for (i, m) in file.models.into_iter().enumerate() {
+            let key = format!("models[{i}]");
+            let name = ModelName::new(&m.name)
+                .map_err(|e| InvalidValue::new(&format!("{key}.name"), &m.name, e.to_string()))?;
+            if models.iter().any(|x| x.name == name) {
+                return Err(InvalidValue::new(
+                    &format!("{key}.name"),
+                    &m.name,
+                    "a model of this name is already configured",
+                )
+                .into());
+            }
+            if !(m.source.starts_with("az://")
+                || m.source.starts_with("https://")
+                || m.source.starts_with("file:///"))
+            {
+                return Err(InvalidValue::new(
+                    &format!("{key}.source"),
+                    crate::source::redact_url(&m.source),
+                    "expected az://CONTAINER/PREFIX, https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX or file:///PATH",
+                )
+                .into());
+            }
+            let selection = Selection::new(&m.include, &m.exclude, m.default_excludes)?;
+            models.push(ModelSpec {
+                name,
+                source: m.source,
+                account: m.account,
+                selection,
+                pin: m.pin,
+                require_manifest: m.require_manifest,
+            });
+        }
+        Ok(Self {
+            cache_root: file.cache_root,
+            read_addr,
+            admin_addr,
+            token,
+            fetch,
+            failed_retry_delay,
+            budget,
+            warm,
+            proc_root: file.cache.proc_root,
+            models,
+        })
+    }
+}
+
+/// Parses `cache.budget`: `90%` or a size such as `500GiB`.
+fn parse_budget(raw: &str) -> Result<Budget, InvalidValue> {
+    if let Some(pct) = raw.trim().strip_suffix('%') {
+        let p: f64 = pct.trim().parse().map_err(|_| {
+            InvalidValue::new(
+                "cache.budget",
+                raw,
+                "expected a percentage such as 90% or a size such as 500GiB",
+            )
+        })?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(InvalidValue::new(
+                "cache.budget",
+                raw,
+                "expected a percentage in (0, 100]",
+            ));
+        }
+        return Ok(Budget::Fraction(p / 100.0));
+    }
+    parse_size(raw)
+        .map(Budget::Bytes)
+        .map_err(|e| InvalidValue::new("cache.budget", raw, e))
+}
+
+/// Sets a dotted key in a TOML table from an override string.
+fn set_key(
+    table: &mut toml::Table,
+    key: &str,
+    kind: Kind,
+    raw: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let value =
+        match kind {
+            Kind::Text => toml::Value::String(raw.to_string()),
+            Kind::Integer => toml::Value::Integer(raw.parse().map_err(|_| {
+                InvalidValue::new(origin, raw, format!("expected an integer for {key}"))
+            })?),
+            Kind::Float => toml::Value::Float(raw.parse().map_err(|_| {
+                InvalidValue::new(origin, raw, format!("expected a number for {key}"))
+            })?),
+        };
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or(key);
+    let mut current = table;
+    for part in parts {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(ConfigError::Parse {
+                    origin: origin.to_string(),
+                    message: format!("{part} is not a table"),
+                });
+            }
+        };
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Environment {
+        Environment::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn the_default_config_file_is_valid() {
+        let c = AgentConfig::from_toml(DEFAULT_CONFIG, "default", &env(&[]), &[]).unwrap();
+        assert_eq!(c.fetch.concurrency, 64);
+        assert_eq!(c.models.len(), 1);
+        assert!(c.models[0].pin);
+        assert!(c.admin_addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn precedence_is_set_then_env_then_file() {
+        let file = "[fetch]\nconcurrency = 8\n";
+        let c = AgentConfig::from_toml(file, "f", &env(&[]), &[]).unwrap();
+        assert_eq!(c.fetch.concurrency, 8);
+        let e = env(&[("MODELCACHE_FETCH_CONCURRENCY", "16")]);
+        let c = AgentConfig::from_toml(file, "f", &e, &[]).unwrap();
+        assert_eq!(c.fetch.concurrency, 16);
+        let c = AgentConfig::from_toml(file, "f", &e, &["fetch.concurrency=32".into()]).unwrap();
+        assert_eq!(c.fetch.concurrency, 32);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = AgentConfig::from_toml("[fetch]\nconcurency = 8\n", "cm.toml", &env(&[]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cm.toml") && err.contains("concurency"),
+            "{err}"
+        );
+        let err = AgentConfig::from_toml(
+            "",
+            "f",
+            &env(&[("MODELCACHE_FETCH_CONCURRENCY", "abc")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("MODELCACHE_FETCH_CONCURRENCY") && err.contains("abc"),
+            "{err}"
+        );
+        let err =
+            AgentConfig::from_toml("[listen]\nadmin = \"0.0.0.0:8081\"\n", "f", &env(&[]), &[])
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("listen.admin") && err.contains("loopback"),
+            "{err}"
+        );
+        let err = AgentConfig::from_toml("", "f", &env(&[]), &["nope=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key"), "{err}");
+        let err = AgentConfig::from_toml("[cache]\nbudget = \"150%\"\n", "f", &env(&[]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.budget"), "{err}");
+        let bad_model = "[[models]]\nname = \"../x\"\nsource = \"az://c/p\"\n";
+        let err = AgentConfig::from_toml(bad_model, "f", &env(&[]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("models[0].name"), "{err}");
+    }
+
+    #[test]
+    fn budgets_parse() {
+        assert_eq!(parse_budget("90%").unwrap(), Budget::Fraction(0.9));
+        assert_eq!(parse_budget("1GiB").unwrap(), Budget::Bytes(1 << 30));
+        assert!(parse_budget("0%").is_err());
+    }
+
+    #[test]
+    fn token_is_never_printed() {
+        let c =
+            AgentConfig::from_toml("", "f", &env(&[("MODELCACHE_TOKEN", "s3cret")]), &[]).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(c.token.unwrap().matches("s3cret"));
+    }
+}
