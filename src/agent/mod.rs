@@ -97,6 +97,8 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
         tokio::try_join!(read_server.into_future(), admin_server.into_future())
     });
     tokio::select! {
+        biased;
+        () = stop.cancelled() => {}
         result = &mut servers => {
             // A server ended before any signal: that is a failure to serve.
             stop.cancel();
@@ -107,7 +109,6 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
                 Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
             };
         }
-        () = stop.cancelled() => {}
     }
     // Let in-flight requests finish, briefly.
     let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;

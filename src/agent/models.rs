@@ -573,9 +573,20 @@ impl Models {
                 limit
             }
         };
+        let used = self.used_bytes();
+        if used.saturating_add(needed) <= limit {
+            return Ok(());
+        }
+        // Remove nothing for an attempt that cannot succeed anyway.
+        let reclaimable = self.reclaimable_bytes(for_model);
+        if used.saturating_sub(reclaimable).saturating_add(needed) > limit {
+            return Err(PrefetchError::OverBudget {
+                needed,
+                available: limit.saturating_sub(used.saturating_sub(reclaimable)),
+            });
+        }
         loop {
-            let used = dir_bytes(&self.layout.root().join("store"))
-                + dir_bytes(&self.layout.root().join("staging"));
+            let used = self.used_bytes();
             if used.saturating_add(needed) <= limit {
                 return Ok(());
             }
@@ -605,6 +616,46 @@ impl Models {
             }
             self.metrics.evicted();
         }
+    }
+
+    fn used_bytes(&self) -> u64 {
+        dir_bytes(&self.layout.root().join("store"))
+            + dir_bytes(&self.layout.root().join("staging"))
+    }
+
+    /// Bytes that eviction could free for `for_model`: unlinked revisions and idle unpinned
+    /// models.
+    fn reclaimable_bytes(&self, for_model: &ModelName) -> u64 {
+        let store = self.layout.root().join("store");
+        let entries = self.lock();
+        let Ok(models) = std::fs::read_dir(&store) else {
+            return 0;
+        };
+        let mut total = 0;
+        for model in models.flatten() {
+            let name = model.file_name().to_string_lossy().into_owned();
+            let parsed = ModelName::new(&name).ok();
+            let linked = parsed
+                .as_ref()
+                .and_then(|n| self.layout.published_revision(n));
+            let evictable = parsed.as_ref().is_some_and(|n| {
+                n != for_model
+                    && linked.is_some()
+                    && entries
+                        .get(name.as_str())
+                        .is_none_or(|e| !e.spec.pin && e.job.is_none())
+            });
+            let Ok(revisions) = std::fs::read_dir(model.path()) else {
+                continue;
+            };
+            for rev in revisions.flatten() {
+                let rev_name = rev.file_name().to_string_lossy().into_owned();
+                if evictable || linked.as_deref() != Some(rev_name.as_str()) {
+                    total += dir_bytes(&rev.path());
+                }
+            }
+        }
+        total
     }
 
     fn unlinked_revision(&self) -> Option<PathBuf> {
@@ -777,9 +828,7 @@ impl Models {
         let free = stat.map_or(0, |s| {
             u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
         });
-        let used = dir_bytes(&self.layout.root().join("store"))
-            + dir_bytes(&self.layout.root().join("staging"));
-        self.metrics.render(&live, free, used)
+        self.metrics.render(&live, free, self.used_bytes())
     }
 }
 

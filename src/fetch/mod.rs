@@ -416,7 +416,7 @@ async fn attempt(
 ) -> Result<Summary, PrefetchError> {
     let name = &request.model;
     let options = &request.options;
-    progress.set_phase(Phase::Listing);
+    enter_phase(progress, name, Phase::Listing);
     let plan = plan(source, request).await?;
     let total: u64 = plan.files.iter().map(|f| f.size).sum();
     progress.set_total(total);
@@ -462,7 +462,7 @@ async fn attempt(
         if marker.files_present(&revision_dir) {
             link_revision(layout, name, &plan.revision)?;
             progress.add_reused(total.saturating_sub(progress.reused()));
-            progress.set_phase(Phase::Done);
+            enter_phase(progress, name, Phase::Done);
             info!(model.name = %name, revision = %plan.revision, "{name} revision {} is already published", plan.revision);
             return Ok(summary(progress.fetched(), total, true, Vec::new()));
         }
@@ -539,7 +539,7 @@ async fn attempt(
         human_bytes(reused),
         source.describe()
     );
-    progress.set_phase(Phase::Downloading);
+    enter_phase(progress, name, Phase::Downloading);
     let mut refetched: Vec<String> = Vec::new();
     let expected: HashMap<&str, &ManifestEntry> = plan
         .manifest
@@ -557,7 +557,7 @@ async fn attempt(
         run_with_checkpoints(&engine, jobs, &journal, &layout.progress_path(name)).await?;
 
         // Every range is in: combine each file's digests and compare with the manifest.
-        progress.set_phase(Phase::Verifying);
+        enter_phase(progress, name, Phase::Verifying);
         if !options.hash {
             break;
         }
@@ -591,7 +591,7 @@ async fn attempt(
         *journal.lock().unwrap_or_else(|p| p.into_inner()) =
             Journal::rewrite(&journal_path, &still)?;
         refetched.extend(mismatched);
-        progress.set_phase(Phase::Downloading);
+        enter_phase(progress, name, Phase::Downloading);
     }
 
     // Structure: every safetensors header, then every index against them.
@@ -605,7 +605,7 @@ async fn attempt(
         .await
         .map_err(|e| PrefetchError::Internal(e.to_string()))??;
 
-    progress.set_phase(Phase::Publishing);
+    enter_phase(progress, name, Phase::Publishing);
     let files: Vec<ReadyFile> = engine
         .files
         .iter()
@@ -650,7 +650,7 @@ async fn attempt(
     if let Err(e) = std::fs::remove_dir_all(&staging) {
         warn!(path = %staging.display(), "could not remove the staging directory {}: {e}", staging.display());
     }
-    progress.set_phase(Phase::Done);
+    enter_phase(progress, name, Phase::Done);
     info!(model.name = %name, revision = %plan.revision, "published {name} revision {}", plan.revision);
     Ok(summary(
         progress.fetched(),
@@ -658,6 +658,22 @@ async fn attempt(
         false,
         refetched,
     ))
+}
+
+/// Enters a phase, logging the one that ended with its duration.
+fn enter_phase(progress: &Progress, name: &ModelName, phase: Phase) {
+    if let Some((ended, took)) = progress.set_phase(phase) {
+        info!(
+            model.name = %name,
+            phase = ended.as_str(),
+            next_phase = phase.as_str(),
+            duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            "{name}: {} took {:.1} s; now {}",
+            ended.as_str(),
+            took.as_secs_f64(),
+            phase.as_str()
+        );
+    }
 }
 
 /// Runs the engine while a checkpoint task makes finished ranges durable every two seconds;
@@ -815,7 +831,7 @@ pub async fn compute_manifest(
         });
     }
     progress.set_total(files.iter().map(|f| f.size).sum());
-    progress.set_phase(Phase::Downloading);
+    let _ = progress.set_phase(Phase::Downloading);
     let mut options = options.clone();
     options.hash = true;
     let chunk = options.chunk_size;
@@ -837,7 +853,7 @@ pub async fn compute_manifest(
         .flat_map(|(i, s)| s.missing().into_iter().map(move |r| (i, r)))
         .collect();
     engine.run(jobs).await?;
-    progress.set_phase(Phase::Done);
+    let _ = progress.set_phase(Phase::Done);
     let entries = engine
         .files
         .iter()

@@ -53,12 +53,18 @@ impl Progress {
         Self::default()
     }
 
-    pub(crate) fn set_phase(&self, phase: Phase) {
+    /// Enters `phase`; returns the phase that ended and how long it lasted, when it changed.
+    pub(crate) fn set_phase(&self, phase: Phase) -> Option<(Phase, std::time::Duration)> {
         let previous = self.phase.swap(phase as u8, Ordering::Relaxed);
         let mut log = self.phase_log.lock().unwrap_or_else(|p| p.into_inner());
-        if log.is_empty() || previous != phase as u8 {
+        let ended = match log.last() {
+            Some((p, since)) if previous != phase as u8 => Some((*p, since.elapsed())),
+            _ => None,
+        };
+        if log.is_empty() || ended.is_some() {
             log.push((phase, std::time::Instant::now()));
         }
+        ended
     }
 
     /// How long each phase took so far, in order (a phase entered twice appears twice).

@@ -1,6 +1,7 @@
 //! Integration tests: the built binary against a real Azurite, a fault-injecting proxy, local
 //! directories and (as root) loop-device filesystems.
 
+mod agent;
 mod azure;
 mod cli;
 mod faults;

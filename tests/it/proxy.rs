@@ -44,6 +44,8 @@ pub struct FaultProxy {
     rules: Arc<Mutex<Vec<Rule>>>,
     /// How many faults fired.
     pub fired: Arc<Mutex<usize>>,
+    /// How many requests arrived.
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FaultProxy {
@@ -52,7 +54,12 @@ impl FaultProxy {
         let rules: Arc<Mutex<Vec<Rule>>> = Arc::default();
         let fired: Arc<Mutex<usize>> = Arc::default();
         let (tx, rx) = std::sync::mpsc::channel();
-        let (r, f) = (Arc::clone(&rules), Arc::clone(&fired));
+        let requests: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (r, f, n) = (
+            Arc::clone(&rules),
+            Arc::clone(&fired),
+            Arc::clone(&requests),
+        );
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -66,6 +73,7 @@ impl FaultProxy {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (r, f) = (Arc::clone(&r), Arc::clone(&f));
                     tokio::spawn(async move {
                         let _ = handle(client, upstream, r, f).await;
@@ -77,6 +85,7 @@ impl FaultProxy {
             port: rx.recv().unwrap(),
             rules,
             fired,
+            requests,
         }
     }
 

@@ -1,0 +1,707 @@
+//! The real binary as `modelcache agent` against Azurite: readiness, waiting, joining,
+//! authorisation, shutdown and resume, fast restart, eviction and metrics.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Fault, FaultProxy};
+use crate::support::*;
+
+/// A running agent: its child process, its two addresses, and its log.
+struct Agent {
+    child: Option<Child>,
+    read: String,
+    admin: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts `modelcache agent` with `config` (TOML), the emulator at `endpoint`, and `envs`.
+    fn start(dir: &Path, config: &str, endpoint: &str, envs: &[(&str, &str)]) -> Self {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = modelcache();
+        with_emulator(&mut cmd, endpoint);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .args(["agent", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("agent listening on ").nth(1) {
+                    let addrs: Vec<String> = rest
+                        .split_whitespace()
+                        .filter(|w| w.starts_with("127.0.0.1:"))
+                        .map(str::to_string)
+                        .collect();
+                    let _ = tx.send(addrs);
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let addrs = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the agent did not start: {}", log.lock().unwrap()));
+        Self {
+            child: Some(child),
+            read: addrs[0].clone(),
+            admin: addrs[1].clone(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and returns how long the agent took to exit, and its status.
+    fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
+        let mut child = self.child.take().unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let started = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (started.elapsed(), status);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the agent ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls until `GET path` on the admin address answers JSON for which `done` holds.
+    fn until(
+        &self,
+        path: &str,
+        limit: Duration,
+        done: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let (status, body) = http(&self.admin, "GET", path, &[], "");
+            let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+            if done(status, &json) {
+                return json;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{path} never reached the state: {status} {body}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn until_ready(&self, model: &str) -> serde_json::Value {
+        self.until(
+            &format!("/v1/models/{model}"),
+            Duration::from_secs(90),
+            |_, j| j["state"] == "ready",
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns the status and the body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // The server may answer with chunked encoding: keep only the JSON or text payload.
+    let body = if body.contains("\r\n") && !body.trim_start().starts_with(['{', '[', '#']) {
+        dechunk(&body)
+    } else {
+        body
+    };
+    (status, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n.min(after.len())]);
+        rest = after.get(n + 2..).unwrap_or("");
+    }
+    out
+}
+
+fn config(cache: &Path, models: &str, extra: &str) -> String {
+    format!(
+        "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[fetch]\nchunk_size = \"64KiB\"\nconcurrency = 4\nfailed_retry_delay = \"1s\"\n[cache]\nwarm_page_cache = \"off\"\n{extra}\n{models}",
+        cache.display()
+    )
+}
+
+fn model_entry(name: &str, url: &str, pin: bool) -> String {
+    format!("[[models]]\nname = \"{name}\"\nsource = \"{url}\"\npin = {pin}\n")
+}
+
+fn metric(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+#[test]
+fn readyz_turns_ready_only_after_publish_and_both_waits_agree() {
+    let Some(az) = azurite() else { return };
+    let model = rt().block_on(azure_model(az, 200_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "gpt-oss-120b/model-",
+        Fault::Delay(Duration::from_millis(150)),
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let agent = Agent::start(
+        dir.path(),
+        &config(&cache, &model_entry("gpt-oss-120b", &model.url(), true), ""),
+        &proxy.endpoint(),
+        &[],
+    );
+
+    let (status, body) = http(&agent.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"ready\":false"), "{body}");
+
+    let api = format!("http://{}", agent.read);
+    let mut by_api = modelcache();
+    by_api.args([
+        "wait",
+        "--model",
+        "gpt-oss-120b",
+        "--api",
+        &api,
+        "--interval",
+        "200ms",
+        "--timeout",
+        "90s",
+    ]);
+    let mut by_dir = modelcache();
+    by_dir
+        .args([
+            "wait",
+            "--model",
+            "gpt-oss-120b",
+            "--interval",
+            "200ms",
+            "--timeout",
+            "90s",
+            "--cache-root",
+        ])
+        .arg(&cache);
+    let a = by_api
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = by_dir
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (a, b) = (
+        wait_with_limit(a, Duration::from_secs(120)),
+        wait_with_limit(b, Duration::from_secs(120)),
+    );
+    assert!(
+        a.status.success(),
+        "wait --api: {} {}",
+        stdout(&a),
+        stderr(&a)
+    );
+    assert!(
+        b.status.success(),
+        "wait --cache-root: {} {}",
+        stdout(&b),
+        stderr(&b)
+    );
+    assert!(
+        stdout(&a).contains("%"),
+        "progress lines while waiting: {}",
+        stdout(&a)
+    );
+    assert!(stdout(&a).contains("is ready"), "{}", stdout(&a));
+    assert!(stdout(&b).contains("is ready"), "{}", stdout(&b));
+
+    let (status, _) = http(&agent.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 200);
+    let (status, _) = http(&agent.read, "GET", "/v1/models/gpt-oss-120b/ready", &[], "");
+    assert_eq!(status, 200);
+    let m = agent.until_ready("gpt-oss-120b");
+    assert_eq!(m["verification"], "blake3");
+    assert_eq!(m["bytes_fetched"], m["bytes_total"]);
+    assert_published_identical(model.source.path(), &cache.join("models/gpt-oss-120b"));
+
+    // /metrics parses as Prometheus text and agrees with the API.
+    let (status, text) = http(&agent.read, "GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    let total = m["bytes_total"].as_f64().unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "modelcache_bytes_fetched_total",
+            Some(("model", "gpt-oss-120b"))
+        ),
+        total
+    );
+    assert_eq!(
+        metric(&text, "modelcache_model_state", Some(("state", "ready"))),
+        1.0
+    );
+    assert!(metric(&text, "modelcache_cache_used_bytes", None) >= total);
+    assert!(
+        text.contains("modelcache_phase_duration_seconds_bucket"),
+        "{text}"
+    );
+
+    // Timeouts: a model nobody fetches.
+    for args in [
+        vec!["--api", api.as_str()],
+        vec!["--cache-root", cache.to_str().unwrap()],
+    ] {
+        let mut w = modelcache();
+        w.args([
+            "wait",
+            "--model",
+            "never",
+            "--timeout",
+            "1s",
+            "--interval",
+            "200ms",
+        ])
+        .args(&args);
+        let out = run(&mut w, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(8), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("was not ready within 1s"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn two_concurrent_prefetch_requests_make_one_download() {
+    let Some(az) = azurite() else { return };
+    let model = rt().block_on(azure_model(az, 200_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "gpt-oss-120b/model-",
+        Fault::Delay(Duration::from_millis(50)),
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &config(&dir.path().join("cache"), "", ""),
+        &proxy.endpoint(),
+        &[],
+    );
+    let body = format!("{{\"source\": \"{}\"}}", model.url());
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let posts: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| http(&agent.admin, "POST", "/v1/models/m/prefetch", &[], &body)))
+            .collect();
+        posts.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    let jobs: Vec<serde_json::Value> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 202, "{body}");
+            serde_json::from_str(body).unwrap()
+        })
+        .collect();
+    assert_eq!(jobs[0]["job"], jobs[1]["job"], "{jobs:?}");
+    assert_eq!(
+        jobs.iter().filter(|j| j["joined"] == true).count(),
+        1,
+        "{jobs:?}"
+    );
+    let m = agent.until_ready("m");
+    assert_eq!(
+        m["bytes_fetched"], m["bytes_total"],
+        "one download, not two: {m}"
+    );
+    let (_, text) = http(&agent.read, "GET", "/metrics", &[], "");
+    assert_eq!(
+        metric(
+            &text,
+            "modelcache_bytes_fetched_total",
+            Some(("model", "m"))
+        ),
+        m["bytes_total"].as_f64().unwrap()
+    );
+
+    // Bad input gets a 4xx with the JSON envelope.
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/x/prefetch",
+        &[],
+        "{\"sauce\": 1}",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("\"code\":\"invalid_request\"") && body.contains("sauce"),
+        "{body}"
+    );
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/..%2Fx/prefetch",
+        &[],
+        &body_with_source(&model.url()),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http(&agent.admin, "POST", "/v1/models/y/prefetch", &[], "");
+    assert_eq!(status, 400, "an unknown model needs a source: {body}");
+    let (status, body) = http(&agent.admin, "GET", "/v1/models/nope", &[], "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("model_not_found"), "{body}");
+    let big = "x".repeat(200_000);
+    let (status, _) = http(&agent.admin, "POST", "/v1/models/z/prefetch", &[], &big);
+    assert_eq!(status, 413);
+}
+
+fn body_with_source(url: &str) -> String {
+    format!("{{\"source\": \"{url}\"}}")
+}
+
+#[test]
+fn state_changing_requests_on_the_read_address_need_the_token() {
+    let Some(az) = azurite() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // No token: refused on the read address, served on the admin (loopback) address.
+    let open = Agent::start(
+        dir.path(),
+        &config(&dir.path().join("c1"), "", ""),
+        &az.endpoint(),
+        &[],
+    );
+    let body = body_with_source("az://nothing-here/x");
+    let (status, text) = http(&open.read, "POST", "/v1/models/m/prefetch", &[], &body);
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("listen.token_file"), "{text}");
+    let (status, _) = http(&open.read, "DELETE", "/v1/models/m", &[], "");
+    assert_eq!(status, 403);
+    let (status, text) = http(&open.admin, "POST", "/v1/models/m/prefetch", &[], &body);
+    assert_eq!(status, 202, "{text}");
+    drop(open);
+
+    // With a token: the read address (the node address in a cluster) demands it.
+    let dir2 = tempfile::tempdir().unwrap();
+    let guarded = Agent::start(
+        dir2.path(),
+        &config(&dir2.path().join("c2"), "", ""),
+        &az.endpoint(),
+        &[("MODELCACHE_TOKEN", "s3cret")],
+    );
+    for auth in [
+        vec![],
+        vec![("Authorization", "Bearer wrong")],
+        vec![("Authorization", "s3cret")],
+    ] {
+        let (status, text) = http(&guarded.read, "POST", "/v1/models/m/prefetch", &auth, &body);
+        assert_eq!(status, 401, "{auth:?}: {text}");
+    }
+    let (status, text) = http(
+        &guarded.read,
+        "POST",
+        "/v1/models/m/prefetch",
+        &[("Authorization", "Bearer s3cret")],
+        &body,
+    );
+    assert_eq!(status, 202, "{text}");
+    // Reads stay open.
+    let (status, _) = http(&guarded.read, "GET", "/v1/models", &[], "");
+    assert_eq!(status, 200);
+    assert!(
+        !guarded.log().contains("s3cret"),
+        "the token is never logged"
+    );
+}
+
+#[test]
+fn sigterm_mid_download_then_restart_resumes_and_a_published_model_is_ready_at_once() {
+    let Some(az) = azurite() else { return };
+    let model = rt().block_on(azure_model(az, 1 << 20, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "gpt-oss-120b/model-",
+        Fault::Delay(Duration::from_millis(100)),
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = config(&cache, &model_entry("gpt-oss-120b", &model.url(), true), "");
+    let mut first = Agent::start(dir.path(), &cfg, &proxy.endpoint(), &[]);
+    let journal = cache.join("staging/gpt-oss-120b/journal.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&journal)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 10
+    {
+        assert!(Instant::now() < deadline, "no progress: {}", first.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (took, status) = first.terminate();
+    assert!(status.success(), "{status:?}: {}", first.log());
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    assert!(
+        first.log().contains("stopped by shutdown"),
+        "{}",
+        first.log()
+    );
+    // Bytes of the ranges the journal holds: exactly what the next run must not fetch again.
+    let journaled: u64 = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| {
+            let (size, chunk, index) = (
+                l["size"].as_u64().unwrap(),
+                l["chunk"].as_u64().unwrap(),
+                l["index"].as_u64().unwrap(),
+            );
+            (size - index * chunk).min(chunk)
+        })
+        .sum();
+    assert!(journaled > 0);
+
+    let second = Agent::start(dir.path(), &cfg, &az.endpoint(), &[]);
+    let m = second.until_ready("gpt-oss-120b");
+    let (total, fetched, reused) = (
+        m["bytes_total"].as_u64().unwrap(),
+        m["bytes_fetched"].as_u64().unwrap(),
+        m["bytes_reused"].as_u64().unwrap(),
+    );
+    assert!(
+        reused >= journaled,
+        "journaled ranges ({journaled} bytes) are reused: {m}"
+    );
+    assert_eq!(fetched + reused, total, "{m}");
+    assert_published_identical(model.source.path(), &cache.join("models/gpt-oss-120b"));
+    drop(second);
+
+    // Restart with the model published: ready at once, nothing asked of the source.
+    let quiet = FaultProxy::start(az.port);
+    let started = Instant::now();
+    let third = Agent::start(dir.path(), &cfg, &quiet.endpoint(), &[]);
+    let (status, body) = http(&third.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let m: serde_json::Value =
+        serde_json::from_str(&http(&third.admin, "GET", "/v1/models/gpt-oss-120b", &[], "").1)
+            .unwrap();
+    assert_eq!(m["state"], "ready");
+    assert_eq!(m["bytes_fetched"], 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        quiet.requests.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no request reached the source"
+    );
+}
+
+#[test]
+fn eviction_removes_the_least_recently_used_unpinned_model_and_never_a_pinned_one() {
+    let Some(az) = azurite() else { return };
+    let rt = rt();
+    let pinned = rt.block_on(azure_model(az, 200_000, true));
+    let a = rt.block_on(azure_model(az, 200_000, true));
+    let b = rt.block_on(azure_model(az, 200_000, true));
+    let big = rt.block_on(azure_model(az, 1 << 20, true));
+    let size: u64 = files_under(pinned.source.path())
+        .iter()
+        .filter(|f| !f.starts_with("original/") && !f.starts_with("metal/"))
+        .map(|f| {
+            std::fs::metadata(pinned.source.path().join(f))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let budget = size * 5 / 2 + (1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let agent = Agent::start(
+        dir.path(),
+        &config(
+            &cache,
+            &model_entry("pinned", &pinned.url(), true),
+            &format!("budget = \"{budget}\""),
+        ),
+        &az.endpoint(),
+        &[],
+    );
+    agent.until_ready("pinned");
+    for (name, m) in [("a", &a), ("b", &b)] {
+        let (status, text) = http(
+            &agent.admin,
+            "POST",
+            &format!("/v1/models/{name}/prefetch"),
+            &[],
+            &body_with_source(&m.url()),
+        );
+        assert_eq!(status, 202, "{text}");
+        agent.until_ready(name);
+    }
+    // Making room for b evicted a (least recently used, unpinned), never the pinned model.
+    assert!(!cache.join("models/a").exists(), "a was evicted");
+    assert!(!cache.join("store/a").exists());
+    assert!(cache.join("models/pinned").exists() && cache.join("models/b").exists());
+    let (status, _) = http(&agent.admin, "GET", "/v1/models/a", &[], "");
+    assert_eq!(status, 404);
+
+    // A model that cannot fit even after evicting every unpinned one fails clearly.
+    let (status, _) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/big/prefetch",
+        &[],
+        &body_with_source(&big.url()),
+    );
+    assert_eq!(status, 202);
+    let m = agent.until("/v1/models/big", Duration::from_secs(60), |_, j| {
+        j["state"] == "failed"
+    });
+    assert!(
+        m["last_error"].as_str().unwrap().contains("cache budget"),
+        "{m}"
+    );
+    assert!(
+        cache.join("models/pinned").exists(),
+        "the pinned model is never evicted"
+    );
+
+    // DELETE: a pinned model is refused; an unpinned one goes.
+    let (status, text) = http(&agent.admin, "DELETE", "/v1/models/pinned", &[], "");
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("pinned"), "{text}");
+    let (status, _) = http(&agent.admin, "DELETE", "/v1/models/b", &[], "");
+    assert_eq!(status, 204);
+    assert!(!cache.join("models/b").exists());
+    let (_, text) = http(&agent.read, "GET", "/metrics", &[], "");
+    assert!(
+        metric(&text, "modelcache_evictions_total", None) >= 2.0,
+        "{text}"
+    );
+}
+
+#[test]
+fn a_bad_configuration_fails_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("bad.toml");
+    std::fs::write(&path, "[fetch]\nconcurency = 8\n").unwrap();
+    let mut cmd = modelcache();
+    cmd.args(["agent", "--config"]).arg(&path);
+    let out = run(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("concurency") && stderr(&out).contains("bad.toml"),
+        "{}",
+        stderr(&out)
+    );
+
+    let mut cmd = modelcache();
+    cmd.args(["agent", "--check", "--set", "fetch.concurrency=0"]);
+    let out = run(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--concurrency") || stderr(&out).contains("concurrency"),
+        "{}",
+        stderr(&out)
+    );
+
+    let mut cmd = modelcache();
+    cmd.args(["agent", "--print-default-config"]);
+    let default = stdout(&run(&mut cmd, Duration::from_secs(30)));
+    std::fs::write(&path, default).unwrap();
+    let mut cmd = modelcache();
+    cmd.args(["agent", "--check", "--config"]).arg(&path);
+    let out = run(&mut cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("gpt-oss-120b (pinned)"),
+        "{}",
+        stdout(&out)
+    );
+}
