@@ -76,15 +76,7 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
     let signals = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return,
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            crate::signal::terminated().await;
             info!("shutting down: cancelling prefetches (finished ranges stay journaled)");
             stop.cancel();
         })

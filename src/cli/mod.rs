@@ -209,6 +209,20 @@ pub struct SelectionArgs {
     pub no_default_excludes: bool,
 }
 
+impl SourceArgs {
+    fn open(&self, env: &Environment) -> Result<Arc<dyn source::Source>, CommandError> {
+        let options = SourceOptions {
+            account: self.account.clone(),
+        };
+        source::open(&self.source, env, &options).map_err(|e| {
+            CommandError::from(PrefetchError::Source {
+                url: source::redact_url(&self.source),
+                source: e,
+            })
+        })
+    }
+}
+
 impl SelectionArgs {
     fn resolve(&self) -> Result<Selection, InvalidValue> {
         Selection::new(&self.include, &self.exclude, !self.no_default_excludes)
@@ -409,15 +423,7 @@ pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        crate::signal::terminated().await;
         cancel.cancel();
     });
     token
@@ -468,19 +474,7 @@ pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitC
     let selection = args.selection.resolve().map_err(invalid)?;
     let mut options = args.fetch.resolve().map_err(invalid)?;
     options.hash = !args.no_hash;
-    let source = source::open(
-        &args.source.source,
-        env,
-        &SourceOptions {
-            account: args.source.account.clone(),
-        },
-    )
-    .map_err(|e| {
-        CommandError::from(PrefetchError::Source {
-            url: source::redact_url(&args.source.source),
-            source: e,
-        })
-    })?;
+    let source = args.source.open(env)?;
     let request = PrefetchRequest {
         model: model.clone(),
         selection,
@@ -596,22 +590,30 @@ fn spawn_reporter(model: String, progress: Arc<Progress>) -> Reporter {
 fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
     let total = p.total();
     let fetched = p.fetched();
-    let done = (fetched + p.reused()).min(total);
-    let secs = elapsed.as_secs_f64().max(0.001);
     #[expect(clippy::cast_precision_loss, reason = "display")]
-    let (pct, rate) = (
-        if total > 0 {
-            done as f64 * 100.0 / total as f64
-        } else {
-            0.0
-        },
-        fetched as f64 / secs,
-    );
+    let rate = fetched as f64 / elapsed.as_secs_f64().max(0.001);
+    progress_text(
+        model,
+        p.phase().as_str(),
+        (fetched + p.reused()).min(total),
+        total,
+        rate,
+    )
+}
+
+/// One progress line: phase, bytes, percent, rate and ETA.
+pub(crate) fn progress_text(name: &str, phase: &str, done: u64, total: u64, rate: f64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let pct = if total > 0 {
+        done as f64 * 100.0 / total as f64
+    } else {
+        0.0
+    };
     #[expect(clippy::cast_precision_loss, reason = "display")]
     let eta = if rate > 0.0 {
-        format!("{:.0}s", (total - done) as f64 / rate)
+        format!("{:.0}s", total.saturating_sub(done) as f64 / rate)
     } else {
-        "-".to_string()
+        "-".into()
     };
     #[expect(
         clippy::cast_possible_truncation,
@@ -620,8 +622,7 @@ fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
     )]
     let rate_bytes = rate as u64;
     format!(
-        "{model}: {} {} / {} ({pct:.1}%) {}/s ETA {eta}",
-        p.phase().as_str(),
+        "{name}: {phase} {} / {} ({pct:.1}%) {}/s ETA {eta}",
         human_bytes(done),
         human_bytes(total),
         human_bytes(rate_bytes)
@@ -678,19 +679,7 @@ pub async fn run_verify(args: VerifyArgs) -> Result<ExitCode, CommandError> {
 pub async fn run_manifest(args: ManifestArgs, env: &Environment) -> Result<ExitCode, CommandError> {
     let selection = args.selection.resolve().map_err(invalid)?;
     let options = args.fetch.resolve().map_err(invalid)?;
-    let source = source::open(
-        &args.source.source,
-        env,
-        &SourceOptions {
-            account: args.source.account.clone(),
-        },
-    )
-    .map_err(|e| {
-        CommandError::from(PrefetchError::Source {
-            url: source::redact_url(&args.source.source),
-            source: e,
-        })
-    })?;
+    let source = args.source.open(env)?;
     let progress = Arc::new(Progress::new());
     let reporter = spawn_reporter("manifest".into(), Arc::clone(&progress));
     let result = compute_manifest(Arc::clone(&source), &selection, &options, progress).await;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::{AgentArgs, CommandError, StatusArgs, WaitArgs, exit, invalid};
+use super::{AgentArgs, CommandError, StatusArgs, WaitArgs, exit, invalid, progress_text};
 use crate::config::agent::{AgentConfig, DEFAULT_CONFIG};
 use crate::config::{Environment, human_bytes};
 use crate::fetch::progress::ProgressSnapshot;
@@ -179,33 +179,6 @@ async fn look_at_api(client: &reqwest::Client, api: &str, name: &ModelName) -> L
             body["rate_bytes_per_second"].as_f64().unwrap_or(0.0),
         )),
     }
-}
-
-fn progress_text(name: &str, phase: &str, done: u64, total: u64, rate: f64) -> String {
-    #[expect(clippy::cast_precision_loss, reason = "display")]
-    let pct = if total > 0 {
-        done as f64 * 100.0 / total as f64
-    } else {
-        0.0
-    };
-    #[expect(clippy::cast_precision_loss, reason = "display")]
-    let eta = if rate > 0.0 {
-        format!("{:.0}s", total.saturating_sub(done) as f64 / rate)
-    } else {
-        "-".into()
-    };
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "display"
-    )]
-    let rate_bytes = rate as u64;
-    format!(
-        "{name}: {phase} {} / {} ({pct:.0}%) {}/s ETA {eta}",
-        human_bytes(done),
-        human_bytes(total),
-        human_bytes(rate_bytes)
-    )
 }
 
 /// `modelcache status`.
