@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod disk;
 pub mod fetch;
 pub mod signal;
 pub mod source;

@@ -32,6 +32,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AppState {
     /// The models.
     pub models: Arc<Models>,
+    /// The disk setup's outcome; `None` when disk setup is off.
+    pub disk: Arc<Option<Result<crate::disk::Report, String>>>,
 }
 
 /// The JSON error envelope: `{"error": {"code": "...", "message": "..."}}`.
@@ -135,6 +137,7 @@ fn read_routes() -> Router<AppState> {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(get_model))
         .route("/v1/models/{name}/ready", get(model_ready))
+        .route("/v1/disk", get(disk))
 }
 
 fn mutating_routes() -> Router<AppState> {
@@ -183,6 +186,7 @@ async fn healthz() -> &'static str {
 #[derive(Serialize)]
 struct Readiness {
     ready: bool,
+    disk: String,
     cache_root: bool,
     models: std::collections::BTreeMap<String, super::models::State>,
 }
@@ -190,7 +194,15 @@ struct Readiness {
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let cache_root = state.models.layout().root().join("models").is_dir();
     let (pinned_ready, models) = state.models.pinned_ready();
-    let ready = cache_root && pinned_ready;
+    let (disk_ok, disk) = match state.disk.as_ref() {
+        None => (true, "disabled".to_string()),
+        Some(Ok(r)) => (
+            true,
+            format!("mounted {}", r.mounted.as_deref().unwrap_or("?")),
+        ),
+        Some(Err(e)) => (false, format!("failed: {e}")),
+    };
+    let ready = disk_ok && cache_root && pinned_ready;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -200,6 +212,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
         status,
         Json(Readiness {
             ready,
+            disk,
             cache_root,
             models,
         }),
@@ -219,6 +232,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
         text,
     )
         .into_response()
+}
+
+async fn disk(State(state): State<AppState>) -> Response {
+    match state.disk.as_ref() {
+        None => Json(serde_json::json!({"enabled": false})).into_response(),
+        Some(Ok(report)) => {
+            Json(serde_json::json!({"enabled": true, "report": report})).into_response()
+        }
+        Some(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"enabled": true, "error": e})),
+        )
+            .into_response(),
+    }
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Vec<ModelStatus>> {

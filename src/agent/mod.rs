@@ -58,9 +58,39 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
             key: "listen.admin",
             source,
         })?;
-    let models = Models::start(Arc::clone(&config), env)?;
+    let disk = if config.disk.enabled {
+        let disk_config = config.disk.clone();
+        let arrays = crate::disk::apply::Mdadm {
+            dev: disk_config.host.dev.clone(),
+        };
+        let outcome =
+            tokio::task::spawn_blocking(move || crate::disk::apply(&disk_config, &arrays))
+                .await
+                .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
+        match &outcome {
+            Ok(report) => info!(
+                device = report.mounted.as_deref().unwrap_or(""),
+                "cache disks ready: {} mounted at {}",
+                report.mounted.as_deref().unwrap_or("?"),
+                config.cache_root.display()
+            ),
+            Err(e) => tracing::error!(
+                "disk setup failed; no model will be fetched: {}",
+                crate::fetch::error_chain(e)
+            ),
+        }
+        Some(outcome.map_err(|e| crate::fetch::error_chain(&e)))
+    } else {
+        None
+    };
+    let blocked = match &disk {
+        Some(Err(e)) => Some(e.clone()),
+        _ => None,
+    };
+    let models = Models::start(Arc::clone(&config), env, blocked)?;
     let state = AppState {
         models: Arc::clone(&models),
+        disk: Arc::new(disk),
     };
     info!(
         listen.read = %read.local_addr().map_err(AgentError::Serve)?,

@@ -246,11 +246,20 @@ impl Models {
     /// Builds the registry: configured models already published and intact are ready at once
     /// (no network, no re-hash: sizes and modification times against the ready marker); the
     /// others get a job.
-    pub fn start(config: Arc<AgentConfig>, env: Environment) -> Result<Arc<Self>, ModelError> {
+    ///
+    /// `blocked` (the disk setup's error) keeps every model pending with that error and writes
+    /// nothing: without its disks the cache root is on the OS disk.
+    pub fn start(
+        config: Arc<AgentConfig>,
+        env: Environment,
+        blocked: Option<String>,
+    ) -> Result<Arc<Self>, ModelError> {
         let layout = Layout::new(&config.cache_root);
-        layout
-            .ensure()
-            .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        if blocked.is_none() {
+            layout
+                .ensure()
+                .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        }
         let models = Arc::new(Self {
             layout,
             env,
@@ -261,6 +270,11 @@ impl Models {
         });
         for spec in &config.models {
             let mut entry = Entry::new(spec.clone(), true);
+            if let Some(reason) = &blocked {
+                entry.last_error = Some(format!("waiting for the cache disks: {reason}"));
+                models.lock().insert(spec.name.to_string(), entry);
+                continue;
+            }
             if let Some((revision, marker)) = models.intact(&spec.name) {
                 if marker.source == redact_url(&spec.source) {
                     info!(model.name = %spec.name, revision = %revision, state = "ready", "{} revision {revision} is published and intact: ready", spec.name);

@@ -50,6 +50,8 @@ pub mod exit {
     pub const TIMEOUT: u8 = 8;
     /// `wait`: the agent reports the model as failed.
     pub const MODEL_FAILED: u8 = 9;
+    /// Disk setup failed or refused (no usable disk, mount point busy, mkfs/mdadm/mount failed).
+    pub const DISK_SETUP_FAILED: u8 = 10;
     /// Stopped by SIGINT or SIGTERM; finished work is kept for the next run.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -66,6 +68,7 @@ Exit codes:
   7  local cache I/O failure
   8  wait: not ready within --timeout
   9  wait: the model failed
+  10  disk setup failed or refused
   130  interrupted (SIGINT/SIGTERM); finished ranges are kept for the next run";
 
 const ABOUT: &str = "Node-local model cache for Kubernetes GPU nodes.";
@@ -121,6 +124,9 @@ pub enum Command {
     Wait(WaitArgs),
     /// Show what the agent is doing, as a table.
     Status(StatusArgs),
+    /// Set up the node's local NVMe disks as the cache filesystem.
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Disk(DiskCommand),
     /// Run the whole flow on a generated GPT-OSS-shaped model in a local folder.
     Demo(DemoArgs),
 }
@@ -140,6 +146,29 @@ pub struct AgentArgs {
     /// Print the documented default configuration file and exit.
     #[arg(long)]
     pub print_default_config: bool,
+}
+
+/// `modelcache disk`.
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Print what would be done to each device and why, changing nothing.
+    Plan(DiskArgs),
+    /// Find, assemble or create, format and mount the cache disks.
+    Apply(DiskArgs),
+}
+
+/// Arguments of `modelcache disk plan|apply`.
+#[derive(Debug, Args)]
+pub struct DiskArgs {
+    /// The agent's configuration file (its [disk] section and cache_root).
+    #[arg(long, env = "MODELCACHE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. --set disk.devices=/dev/nvme1n1 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `modelcache wait`.
@@ -412,6 +441,7 @@ pub fn run(cli: Cli, env: &Environment) -> Result<ExitCode, CommandError> {
             Command::Agent(args) => node::run_agent(args, env).await,
             Command::Wait(args) => node::run_wait(args).await,
             Command::Status(args) => node::run_status(args).await,
+            Command::Disk(command) => node::run_disk(command, env).await,
             Command::Demo(args) => run_demo(args).await,
         }
     })

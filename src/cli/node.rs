@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::{AgentArgs, CommandError, StatusArgs, WaitArgs, exit, invalid, progress_text};
+use super::{
+    AgentArgs, CommandError, DiskCommand, StatusArgs, WaitArgs, exit, invalid, progress_text,
+};
 use crate::config::agent::{AgentConfig, DEFAULT_CONFIG};
 use crate::config::{Environment, human_bytes};
 use crate::fetch::progress::ProgressSnapshot;
@@ -235,4 +237,76 @@ pub async fn run_status(args: StatusArgs) -> Result<ExitCode, CommandError> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `modelcache disk plan` and `modelcache disk apply`.
+pub async fn run_disk(command: DiskCommand, env: &Environment) -> Result<ExitCode, CommandError> {
+    let (args, apply) = match command {
+        DiskCommand::Plan(a) => (a, false),
+        DiskCommand::Apply(a) => (a, true),
+    };
+    let config = AgentConfig::load(args.config.as_deref(), env, &args.set).map_err(invalid)?;
+    let disk = config.disk.clone();
+    let arrays = crate::disk::apply::Mdadm {
+        dev: disk.host.dev.clone(),
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        if apply {
+            crate::disk::apply(&disk, &arrays)
+        } else {
+            crate::disk::plan(&disk, &arrays).map(|plan| crate::disk::Report {
+                plan,
+                mounted: None,
+            })
+        }
+    })
+    .await
+    .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+    .map_err(|e| CommandError::new(exit::DISK_SETUP_FAILED, e))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).unwrap_or_default()
+        );
+    } else {
+        print!("{}", disk_report_text(&result, &config.disk.target));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The plan as a person reads it: each device and its verdict, the notes, the steps.
+pub fn disk_report_text(report: &crate::disk::Report, target: &std::path::Path) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<32} {:>10}  VERDICT",
+        "DEVICE", "MODEL", "SIZE"
+    );
+    for d in &report.plan.devices {
+        let verdict = d
+            .skipped
+            .as_ref()
+            .map(|s| format!("skipped: {s}"))
+            .or_else(|| d.content.clone())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<16} {:<32} {:>10}  {verdict}",
+            d.path.display(),
+            d.model.as_deref().unwrap_or("-"),
+            human_bytes(d.size_bytes)
+        );
+    }
+    for n in &report.plan.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    let _ = writeln!(out, "steps for {}:", target.display());
+    for (i, s) in report.plan.steps.iter().enumerate() {
+        let _ = writeln!(out, "  {}. {s}", i + 1);
+    }
+    if let Some(m) = &report.mounted {
+        let _ = writeln!(out, "done: {} is mounted at {}", m, target.display());
+    }
+    out
 }

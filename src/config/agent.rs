@@ -33,6 +33,15 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("cache.warm_page_cache", Kind::Text),
     ("cache.warm_max_ram_fraction", Kind::Float),
     ("cache.proc_root", Kind::Text),
+    ("disk.enabled", Kind::Bool),
+    ("disk.models", Kind::List),
+    ("disk.devices", Kind::List),
+    ("disk.filesystem", Kind::Text),
+    ("disk.raid_chunk", Kind::Text),
+    ("disk.label", Kind::Text),
+    ("disk.discard", Kind::Bool),
+    ("disk.sysfs_root", Kind::Text),
+    ("disk.dev_root", Kind::Text),
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +49,9 @@ enum Kind {
     Text,
     Integer,
     Float,
+    Bool,
+    /// Comma-separated.
+    List,
 }
 
 /// The environment variable overriding a key: `fetch.concurrency` → `MODELCACHE_FETCH_CONCURRENCY`.
@@ -84,7 +96,75 @@ struct FileConfig {
     #[serde(default)]
     cache: CacheFile,
     #[serde(default)]
+    disk: DiskFile,
+    #[serde(default)]
     models: Vec<ModelFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskFile {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "default_disk_models")]
+    models: Vec<String>,
+    #[serde(default)]
+    devices: Vec<String>,
+    #[serde(default = "default_fs")]
+    filesystem: String,
+    #[serde(default = "default_raid_chunk")]
+    raid_chunk: String,
+    #[serde(default = "default_label")]
+    label: String,
+    #[serde(default)]
+    discard: bool,
+    #[serde(default = "default_sysfs")]
+    sysfs_root: PathBuf,
+    #[serde(default = "default_dev")]
+    dev_root: PathBuf,
+}
+
+impl Default for DiskFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            models: default_disk_models(),
+            devices: Vec::new(),
+            filesystem: default_fs(),
+            raid_chunk: default_raid_chunk(),
+            label: default_label(),
+            discard: false,
+            sysfs_root: default_sysfs(),
+            dev_root: default_dev(),
+        }
+    }
+}
+
+fn default_disk_models() -> Vec<String> {
+    crate::disk::DEFAULT_MODELS
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect()
+}
+
+fn default_fs() -> String {
+    "xfs".into()
+}
+
+fn default_raid_chunk() -> String {
+    "512KiB".into()
+}
+
+fn default_label() -> String {
+    "modelcache".into()
+}
+
+fn default_sysfs() -> PathBuf {
+    PathBuf::from("/sys")
+}
+
+fn default_dev() -> PathBuf {
+    PathBuf::from("/dev")
 }
 
 fn default_cache_root() -> PathBuf {
@@ -266,8 +346,10 @@ pub struct AgentConfig {
     pub budget: Budget,
     /// Page-cache warming.
     pub warm: WarmPolicy,
-    /// Where `/proc` is (for `meminfo`).
+    /// Where `/proc` is (for `meminfo` and `mountinfo`).
     pub proc_root: PathBuf,
+    /// Disk setup.
+    pub disk: crate::disk::DiskConfig,
     /// Configured models.
     pub models: Vec<ModelSpec>,
 }
@@ -472,7 +554,9 @@ impl AgentConfig {
                 require_manifest: m.require_manifest,
             });
         }
+        let disk = validate_disk(file.disk, &file.cache_root, &file.cache.proc_root)?;
         Ok(Self {
+            disk,
             cache_root: file.cache_root,
             read_addr,
             admin_addr,
@@ -485,6 +569,69 @@ impl AgentConfig {
             models,
         })
     }
+}
+
+fn validate_disk(
+    d: DiskFile,
+    cache_root: &Path,
+    proc_root: &Path,
+) -> Result<crate::disk::DiskConfig, InvalidValue> {
+    let filesystem = match d.filesystem.as_str() {
+        "xfs" => crate::disk::Filesystem::Xfs,
+        "ext4" => crate::disk::Filesystem::Ext4,
+        other => {
+            return Err(InvalidValue::new(
+                "disk.filesystem",
+                other,
+                "expected xfs or ext4",
+            ));
+        }
+    };
+    let raid_chunk = parse_size(&d.raid_chunk)
+        .map_err(|e| InvalidValue::new("disk.raid_chunk", &d.raid_chunk, e))?;
+    if !raid_chunk.is_power_of_two() || raid_chunk < 4096 {
+        return Err(InvalidValue::new(
+            "disk.raid_chunk",
+            &d.raid_chunk,
+            "expected a power of two of at least 4KiB",
+        ));
+    }
+    let label_ok = !d.label.is_empty()
+        && d.label.len() <= 12
+        && d.label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !label_ok {
+        return Err(InvalidValue::new(
+            "disk.label",
+            &d.label,
+            "expected 1-12 letters, digits, '-' or '_' (the xfs label limit)",
+        ));
+    }
+    if d.enabled && d.models.is_empty() && d.devices.is_empty() {
+        return Err(InvalidValue::new(
+            "disk.models",
+            "[]",
+            "expected model strings or disk.devices when disk.enabled is true",
+        ));
+    }
+    Ok(crate::disk::DiskConfig {
+        enabled: d.enabled,
+        selector: crate::disk::discover::Selector {
+            models: d.models,
+            devices: d.devices,
+        },
+        filesystem,
+        raid_chunk,
+        label: d.label,
+        discard: d.discard,
+        host: crate::disk::discover::HostPaths {
+            sysfs: d.sysfs_root,
+            dev: d.dev_root,
+            proc: proc_root.to_path_buf(),
+        },
+        target: cache_root.to_path_buf(),
+    })
 }
 
 /// Parses `cache.budget`: `90%` or a size such as `500GiB`.
@@ -528,6 +675,16 @@ fn set_key(
             Kind::Float => toml::Value::Float(raw.parse().map_err(|_| {
                 InvalidValue::new(origin, raw, format!("expected a number for {key}"))
             })?),
+            Kind::Bool => toml::Value::Boolean(raw.parse().map_err(|_| {
+                InvalidValue::new(origin, raw, format!("expected true or false for {key}"))
+            })?),
+            Kind::List => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
         };
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().unwrap_or(key);
@@ -621,6 +778,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("models[0].name"), "{err}");
+    }
+
+    #[test]
+    fn disk_settings_validate_and_lists_override_from_the_environment() {
+        let e = env(&[
+            ("MODELCACHE_DISK_DEVICES", "/dev/loop3, /dev/loop4"),
+            ("MODELCACHE_DISK_ENABLED", "true"),
+        ]);
+        let c = AgentConfig::from_toml("", "f", &e, &[]).unwrap();
+        assert!(c.disk.enabled);
+        assert_eq!(c.disk.selector.devices, ["/dev/loop3", "/dev/loop4"]);
+        assert_eq!(c.disk.raid_chunk, 512 * 1024);
+        let err = AgentConfig::from_toml(
+            "[disk]\nlabel = \"much-too-long-label\"\n",
+            "f",
+            &env(&[]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk.label"), "{err}");
+        let err = AgentConfig::from_toml("[disk]\nfilesystem = \"zfs\"\n", "f", &env(&[]), &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("disk.filesystem"), "{err}");
     }
 
     #[test]

@@ -12,16 +12,16 @@ use crate::proxy::{Fault, FaultProxy};
 use crate::support::*;
 
 /// A running agent: its child process, its two addresses, and its log.
-struct Agent {
+pub(crate) struct Agent {
     child: Option<Child>,
-    read: String,
-    admin: String,
+    pub(crate) read: String,
+    pub(crate) admin: String,
     log: Arc<Mutex<String>>,
 }
 
 impl Agent {
     /// Starts `modelcache agent` with `config` (TOML), the emulator at `endpoint`, and `envs`.
-    fn start(dir: &Path, config: &str, endpoint: &str, envs: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(dir: &Path, config: &str, endpoint: &str, envs: &[(&str, &str)]) -> Self {
         let path = dir.join("agent.toml");
         std::fs::write(&path, config).unwrap();
         let mut cmd = modelcache();
@@ -129,7 +129,7 @@ impl Drop for Agent {
 }
 
 /// A minimal HTTP/1.1 request; returns the status and the body.
-fn http(
+pub(crate) fn http(
     addr: &str,
     method: &str,
     path: &str,

@@ -4,6 +4,7 @@
 mod agent;
 mod azure;
 mod cli;
+mod disk;
 mod faults;
 mod proxy;
 mod resume;

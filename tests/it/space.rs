@@ -10,50 +10,30 @@ use crate::support::*;
 /// An ext4 filesystem of `mib` MiB on a loop device, mounted on a temp dir; undone on drop.
 struct LoopFs {
     mount: tempfile::TempDir,
-    device: String,
-    _image: tempfile::TempDir,
+    _device: LoopDevice,
 }
 
 impl LoopFs {
     fn new(mib: u64) -> Option<Self> {
-        if !is_root() {
-            skip_or_fail("loop-device tests need root");
-            return None;
-        }
-        let image_dir = tempfile::tempdir().unwrap();
-        let image = image_dir.path().join("fs.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(mib << 20)
-            .unwrap();
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&image)
-            .output();
-        let device = match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-            other => {
-                skip_or_fail(&format!("losetup failed: {other:?}"));
-                return None;
-            }
-        };
+        let device = LoopDevice::new(mib)?;
         let mount = tempfile::tempdir().unwrap();
         let ok = Command::new("mkfs.ext4")
-            .args(["-q", "-F", &device])
+            .arg("-q")
+            .arg("-F")
+            .arg(&device.path)
             .status()
             .unwrap()
             .success()
             && Command::new("mount")
-                .arg(&device)
+                .arg(&device.path)
                 .arg(mount.path())
                 .status()
                 .unwrap()
                 .success();
-        assert!(ok, "mkfs/mount of {device} failed");
+        assert!(ok, "mkfs/mount of {} failed", device.path.display());
         Some(Self {
             mount,
-            device,
-            _image: image_dir,
+            _device: device,
         })
     }
 
@@ -65,7 +45,6 @@ impl LoopFs {
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.mount.path()).status();
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }
 

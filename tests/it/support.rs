@@ -463,3 +463,68 @@ pub fn prefetch_cmd(endpoint: Option<&str>, url: &str, cache: &Path, extra: &[&s
     .args(extra);
     cmd
 }
+
+/// A loop device over a sparse image of `mib` MiB; detached on drop.
+pub struct LoopDevice {
+    pub path: PathBuf,
+    _image: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    /// None (after a loud skip, or a failure in CI) when not root or `losetup` fails.
+    pub fn new(mib: u64) -> Option<Self> {
+        if !is_root() {
+            skip_or_fail("loop-device tests need root");
+            return None;
+        }
+        let image_dir = tempfile::tempdir().unwrap();
+        let image = image_dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Self {
+                path: PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+                _image: image_dir,
+            }),
+            other => {
+                skip_or_fail(&format!("losetup failed: {other:?}"));
+                None
+            }
+        }
+    }
+
+    /// BLAKE3 of the first and last MiB: what "left byte-identical" compares.
+    pub fn ends_hash(&self) -> String {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&self.path).unwrap();
+        let size = std::fs::read_to_string(format!(
+            "/sys/block/{}/size",
+            self.path.file_name().unwrap().to_string_lossy()
+        ))
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+            * 512;
+        let mut head = vec![0u8; 1 << 20];
+        let mut tail = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut head, 0).unwrap();
+        f.read_exact_at(&mut tail, size - (1 << 20)).unwrap();
+        let mut h = blake3::Hasher::new();
+        h.update(&head);
+        h.update(&tail);
+        h.finalize().to_hex().to_string()
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}

@@ -1,0 +1,415 @@
+//! Carrying out a plan: the only code in the project that runs privileged operations (mdadm,
+//! mkfs, mount). Each step is short, logged with its full argument list, re-checks the device
+//! right before writing, and is idempotent, so a failed or interrupted `apply` leaves devices as
+//! they were or in a state the next `apply` recognises.
+//!
+//! The md array step sits behind [`ArrayTool`], a seam with the real [`Mdadm`] and, in tests, a
+//! recording fake: the kernel of the test machines has no md driver.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::mount::{MsFlags, mount};
+use tracing::info;
+
+use super::classify::{Content, PROBE_BYTES, classify};
+use super::discover::{HostPaths, mounts};
+use super::plan::{Step, Target};
+use super::{DiskConfig, DiskError, Filesystem};
+
+/// Creates, assembles and finds our md array.
+pub trait ArrayTool: std::fmt::Debug + Send + Sync {
+    /// Our array's device if it is running.
+    fn active(&self, name: &str) -> Option<PathBuf>;
+    /// Creates a RAID0 array named `name` over `members`, chunk `chunk_kib` KiB.
+    fn create(&self, name: &str, members: &[PathBuf], chunk_kib: u64)
+    -> Result<PathBuf, DiskError>;
+    /// Assembles the existing array `name` from `members`.
+    fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<PathBuf, DiskError>;
+}
+
+/// `mdadm --create` arguments: named after us (assembled by name after a reboot, never by
+/// `/dev/mdN` number), metadata 1.2 (superblock 4 KiB in, where `classify` looks).
+pub fn mdadm_create_args(
+    dev: &Path,
+    name: &str,
+    members: &[PathBuf],
+    chunk_kib: u64,
+) -> Vec<String> {
+    let mut args = vec![
+        "--create".to_string(),
+        dev.join("md").join(name).display().to_string(),
+        "--run".into(),
+        "--level=0".into(),
+        format!("--raid-devices={}", members.len()),
+        format!("--chunk={chunk_kib}"),
+        "--metadata=1.2".into(),
+        format!("--name={name}"),
+        "--homehost=any".into(),
+    ];
+    args.extend(members.iter().map(|m| m.display().to_string()));
+    args
+}
+
+/// `mdadm --assemble` arguments for our array from its known members.
+pub fn mdadm_assemble_args(dev: &Path, name: &str, members: &[PathBuf]) -> Vec<String> {
+    let mut args = vec![
+        "--assemble".to_string(),
+        dev.join("md").join(name).display().to_string(),
+        "--run".into(),
+    ];
+    args.extend(members.iter().map(|m| m.display().to_string()));
+    args
+}
+
+/// The real md tool.
+#[derive(Debug, Clone)]
+pub struct Mdadm {
+    /// Where `/dev` is.
+    pub dev: PathBuf,
+}
+
+impl ArrayTool for Mdadm {
+    fn active(&self, name: &str) -> Option<PathBuf> {
+        let link = self.dev.join("md").join(name);
+        link.exists()
+            .then(|| std::fs::canonicalize(&link).unwrap_or(link))
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        members: &[PathBuf],
+        chunk_kib: u64,
+    ) -> Result<PathBuf, DiskError> {
+        run(
+            "mdadm",
+            &mdadm_create_args(&self.dev, name, members, chunk_kib),
+        )?;
+        Ok(self.dev.join("md").join(name))
+    }
+
+    fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<PathBuf, DiskError> {
+        run("mdadm", &mdadm_assemble_args(&self.dev, name, members))?;
+        Ok(self.dev.join("md").join(name))
+    }
+}
+
+/// `mkfs` arguments: our label, stripe alignment over `width` devices of `chunk` bytes, and
+/// `force` only when replacing our own old data.
+pub fn mkfs_args(
+    fs: Filesystem,
+    device: &Path,
+    label: &str,
+    chunk: u64,
+    width: u32,
+    force: bool,
+) -> (String, Vec<String>) {
+    let mut args: Vec<String> = vec!["-q".into(), "-L".into(), label.into()];
+    match fs {
+        Filesystem::Xfs => {
+            if force {
+                args.push("-f".into());
+            }
+            if width > 1 {
+                args.push("-d".into());
+                args.push(format!("su={}k,sw={width}", chunk / 1024));
+            }
+            args.push(device.display().to_string());
+            ("mkfs.xfs".into(), args)
+        }
+        Filesystem::Ext4 => {
+            // No reserved blocks on a cache; stride in 4 KiB blocks.
+            args.extend(["-m".into(), "0".into()]);
+            if force {
+                args.push("-F".into());
+            }
+            if width > 1 {
+                let stride = chunk / 4096;
+                args.push("-E".into());
+                args.push(format!(
+                    "stride={stride},stripe_width={}",
+                    stride * u64::from(width)
+                ));
+            }
+            args.push(device.display().to_string());
+            ("mkfs.ext4".into(), args)
+        }
+    }
+}
+
+/// Runs a command, logging its argv; a spawn failure and a non-zero exit are separate errors,
+/// the latter with the captured stderr.
+fn run(program: &str, args: &[String]) -> Result<(), DiskError> {
+    let argv = format!("{program} {}", args.join(" "));
+    info!(argv = %argv, "running {argv}");
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| DiskError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        info!(argv = %argv, status = %output.status, "{argv} failed: {stderr}");
+        return Err(DiskError::CommandFailed {
+            argv,
+            status: output.status.to_string(),
+            stderr,
+        });
+    }
+    info!(argv = %argv, "{argv} succeeded");
+    Ok(())
+}
+
+/// Reads the first and last MiB of a device (read-only).
+pub fn probe(device: &Path, size: u64, label: &str) -> Result<Content, DiskError> {
+    use std::os::unix::fs::FileExt;
+    let err = |source| DiskError::Probe {
+        device: device.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(device).map_err(err)?;
+    let size = if size == 0 {
+        // A device node's metadata length is 0; seek to the end instead.
+        use std::io::Seek;
+        let mut f = &file;
+        f.seek(std::io::SeekFrom::End(0)).map_err(err)?
+    } else {
+        size
+    };
+    let window = usize::try_from(size.min(PROBE_BYTES as u64)).unwrap_or(PROBE_BYTES);
+    let mut head = vec![0u8; window];
+    file.read_exact_at(&mut head, 0).map_err(err)?;
+    let mut tail = vec![0u8; window];
+    file.read_exact_at(&mut tail, size - window as u64)
+        .map_err(err)?;
+    Ok(classify(&head, &tail, label))
+}
+
+fn devno_of(device: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(device).ok()?.rdev();
+    Some(format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    ))
+}
+
+/// Carries out `steps`; returns the device mounted at the cache root.
+pub fn execute(
+    config: &DiskConfig,
+    steps: &[Step],
+    arrays: &dyn ArrayTool,
+) -> Result<String, DiskError> {
+    let mut array: Option<PathBuf> = None;
+    let resolve = |t: &Target, array: &Option<PathBuf>| -> Result<PathBuf, DiskError> {
+        match t {
+            Target::Device(p) => Ok(p.clone()),
+            Target::Array => array
+                .clone()
+                .ok_or(DiskError::Internal("no array before its use".into())),
+        }
+    };
+    let mut mounted = String::new();
+    for step in steps {
+        info!(step = %step, "disk: {step}");
+        match step {
+            Step::AlreadyMounted { device } => mounted.clone_from(device),
+            Step::UseArray { device } => array = Some(device.clone()),
+            Step::AssembleArray { members } => {
+                array = Some(arrays.assemble(&config.label, members)?);
+            }
+            Step::CreateArray { members } => {
+                // Re-check right before writing: a device that became foreign since the plan
+                // stops everything.
+                for m in members {
+                    if let Content::Foreign { what } = probe(m, 0, &config.label)? {
+                        return Err(DiskError::Refused {
+                            device: m.clone(),
+                            what,
+                        });
+                    }
+                }
+                let chunk_kib = config.raid_chunk / 1024;
+                array = Some(arrays.create(&config.label, members, chunk_kib)?);
+            }
+            Step::EnsureFilesystem {
+                target,
+                may_overwrite,
+                stripe_width,
+            } => {
+                let device = resolve(target, &array)?;
+                match probe(&device, 0, &config.label)? {
+                    Content::OurFilesystem { fstype } if fstype == config.filesystem.as_str() => {
+                        info!(device = %device.display(), "{} already has our {fstype} filesystem: kept", device.display());
+                    }
+                    Content::Blank => make_fs(config, &device, *stripe_width, false)?,
+                    other if *may_overwrite => {
+                        info!(device = %device.display(), "replacing our own old data on {} ({other:?})", device.display());
+                        make_fs(config, &device, *stripe_width, true)?;
+                    }
+                    Content::Foreign { what } => return Err(DiskError::Refused { device, what }),
+                    other => {
+                        return Err(DiskError::Refused {
+                            device,
+                            what: format!(
+                                "{other:?}, not the configured {}",
+                                config.filesystem.as_str()
+                            ),
+                        });
+                    }
+                }
+            }
+            Step::Mount { target } => {
+                let device = resolve(target, &array)?;
+                mount_cache(config, &device)?;
+                mounted = device.display().to_string();
+            }
+        }
+    }
+    Ok(mounted)
+}
+
+fn make_fs(config: &DiskConfig, device: &Path, width: u32, force: bool) -> Result<(), DiskError> {
+    let (program, args) = mkfs_args(
+        config.filesystem,
+        device,
+        &config.label,
+        config.raid_chunk,
+        width,
+        force,
+    );
+    run(&program, &args)
+}
+
+/// Mounts our filesystem at the cache root (noatime, optional discard) and makes the mount
+/// shared so pods with `mountPropagation: HostToContainer` see it. Skips when it is already
+/// mounted there from this device.
+fn mount_cache(config: &DiskConfig, device: &Path) -> Result<(), DiskError> {
+    let target = &config.target;
+    let existing = mounts(&config.host)?
+        .into_iter()
+        .find(|m| &m.target == target);
+    if let Some(m) = existing {
+        if Some(&m.devno) == devno_of(device).as_ref() {
+            info!(target = %target.display(), "{} is already mounted at {}", device.display(), target.display());
+            return Ok(());
+        }
+        return Err(DiskError::MountpointBusy {
+            target: target.clone(),
+            source_device: m.source,
+            fstype: m.fstype,
+        });
+    }
+    std::fs::create_dir_all(target).map_err(|source| DiskError::Probe {
+        device: target.clone(),
+        source,
+    })?;
+    let data = config.discard.then_some("discard");
+    info!(device = %device.display(), target = %target.display(), "mount -t {} -o noatime{} {} {}", config.filesystem.as_str(), if config.discard { ",discard" } else { "" }, device.display(), target.display());
+    mount(
+        Some(device),
+        target.as_path(),
+        Some(config.filesystem.as_str()),
+        MsFlags::MS_NOATIME,
+        data,
+    )
+    .map_err(|source| DiskError::Mount {
+        device: device.to_path_buf(),
+        target: target.clone(),
+        source,
+    })?;
+    // Shared propagation: pods mounting the cache root with HostToContainer see this mount.
+    mount(
+        None::<&str>,
+        target.as_path(),
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|source| DiskError::Mount {
+        device: device.to_path_buf(),
+        target: target.clone(),
+        source,
+    })
+}
+
+/// Finds what is mounted at the cache root and classifies its device.
+pub fn at_target(
+    config: &DiskConfig,
+) -> Result<Option<(super::discover::Mount, Option<Content>)>, DiskError> {
+    let found = mounts(&config.host)?
+        .into_iter()
+        .find(|m| m.target == config.target);
+    Ok(found.map(|m| {
+        let content = probe(Path::new(&m.source), 0, &config.label).ok();
+        (m, content)
+    }))
+}
+
+/// The default host paths (kept here so only this module names `/sys`, `/dev` and `/proc`).
+pub fn host_defaults() -> HostPaths {
+    HostPaths::default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mdadm_invocations_name_the_array_and_never_a_number() {
+        let members = [PathBuf::from("/dev/nvme1n1"), PathBuf::from("/dev/nvme2n1")];
+        assert_eq!(
+            mdadm_create_args(Path::new("/dev"), "modelcache", &members, 512).join(" "),
+            "--create /dev/md/modelcache --run --level=0 --raid-devices=2 --chunk=512 --metadata=1.2 --name=modelcache --homehost=any /dev/nvme1n1 /dev/nvme2n1"
+        );
+        assert_eq!(
+            mdadm_assemble_args(Path::new("/dev"), "modelcache", &members).join(" "),
+            "--assemble /dev/md/modelcache --run /dev/nvme1n1 /dev/nvme2n1"
+        );
+    }
+
+    #[test]
+    fn mkfs_is_stripe_aware_and_forces_only_when_told() {
+        let (p, a) = mkfs_args(
+            Filesystem::Xfs,
+            Path::new("/dev/md/modelcache"),
+            "modelcache",
+            512 << 10,
+            4,
+            false,
+        );
+        assert_eq!(
+            format!("{p} {}", a.join(" ")),
+            "mkfs.xfs -q -L modelcache -d su=512k,sw=4 /dev/md/modelcache"
+        );
+        let (p, a) = mkfs_args(
+            Filesystem::Ext4,
+            Path::new("/dev/nvme1n1"),
+            "modelcache",
+            512 << 10,
+            1,
+            true,
+        );
+        assert_eq!(
+            format!("{p} {}", a.join(" ")),
+            "mkfs.ext4 -q -L modelcache -m 0 -F /dev/nvme1n1"
+        );
+        let (_, a) = mkfs_args(
+            Filesystem::Ext4,
+            Path::new("/dev/md0"),
+            "modelcache",
+            512 << 10,
+            4,
+            false,
+        );
+        assert!(
+            a.contains(&"stride=128,stripe_width=512".to_string()),
+            "{a:?}"
+        );
+    }
+}

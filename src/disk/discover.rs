@@ -1,0 +1,412 @@
+//! Finding the node's local NVMe disks in sysfs, and the mounts in `mountinfo`, under
+//! configurable roots so a fake tree in a temp dir stands in for the host in tests.
+//!
+//! Disks are selected by their model string (never by index: on NVMe-OS sizes `nvme0n1` is the
+//! remote OS disk) or by an explicit device list. A selected disk is still skipped when it holds
+//! the root filesystem, anything mounted, partitions, or belongs to another device (holders), or
+//! is removable.
+
+use std::path::{Path, PathBuf};
+
+use super::DiskError;
+
+/// Where the host's `/sys`, `/dev` and `/proc` are.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    /// Usually `/sys`.
+    pub sysfs: PathBuf,
+    /// Usually `/dev`.
+    pub dev: PathBuf,
+    /// Usually `/proc`.
+    pub proc: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            sysfs: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
+            proc: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// Which disks to consider.
+#[derive(Debug, Clone)]
+pub struct Selector {
+    /// Model strings (compared trimmed) of the local disks.
+    pub models: Vec<String>,
+    /// Explicit device names or paths (`nvme1n1`, `/dev/loop3`); when set, models are ignored.
+    pub devices: Vec<String>,
+}
+
+/// One whole block device as sysfs describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// Kernel name, e.g. `nvme1n1`.
+    pub name: String,
+    /// Device node, e.g. `/dev/nvme1n1`.
+    pub path: PathBuf,
+    /// Trimmed model string, if the device has one.
+    pub model: Option<String>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// `major:minor`.
+    pub devno: String,
+    /// Removable media.
+    pub removable: bool,
+    /// Partitions (names) and their `major:minor`.
+    pub partitions: Vec<(String, String)>,
+    /// Devices built on this one (md, dm).
+    pub holders: Vec<String>,
+}
+
+/// A device and whether it is a candidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The device.
+    pub device: BlockDevice,
+    /// `None` when selected; otherwise why not.
+    pub skipped: Option<String>,
+}
+
+/// One line of `mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `major:minor` of the mounted device.
+    pub devno: String,
+    /// Mount point.
+    pub target: PathBuf,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source (device path).
+    pub source: String,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Parses `PROC/self/mountinfo`.
+pub fn mounts(paths: &HostPaths) -> Result<Vec<Mount>, DiskError> {
+    let file = paths.proc.join("self/mountinfo");
+    let text = std::fs::read_to_string(&file).map_err(|source| DiskError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    Ok(text.lines().filter_map(parse_mountinfo_line).collect())
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+    // id parent maj:min root mount-point options [optional...] - fstype source super-options
+    let (left, right) = line.split_once(" - ")?;
+    let fields: Vec<&str> = left.split_whitespace().collect();
+    let right: Vec<&str> = right.split_whitespace().collect();
+    Some(Mount {
+        devno: (*fields.get(2)?).to_string(),
+        target: PathBuf::from(unescape(fields.get(4)?)),
+        fstype: (*right.first()?).to_string(),
+        source: right.get(1).map_or(String::new(), |s| unescape(s)),
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            if let Ok(n) = u8::from_str_radix(&code, 8) {
+                out.push(char::from(n));
+                continue;
+            }
+            out.push('\\');
+            out.push_str(&code);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reads every whole block device from `SYSFS/block`.
+pub fn block_devices(paths: &HostPaths) -> Result<Vec<BlockDevice>, DiskError> {
+    let block = paths.sysfs.join("block");
+    let entries = std::fs::read_dir(&block).map_err(|source| DiskError::Read {
+        path: block.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = block.join(&name);
+        let sectors: u64 = read_trimmed(&dir.join("size"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut partitions = Vec::new();
+        if let Ok(children) = std::fs::read_dir(&dir) {
+            for child in children.flatten() {
+                if child.path().join("partition").exists() {
+                    let pname = child.file_name().to_string_lossy().into_owned();
+                    let devno = read_trimmed(&child.path().join("dev")).unwrap_or_default();
+                    partitions.push((pname, devno));
+                }
+            }
+        }
+        partitions.sort();
+        let mut holders: Vec<String> = std::fs::read_dir(dir.join("holders"))
+            .map(|h| {
+                h.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        holders.sort();
+        out.push(BlockDevice {
+            path: paths.dev.join(&name),
+            model: read_trimmed(&dir.join("device/model")).filter(|m| !m.is_empty()),
+            size_bytes: sectors.saturating_mul(512),
+            devno: read_trimmed(&dir.join("dev")).unwrap_or_default(),
+            removable: read_trimmed(&dir.join("removable")).as_deref() == Some("1"),
+            partitions,
+            holders,
+            name,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Selects the local disks and says why each other device was left alone.
+pub fn discover(paths: &HostPaths, selector: &Selector) -> Result<Vec<Found>, DiskError> {
+    let mounts = mounts(paths)?;
+    let root_devno = mounts
+        .iter()
+        .find(|m| m.target == Path::new("/"))
+        .map(|m| m.devno.clone());
+    let wanted = |d: &BlockDevice| -> bool {
+        if selector.devices.is_empty() {
+            d.model
+                .as_deref()
+                .is_some_and(|m| selector.models.iter().any(|w| w.trim() == m))
+        } else {
+            selector.devices.iter().any(|x| {
+                let x = x.trim();
+                x == d.name || Path::new(x) == d.path
+            })
+        }
+    };
+    let mut found = Vec::new();
+    for device in block_devices(paths)? {
+        if !wanted(&device) {
+            continue;
+        }
+        let mut devnos: Vec<&str> = vec![device.devno.as_str()];
+        devnos.extend(device.partitions.iter().map(|(_, d)| d.as_str()));
+        let skipped = if root_devno.as_deref().is_some_and(|r| devnos.contains(&r)) {
+            Some("holds the root filesystem".to_string())
+        } else if let Some(m) = mounts.iter().find(|m| devnos.contains(&m.devno.as_str())) {
+            Some(format!("is mounted at {}", m.target.display()))
+        } else if device.removable {
+            Some("is removable".to_string())
+        } else if !device.partitions.is_empty() {
+            Some(format!(
+                "has partitions ({})",
+                device
+                    .partitions
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        } else if !device.holders.is_empty() {
+            Some(format!("is in use by {}", device.holders.join(", ")))
+        } else if device.size_bytes == 0 {
+            Some("has no media (size 0)".to_string())
+        } else {
+            None
+        };
+        found.push(Found { device, skipped });
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds a fake host: `(name, model, sectors, extras)`.
+    pub(crate) struct FakeHost {
+        pub dir: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        pub(crate) fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("sys/block")).unwrap();
+            std::fs::create_dir_all(dir.path().join("proc/self")).unwrap();
+            std::fs::write(dir.path().join("proc/self/mountinfo"), "").unwrap();
+            Self { dir }
+        }
+
+        pub(crate) fn paths(&self) -> HostPaths {
+            HostPaths {
+                sysfs: self.dir.path().join("sys"),
+                dev: self.dir.path().join("dev"),
+                proc: self.dir.path().join("proc"),
+            }
+        }
+
+        pub(crate) fn disk(&self, name: &str, model: Option<&str>, devno: &str) -> PathBuf {
+            let d = self.dir.path().join("sys/block").join(name);
+            std::fs::create_dir_all(d.join("device")).unwrap();
+            std::fs::create_dir_all(d.join("holders")).unwrap();
+            std::fs::write(d.join("size"), "1875385008\n").unwrap();
+            std::fs::write(d.join("dev"), format!("{devno}\n")).unwrap();
+            std::fs::write(d.join("removable"), "0\n").unwrap();
+            if let Some(m) = model {
+                std::fs::write(d.join("device/model"), format!("{m}\n")).unwrap();
+            }
+            d
+        }
+
+        pub(crate) fn partition(&self, disk: &str, part: &str, devno: &str) {
+            let p = self.dir.path().join("sys/block").join(disk).join(part);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("partition"), "1\n").unwrap();
+            std::fs::write(p.join("dev"), format!("{devno}\n")).unwrap();
+        }
+
+        pub(crate) fn mount(&self, devno: &str, target: &str, source: &str) {
+            let f = self.dir.path().join("proc/self/mountinfo");
+            let mut text = std::fs::read_to_string(&f).unwrap();
+            text.push_str(&format!(
+                "30 1 {devno} / {target} rw,relatime shared:1 - ext4 {source} rw\n"
+            ));
+            std::fs::write(f, text).unwrap();
+        }
+    }
+
+    const DIRECT: &str = "Microsoft NVMe Direct Disk              ";
+    const DIRECT_V2: &str = "Microsoft NVMe Direct Disk v2           ";
+
+    fn selector() -> Selector {
+        Selector {
+            models: vec![
+                "Microsoft NVMe Direct Disk".into(),
+                "Microsoft NVMe Direct Disk v2".into(),
+            ],
+            devices: vec![],
+        }
+    }
+
+    fn selected(found: &[Found]) -> Vec<&str> {
+        found
+            .iter()
+            .filter(|f| f.skipped.is_none())
+            .map(|f| f.device.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn nc96_like_selects_the_four_direct_disks_never_the_remote_os_disk() {
+        let host = FakeHost::new();
+        host.disk(
+            "nvme0n1",
+            Some("MSFT NVMe Accelerator v1.0              "),
+            "259:0",
+        );
+        host.partition("nvme0n1", "nvme0n1p1", "259:1");
+        host.mount("259:1", "/", "/dev/nvme0n1p1");
+        for i in 1..=4 {
+            host.disk(
+                &format!("nvme{i}n1"),
+                Some(DIRECT),
+                &format!("259:{}", i + 4),
+            );
+        }
+        let found = discover(&host.paths(), &selector()).unwrap();
+        assert_eq!(
+            selected(&found),
+            ["nvme1n1", "nvme2n1", "nvme3n1", "nvme4n1"]
+        );
+        assert!(
+            found.iter().all(|f| f.device.name != "nvme0n1"),
+            "the OS disk's model is not listed"
+        );
+    }
+
+    #[test]
+    fn nc24_like_and_v2_padding() {
+        let host = FakeHost::new();
+        host.disk("nvme0n1", Some(DIRECT_V2), "259:0");
+        let found = discover(&host.paths(), &selector()).unwrap();
+        assert_eq!(selected(&found), ["nvme0n1"]);
+        assert_eq!(
+            found[0].device.model.as_deref(),
+            Some("Microsoft NVMe Direct Disk v2")
+        );
+        assert_eq!(found[0].device.size_bytes, 1_875_385_008 * 512);
+    }
+
+    #[test]
+    fn partitioned_mounted_removable_and_held_disks_are_skipped_with_reasons() {
+        let host = FakeHost::new();
+        host.disk("nvme1n1", Some(DIRECT), "259:1");
+        host.partition("nvme1n1", "nvme1n1p1", "259:9");
+        host.disk("nvme2n1", Some(DIRECT), "259:2");
+        host.mount("259:2", "/data", "/dev/nvme2n1");
+        let d = host.disk("nvme3n1", Some(DIRECT), "259:3");
+        std::fs::write(d.join("removable"), "1\n").unwrap();
+        let d = host.disk("nvme4n1", Some(DIRECT), "259:4");
+        std::fs::create_dir_all(d.join("holders/md127")).unwrap();
+        host.disk("sda", Some("Virtual Disk"), "8:0");
+        let found = discover(&host.paths(), &selector()).unwrap();
+        let reasons: Vec<(&str, &str)> = found
+            .iter()
+            .map(|f| {
+                (
+                    f.device.name.as_str(),
+                    f.skipped.as_deref().unwrap_or("selected"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("nvme1n1", "has partitions (nvme1n1p1)"),
+                ("nvme2n1", "is mounted at /data"),
+                ("nvme3n1", "is removable"),
+                ("nvme4n1", "is in use by md127"),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_matching_disk_finds_nothing_and_explicit_devices_win() {
+        let host = FakeHost::new();
+        host.disk("sda", Some("Virtual Disk"), "8:0");
+        host.disk("loop3", None, "7:3");
+        assert!(discover(&host.paths(), &selector()).unwrap().is_empty());
+        let explicit = Selector {
+            models: selector().models,
+            devices: vec![host.paths().dev.join("loop3").display().to_string()],
+        };
+        assert_eq!(
+            selected(&discover(&host.paths(), &explicit).unwrap()),
+            ["loop3"]
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        let m = parse_mountinfo_line("36 35 98:0 /mnt1 /mnt/with\\040space rw - ext3 /dev/root rw")
+            .unwrap();
+        assert_eq!(m.target, PathBuf::from("/mnt/with space"));
+        assert_eq!(m.devno, "98:0");
+        assert_eq!(m.fstype, "ext3");
+    }
+}

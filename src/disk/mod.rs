@@ -1,0 +1,189 @@
+//! The node's local disks: find the local NVMe ([`discover`]), read what is on each before
+//! writing anything ([`classify`]), decide ([`plan`]), and carry it out ([`apply`]: RAID0 via
+//! mdadm, mkfs, mount). The only module that runs privileged operations; it refuses rather than
+//! guesses, and never touches a device holding data it did not create.
+
+pub mod apply;
+pub mod classify;
+pub mod discover;
+pub mod plan;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use apply::ArrayTool;
+use discover::{HostPaths, Selector};
+use plan::Plan;
+
+/// The default model strings of Azure's local NVMe disks.
+pub const DEFAULT_MODELS: &[&str] = &[
+    "Microsoft NVMe Direct Disk",
+    "Microsoft NVMe Direct Disk v2",
+];
+
+/// The cache filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    /// XFS (the default, as the Azure HPC images use on NVMe).
+    Xfs,
+    /// ext4.
+    Ext4,
+}
+
+impl Filesystem {
+    /// The type name for mkfs and mount.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Filesystem::Xfs => "xfs",
+            Filesystem::Ext4 => "ext4",
+        }
+    }
+}
+
+/// Validated disk settings.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// Set up disks at agent start.
+    pub enabled: bool,
+    /// Which devices.
+    pub selector: Selector,
+    /// Filesystem to make.
+    pub filesystem: Filesystem,
+    /// RAID0 chunk in bytes.
+    pub raid_chunk: u64,
+    /// Filesystem label and array name.
+    pub label: String,
+    /// Mount with `discard`.
+    pub discard: bool,
+    /// Host roots.
+    pub host: HostPaths,
+    /// The mount point (the cache root).
+    pub target: PathBuf,
+}
+
+/// A disk operation that failed, naming the device or path.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// A host file could not be read.
+    #[error("failed to read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A device could not be read.
+    #[error("failed to read {device}")]
+    Probe {
+        /// The device.
+        device: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No selected device can be used.
+    #[error(
+        "no usable local disk: {} (hint: check disk.models against /sys/block/*/device/model, or list devices in disk.devices)",
+        if report.is_empty() { "no device matched".to_string() } else { report.join("; ") }
+    )]
+    NoUsableDisk {
+        /// One line per device considered.
+        report: Vec<String>,
+    },
+    /// Something else is mounted at the cache root.
+    #[error(
+        "{target} is already mounted from {source_device} ({fstype}), which is not our filesystem; refusing to mount over it"
+    )]
+    MountpointBusy {
+        /// The cache root.
+        target: PathBuf,
+        /// What is mounted there.
+        source_device: String,
+        /// Its type.
+        fstype: String,
+    },
+    /// A device turned out not to be ours right before writing.
+    #[error("refusing to write {device}: it holds {what}")]
+    Refused {
+        /// The device.
+        device: PathBuf,
+        /// What is on it.
+        what: String,
+    },
+    /// A command could not be started.
+    #[error("failed to execute `{program}` (hint: the image needs xfsprogs, mdadm and util-linux)")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("`{argv}` exited with {status}:\n  {stderr}")]
+    CommandFailed {
+        /// The full command line.
+        argv: String,
+        /// Its exit status.
+        status: String,
+        /// Its stderr, trimmed.
+        stderr: String,
+    },
+    /// `mount(2)` failed.
+    #[error("failed to mount {device} on {target}")]
+    Mount {
+        /// The device.
+        device: PathBuf,
+        /// The mount point.
+        target: PathBuf,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What `disk plan` or `disk apply` found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The plan.
+    pub plan: Plan,
+    /// The device mounted at the cache root after `apply`.
+    pub mounted: Option<String>,
+}
+
+/// Looks at the host and decides, changing nothing.
+pub fn plan(config: &DiskConfig, arrays: &dyn ArrayTool) -> Result<Plan, DiskError> {
+    let at_target = apply::at_target(config)?;
+    let found = discover::discover(&config.host, &config.selector)?;
+    let mut with_content = Vec::new();
+    for f in found {
+        let content = if f.skipped.is_none() {
+            Some(apply::probe(
+                &f.device.path,
+                f.device.size_bytes,
+                &config.label,
+            )?)
+        } else {
+            None
+        };
+        with_content.push((f, content));
+    }
+    let target = at_target.as_ref().map(|(m, c)| (m, c.as_ref()));
+    plan::decide(&with_content, target, arrays.active(&config.label))
+}
+
+/// Decides and carries out the plan.
+pub fn apply(config: &DiskConfig, arrays: &dyn ArrayTool) -> Result<Report, DiskError> {
+    let plan = plan(config, arrays)?;
+    let mounted = apply::execute(config, &plan.steps, arrays)?;
+    Ok(Report {
+        plan,
+        mounted: Some(mounted),
+    })
+}
