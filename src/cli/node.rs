@@ -280,7 +280,7 @@ pub fn disk_report_text(report: &crate::disk::Report, target: &std::path::Path) 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<32} {:>10}  VERDICT",
+        "{:<14} {:<30} {:>10}  VERDICT",
         "DEVICE", "MODEL", "SIZE"
     );
     for d in &report.plan.devices {
@@ -292,7 +292,7 @@ pub fn disk_report_text(report: &crate::disk::Report, target: &std::path::Path) 
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<16} {:<32} {:>10}  {verdict}",
+            "{:<14} {:<30} {:>10}  {verdict}",
             d.path.display(),
             d.model.as_deref().unwrap_or("-"),
             human_bytes(d.size_bytes)

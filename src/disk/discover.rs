@@ -202,6 +202,19 @@ pub fn discover(paths: &HostPaths, selector: &Selector) -> Result<Vec<Found>, Di
     let mut found = Vec::new();
     for device in block_devices(paths)? {
         if !wanted(&device) {
+            // Report other disks with a model (real hardware) so a plan shows why they were
+            // left alone; loop, ram and md devices stay out of the listing.
+            if let Some(model) = device.model.clone() {
+                let why = if selector.devices.is_empty() {
+                    format!("model {model:?} is not in disk.models")
+                } else {
+                    "not in disk.devices".to_string()
+                };
+                found.push(Found {
+                    device,
+                    skipped: Some(why),
+                });
+            }
             continue;
         }
         let mut devnos: Vec<&str> = vec![device.devno.as_str()];
@@ -333,9 +346,10 @@ pub(crate) mod tests {
             selected(&found),
             ["nvme1n1", "nvme2n1", "nvme3n1", "nvme4n1"]
         );
-        assert!(
-            found.iter().all(|f| f.device.name != "nvme0n1"),
-            "the OS disk's model is not listed"
+        let os = found.iter().find(|f| f.device.name == "nvme0n1").unwrap();
+        assert_eq!(
+            os.skipped.as_deref(),
+            Some("model \"MSFT NVMe Accelerator v1.0\" is not in disk.models")
         );
     }
 
@@ -367,6 +381,7 @@ pub(crate) mod tests {
         let found = discover(&host.paths(), &selector()).unwrap();
         let reasons: Vec<(&str, &str)> = found
             .iter()
+            .filter(|f| f.device.name != "sda")
             .map(|f| {
                 (
                     f.device.name.as_str(),
@@ -390,7 +405,7 @@ pub(crate) mod tests {
         let host = FakeHost::new();
         host.disk("sda", Some("Virtual Disk"), "8:0");
         host.disk("loop3", None, "7:3");
-        assert!(discover(&host.paths(), &selector()).unwrap().is_empty());
+        assert!(selected(&discover(&host.paths(), &selector()).unwrap()).is_empty());
         let explicit = Selector {
             models: selector().models,
             devices: vec![host.paths().dev.join("loop3").display().to_string()],

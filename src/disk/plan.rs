@@ -103,7 +103,7 @@ impl std::fmt::Display for Step {
                 "make our filesystem on {} if it is not there{}",
                 t(target),
                 if *may_overwrite {
-                    " (replacing our own old data)"
+                    " (overwriting only what our own old array left)"
                 } else {
                     " (only if blank)"
                 }
