@@ -54,6 +54,13 @@ enum Kind {
     List,
 }
 
+/// Every `MODELCACHE_*` variable the agent's configuration reads (overrides and the token).
+pub fn env_vars() -> Vec<String> {
+    let mut vars: Vec<String> = OVERRIDABLE.iter().map(|(k, _)| env_name(k)).collect();
+    vars.push("MODELCACHE_TOKEN".into());
+    vars
+}
+
 /// The environment variable overriding a key: `fetch.concurrency` → `MODELCACHE_FETCH_CONCURRENCY`.
 pub fn env_name(key: &str) -> String {
     format!("MODELCACHE_{}", key.replace('.', "_").to_ascii_uppercase())

@@ -14,7 +14,7 @@ use modelcache::disk::{DiskConfig, DiskError, Filesystem};
 
 use crate::support::*;
 
-fn have_xfs() -> bool {
+pub(crate) fn have_xfs() -> bool {
     let ok = Command::new("sh")
         .args(["-c", "command -v mkfs.xfs"])
         .output()
@@ -26,16 +26,16 @@ fn have_xfs() -> bool {
 }
 
 /// The cache root: unmounted (lazily, to be safe) on drop.
-struct Target(tempfile::TempDir);
+pub(crate) struct Target(tempfile::TempDir);
 
 impl Target {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(tempfile::tempdir().unwrap())
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.0.path()
     }
-    fn mount_line(&self) -> Option<String> {
+    pub(crate) fn mount_line(&self) -> Option<String> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let target = self.path().display().to_string();
         text.lines()

@@ -4,8 +4,10 @@
 mod agent;
 mod azure;
 mod cli;
+mod deploy;
 mod disk;
 mod faults;
+mod nodeboot;
 mod proxy;
 mod resume;
 mod space;

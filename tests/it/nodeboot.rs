@@ -1,0 +1,196 @@
+//! A node's boot, played on this machine as closely as it can be: a loop device as the local
+//! NVMe, Azurite holding a GPT-OSS-shaped model and its manifest under the ConfigMap's source,
+//! the agent started with the ConfigMap's own config.toml (only the endpoint, listen addresses,
+//! cache root and device overridden), the vLLM example's init container command waiting on the
+//! cache root, and then a consumer that opens every shard the way vLLM does (`safe_open`) and
+//! checks every tensor's bytes against the source.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_norway::Value;
+
+use crate::disk::{Target, have_xfs};
+use crate::support::*;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python() -> Option<PathBuf> {
+    let py = repo().join(".tools/py/bin/python");
+    let ok = py.exists()
+        && Command::new(&py)
+            .args(["-c", "import safetensors, numpy, ml_dtypes"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        skip_or_fail(
+            "the Python safetensors/numpy/ml_dtypes venv in .tools/py is missing (run ./scripts/test)",
+        );
+        return None;
+    }
+    Some(py)
+}
+
+fn yaml_docs(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+const CONSUMER: &str = r#"
+import json, sys
+import ml_dtypes  # numpy learns bfloat16, as torch would load it
+from safetensors import safe_open
+cache, source = sys.argv[1], sys.argv[2]
+index = json.load(open(f"{cache}/model.safetensors.index.json"))
+shards = sorted(set(index["weight_map"].values()))
+checked = 0
+for shard in shards:
+    with safe_open(f"{cache}/{shard}", framework="np") as got, safe_open(f"{source}/{shard}", framework="np") as want:
+        assert sorted(got.keys()) == sorted(want.keys()), shard
+        for name in got.keys():
+            a, b = got.get_tensor(name), want.get_tensor(name)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (shard, name)
+            checked += 1
+assert checked == len(index["weight_map"]), (checked, len(index["weight_map"]))
+print(f"{len(shards)} shards, {checked} tensors identical")
+"#;
+
+#[test]
+fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader() {
+    if !have_xfs() {
+        return;
+    }
+    let Some(az) = azurite() else { return };
+    let Some(py) = python() else { return };
+    let Some(nvme) = LoopDevice::new(1024) else {
+        return;
+    };
+
+    // The ConfigMap's source is az://models/gpt-oss-120b: publish the model exactly there.
+    let configmap = yaml_docs("deploy/kubernetes/configmap.yaml");
+    let config_toml = configmap[0]["data"]["config.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(config_toml.contains("source = \"az://models/gpt-oss-120b\""));
+    create_container(az, "models");
+    let source = small_model(2 << 20, 42);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(upload_dir(
+        &store(az, "models"),
+        source.path(),
+        "gpt-oss-120b",
+    ));
+    let mut manifest = modelcache();
+    with_emulator(&mut manifest, &az.endpoint());
+    manifest.args([
+        "manifest",
+        "--upload",
+        "--source",
+        "az://models/gpt-oss-120b",
+    ]);
+    let out = run(&mut manifest, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The node boots: the DaemonSet's agent with the ConfigMap's config.
+    let hostpath = Target::new();
+    let dir = tempfile::tempdir().unwrap();
+    let nvme_path = nvme.path.display().to_string();
+    let started = Instant::now();
+    let agent = crate::agent::Agent::start(
+        dir.path(),
+        &config_toml,
+        &az.endpoint(),
+        &[
+            ("MODELCACHE_CACHE_ROOT", hostpath.path().to_str().unwrap()),
+            ("MODELCACHE_LISTEN_READ", "127.0.0.1:0"),
+            ("MODELCACHE_LISTEN_ADMIN", "127.0.0.1:0"),
+            ("MODELCACHE_DISK_DEVICES", &nvme_path),
+        ],
+    );
+
+    // The vLLM pod's init container, with its exact arguments; its mount path maps to the
+    // hostPath here.
+    let example = yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
+    let init = &example[0]["spec"]["template"]["spec"]["initContainers"][0];
+    let mount_path = init["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let args: Vec<String> = init["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            if a == mount_path {
+                hostpath.path().display().to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let mut wait = modelcache();
+    wait.args(&args);
+    let out = run(&mut wait, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "init container: {}\n{}\nagent log:\n{}",
+        stdout(&out),
+        stderr(&out),
+        agent.log()
+    );
+    let to_ready = started.elapsed();
+    eprintln!(
+        "node boot: agent start to model ready in {:.2} s",
+        to_ready.as_secs_f64()
+    );
+    assert!(
+        stdout(&out).contains("gpt-oss-120b is ready"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The disk is the cache, the model is verified, the node is ready.
+    let line = hostpath
+        .mount_line()
+        .expect("the NVMe is mounted at the cache root");
+    assert!(
+        line.contains(&nvme_path) && line.contains(" - xfs "),
+        "{line}"
+    );
+    let (status, body) = crate::agent::http(&agent.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 200, "{body}");
+    let model_dir = hostpath.path().join("models/gpt-oss-120b");
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir.join(".modelcache/ready.json")).unwrap())
+            .unwrap();
+    assert_eq!(marker["verification"], "blake3");
+    assert!(!model_dir.join("original").exists());
+    assert!(
+        model_dir.join("o200k_base.tiktoken").exists(),
+        "TIKTOKEN_ENCODINGS_BASE finds its files"
+    );
+
+    // vLLM's way of reading: safe_open on every shard the index names.
+    let out = Command::new(&py)
+        .args(["-c", CONSUMER])
+        .arg(&model_dir)
+        .arg(source.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "consumer: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("15 shards"), "{}", stdout(&out));
+    eprintln!("consumer: {}", stdout(&out).trim());
+    drop(agent);
+}
