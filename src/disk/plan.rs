@@ -70,6 +70,20 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// A short name: `already-mounted`, `use-array`, `assemble`, `create`, `filesystem`, `mount`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::AlreadyMounted { .. } => "already-mounted",
+            Step::UseArray { .. } => "use-array",
+            Step::AssembleArray { .. } => "assemble",
+            Step::CreateArray { .. } => "create",
+            Step::EnsureFilesystem { .. } => "filesystem",
+            Step::Mount { .. } => "mount",
+        }
+    }
+}
+
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let t = |t: &Target| match t {
@@ -330,16 +344,12 @@ mod tests {
         p.steps
             .iter()
             .map(|s| match s {
-                Step::AlreadyMounted { .. } => "already",
-                Step::UseArray { .. } => "use-array",
-                Step::AssembleArray { .. } => "assemble",
-                Step::CreateArray { .. } => "create",
                 Step::EnsureFilesystem {
                     may_overwrite: true,
                     ..
                 } => "mkfs-overwrite",
                 Step::EnsureFilesystem { .. } => "mkfs-if-blank",
-                Step::Mount { .. } => "mount",
+                other => other.kind(),
             })
             .collect()
     }
@@ -429,7 +439,7 @@ mod tests {
         let ours = Content::OurFilesystem { fstype: "xfs" };
         assert_eq!(
             kinds(&decide(&[], Some((&m, Some(&ours))), None).unwrap()),
-            ["already"]
+            ["already-mounted"]
         );
         let err = decide(
             &[],

@@ -294,17 +294,7 @@ impl ArrayTool for RecordedMdadm {
 }
 
 fn kinds(steps: &[Step]) -> Vec<&'static str> {
-    steps
-        .iter()
-        .map(|s| match s {
-            Step::AlreadyMounted { .. } => "already",
-            Step::UseArray { .. } => "use",
-            Step::AssembleArray { .. } => "assemble",
-            Step::CreateArray { .. } => "create",
-            Step::EnsureFilesystem { .. } => "fs",
-            Step::Mount { .. } => "mount",
-        })
-        .collect()
+    steps.iter().map(Step::kind).collect()
 }
 
 #[test]
@@ -348,7 +338,7 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
 
     // First boot: three blank disks → create, mkfs (stripe-aware) and mount.
     let report = modelcache::disk::apply(&config, &md).unwrap();
-    assert_eq!(kinds(&report.plan.steps), ["create", "fs", "mount"]);
+    assert_eq!(kinds(&report.plan.steps), ["create", "filesystem", "mount"]);
     assert_eq!(
         md.calls.lock().unwrap().clone(),
         [format!(
@@ -368,7 +358,10 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
     *md.running.lock().unwrap() = false;
     md.calls.lock().unwrap().clear();
     let report = modelcache::disk::apply(&config, &md).unwrap();
-    assert_eq!(kinds(&report.plan.steps), ["assemble", "fs", "mount"]);
+    assert_eq!(
+        kinds(&report.plan.steps),
+        ["assemble", "filesystem", "mount"]
+    );
     assert_eq!(
         md.calls.lock().unwrap().clone(),
         [format!("mdadm --assemble /dev/md/modelcache --run {list}")]
@@ -392,7 +385,7 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
             .success()
     );
     let plan = modelcache::disk::plan(&config, &md).unwrap();
-    assert_eq!(kinds(&plan.steps), ["create", "fs", "mount"]);
+    assert_eq!(kinds(&plan.steps), ["create", "filesystem", "mount"]);
     assert!(
         plan.notes
             .iter()
