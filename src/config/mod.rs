@@ -142,6 +142,18 @@ impl Default for FetchOptions {
 }
 
 impl FetchOptions {
+    /// The delay before retry `attempt` (1-based): the server's `Retry-After` when it sent one,
+    /// otherwise exponential backoff with full jitter, capped at `backoff_max`.
+    pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(d) = retry_after {
+            return d;
+        }
+        self.backoff_base
+            .saturating_mul(1u32 << attempt.clamp(1, 17).saturating_sub(1))
+            .min(self.backoff_max)
+            .mul_f64(fastrand::f64())
+    }
+
     /// Checks every value against its allowed range, naming the flag on failure.
     pub fn validate(&self) -> Result<(), InvalidValue> {
         if self.concurrency == 0 || self.concurrency > 4096 {
@@ -314,6 +326,19 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn backoff_honours_retry_after_and_stays_under_the_cap() {
+        let o = FetchOptions::default();
+        assert_eq!(
+            o.backoff(3, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        for attempt in [1, 2, 10, 40] {
+            assert!(o.backoff(attempt, None) <= o.backoff_max);
+        }
+        assert!(o.backoff(1, None) <= o.backoff_base);
     }
 
     #[test]

@@ -333,7 +333,10 @@ async fn plan(source: &Arc<dyn Source>, request: &PrefetchRequest) -> Result<Pla
         url: url.clone(),
         source,
     };
-    let listed = source.list().await.map_err(source_err)?;
+    let options = &request.options;
+    let listed = retried(options, "listing", || source.list())
+        .await
+        .map_err(source_err)?;
     if listed.is_empty() {
         return Err(source_err(SourceError::NotFound { path: url.clone() }));
     }
@@ -354,7 +357,10 @@ async fn plan(source: &Arc<dyn Source>, request: &PrefetchRequest) -> Result<Pla
             listed: listed_count,
         });
     }
-    let manifest = match source.read_small(MANIFEST_NAME).await.map_err(source_err)? {
+    let manifest = match retried(options, MANIFEST_NAME, || source.read_small(MANIFEST_NAME))
+        .await
+        .map_err(source_err)?
+    {
         Some(bytes) => {
             let m = Manifest::parse(&bytes, &format!("{url}/{MANIFEST_NAME}"))?;
             Some((m, bytes))
@@ -392,6 +398,36 @@ async fn plan(source: &Arc<dyn Source>, request: &PrefetchRequest) -> Result<Pla
         manifest,
         revision,
     })
+}
+
+/// Retries a whole-object source call (a listing, the manifest) like a range: transient
+/// failures up to `max_attempts`, honouring `Retry-After`.
+async fn retried<T, F, Fut>(
+    options: &FetchOptions,
+    what: &str,
+    mut call: F,
+) -> Result<T, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SourceError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Err(e) if e.retry_cause().is_some() && attempt < options.max_attempts => {
+                let delay = options.backoff(attempt, e.retry_after());
+                warn!(
+                    attempt,
+                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "retrying {what} after: {}",
+                    error_chain(&e)
+                );
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A revision names the exact content: with a manifest, the files' hashes; without, their ETags.
@@ -807,8 +843,7 @@ pub async fn compute_manifest(
     progress: Arc<Progress>,
 ) -> Result<Manifest, PrefetchError> {
     let url = source.describe();
-    let listed = source
-        .list()
+    let listed = retried(options, "listing", || source.list())
         .await
         .map_err(|source| PrefetchError::Source {
             url: url.clone(),

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use tokio::sync::OnceCell;
@@ -240,7 +240,7 @@ impl Engine {
             match err.retry_cause() {
                 Some(cause) if attempts < self.options.max_attempts => {
                     self.progress.retried(cause);
-                    let delay = self.backoff(attempts, err.retry_after());
+                    let delay = self.options.backoff(attempts, err.retry_after());
                     warn!(
                         blob.path = %slot.remote.path,
                         range.start = writer.pos,
@@ -358,19 +358,6 @@ impl Engine {
             )));
         }
         Ok(())
-    }
-
-    /// Exponential backoff with full jitter, or the server's `Retry-After` when it sent one.
-    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        if let Some(d) = retry_after {
-            return d;
-        }
-        let exp = self
-            .options
-            .backoff_base
-            .saturating_mul(1u32 << attempt.min(16).saturating_sub(1))
-            .min(self.options.backoff_max);
-        exp.mul_f64(fastrand::f64())
     }
 }
 

@@ -42,11 +42,24 @@ fn throttling_resets_truncation_and_stalls_all_end_in_a_verified_model() {
         Some(1),
     );
     proxy.add("model-00007", Fault::ServerError, Some(1));
+    // Listing and the manifest are retried like ranges.
+    proxy.add(
+        "comp=list",
+        Fault::Busy {
+            retry_after_secs: 0,
+        },
+        Some(2),
+    );
     let cache = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let out = prefetch_via(&proxy, &model, cache.path(), &["--stall-timeout", "2s"]);
     let s = summary(&out);
-    assert_eq!(proxy.fired(), 8, "every fault fired");
+    assert_eq!(proxy.fired(), 10, "every fault fired");
+    assert!(
+        stderr(&out).contains("retrying listing"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(s["verification"], "blake3");
     let retries = &s["retries"];
     assert_eq!(retries["throttled"], 2, "{s}");

@@ -93,8 +93,8 @@ impl FaultProxy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Applies `fault` to the next `times` ranged GETs whose path contains `path_contains`
-    /// (`None`: forever).
+    /// Applies `fault` to the next `times` ranged GETs whose request line contains
+    /// `path_contains` (`None`: forever); a pattern naming `comp=list` matches listings.
     pub fn add(&self, path_contains: &str, fault: Fault, times: Option<usize>) {
         self.rules.lock().unwrap().push(Rule {
             path_contains: path_contains.to_string(),
@@ -162,9 +162,13 @@ async fn handle(
     let (fault, hook) = {
         let mut rules = rules.lock().unwrap();
         let mut chosen = (None, None);
-        if is_ranged_get {
+        if request_line.starts_with("GET ") {
             for rule in rules.iter_mut() {
                 if rule.remaining == Some(0) || !request_line.contains(&rule.path_contains) {
+                    continue;
+                }
+                // Rules match ranged GETs, or listings when they name `comp=list`.
+                if !is_ranged_get && !rule.path_contains.contains("comp=list") {
                     continue;
                 }
                 if let Some(n) = rule.remaining.as_mut() {
