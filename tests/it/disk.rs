@@ -311,7 +311,9 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
         return;
     };
     let target = Target::new();
-    let members: Vec<PathBuf> = [&a, &b, &c].iter().map(|d| d.path.clone()).collect();
+    // In the order discovery lists them: by kernel name (so loop10 sorts before loop9).
+    let mut members: Vec<PathBuf> = [&a, &b, &c].iter().map(|d| d.path.clone()).collect();
+    members.sort_by_key(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let config = DiskConfig {
         enabled: true,
         selector: Selector {
