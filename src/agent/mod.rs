@@ -41,8 +41,38 @@ pub enum AgentError {
     Serve(#[source] std::io::Error),
 }
 
+/// The addresses the agent listens on (useful when the configuration asked for port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// The read address.
+    pub read: std::net::SocketAddr,
+    /// The admin address.
+    pub admin: std::net::SocketAddr,
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError> {
+    let stop = CancellationToken::new();
+    let signals = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            crate::signal::terminated().await;
+            info!("shutting down: cancelling prefetches (finished ranges stay journaled)");
+            stop.cancel();
+        })
+    };
+    let result = serve(config, env, stop, |_| {}).await;
+    signals.abort();
+    result
+}
+
+/// Runs the agent until `stop` is cancelled, calling `listening` once both listeners are bound.
+pub async fn serve(
+    config: AgentConfig,
+    env: Environment,
+    stop: CancellationToken,
+    listening: impl FnOnce(Listening),
+) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let read = TcpListener::bind(config.read_addr)
         .await
@@ -102,15 +132,10 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
         admin.local_addr().map_err(AgentError::Serve)?,
         config.cache_root.display()
     );
-    let stop = CancellationToken::new();
-    let signals = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            crate::signal::terminated().await;
-            info!("shutting down: cancelling prefetches (finished ranges stay journaled)");
-            stop.cancel();
-        })
-    };
+    listening(Listening {
+        read: read.local_addr().map_err(AgentError::Serve)?,
+        admin: admin.local_addr().map_err(AgentError::Serve)?,
+    });
     let read_server = axum::serve(read, http::read_router(state.clone(), config.token.clone()))
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let admin_server = axum::serve(admin, http::admin_router(state))
@@ -135,7 +160,6 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
     // Let in-flight requests finish, briefly.
     let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;
     models.shutdown(Duration::from_secs(5)).await;
-    signals.abort();
     info!("agent stopped");
     Ok(())
 }

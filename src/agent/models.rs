@@ -398,9 +398,20 @@ impl Models {
             )
             .map_err(|e| ModelError::Invalid(e.to_string()))?,
         };
+        let account = o.account.or_else(|| base.and_then(|b| b.account.clone()));
+        // A source that cannot even be opened (bad URL, no account) is the caller's mistake:
+        // say so now, not as a failed model later.
+        source::open(
+            &source,
+            &self.env,
+            &SourceOptions {
+                account: account.clone(),
+            },
+        )
+        .map_err(|e| ModelError::Invalid(error_chain(&e)))?;
         Ok(ModelSpec {
             name: name.clone(),
-            account: o.account.or_else(|| base.and_then(|b| b.account.clone())),
+            account,
             selection,
             pin: o.pin.unwrap_or(base.is_some_and(|b| b.pin)),
             require_manifest: o

@@ -839,6 +839,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         "5. original/ skipped: {skipped}; ready marker: {}",
         summary.path.join(".modelcache/ready.json").display()
     );
+    demo_api(&cache_root, &source_dir).await?;
     println!(
         "\nvLLM would start with:\n  vllm serve {} --tensor-parallel-size 4\n  TIKTOKEN_ENCODINGS_BASE={}",
         summary.path.display(),
@@ -849,6 +850,63 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the agent on loopback over the demo's cache for a moment and asks it what an init
+/// container and a readiness probe would.
+async fn demo_api(
+    cache_root: &std::path::Path,
+    source_dir: &std::path::Path,
+) -> Result<(), CommandError> {
+    let toml = format!(
+        "cache_root = {:?}\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[cache]\nwarm_page_cache = \"off\"\n[[models]]\nname = \"gpt-oss-120b\"\nsource = \"file://{}\"\n",
+        cache_root.display().to_string(),
+        source_dir.display()
+    );
+    let config = crate::config::agent::AgentConfig::from_toml(
+        &toml,
+        "the demo",
+        &Environment::default(),
+        &[],
+    )
+    .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(crate::agent::serve(
+        config,
+        Environment::default(),
+        stop.clone(),
+        move |l| {
+            let _ = tx.send(l);
+        },
+    ));
+    let listening = rx
+        .await
+        .map_err(|_| CommandError::new(exit::UNEXPECTED, "the demo agent did not start"))?;
+    println!(
+        "6. the agent's API on loopback (what a readiness probe and `modelcache wait --api` ask):"
+    );
+    let client = reqwest::Client::new();
+    for path in ["/readyz", "/v1/models/gpt-oss-120b/ready"] {
+        let url = format!("http://{}{path}", listening.read);
+        match client
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap_or_default();
+                let short: String = body.chars().take(140).collect();
+                println!("   GET {url} -> {status} {short}");
+            }
+            Err(e) => println!("   GET {url} failed: {e}"),
+        }
+    }
+    stop.cancel();
+    let _ = server.await;
+    Ok(())
 }
 
 #[cfg(test)]

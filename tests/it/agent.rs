@@ -433,6 +433,15 @@ fn two_concurrent_prefetch_requests_make_one_download() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = http(&agent.admin, "POST", "/v1/models/y/prefetch", &[], "");
     assert_eq!(status, 400, "an unknown model needs a source: {body}");
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/y/prefetch",
+        &[],
+        &body_with_source("s3://bucket/y"),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("s3://bucket/y"), "{body}");
     let (status, body) = http(&agent.admin, "GET", "/v1/models/nope", &[], "");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("model_not_found"), "{body}");

@@ -36,6 +36,10 @@ fn demo_runs_the_whole_flow_and_reuses_on_the_second_run() {
     assert!(text.contains("verified blake3"), "{text}");
     assert!(text.contains("original/ skipped: true"), "{text}");
     assert!(text.contains("vllm serve"), "{text}");
+    assert!(
+        text.contains("/readyz -> 200"),
+        "the demo asks the agent's API: {text}"
+    );
     let link = dir.path().join("cache/models/gpt-oss-120b");
     assert!(link.join("model-00014-of-00014.safetensors").exists());
     assert!(link.join("o200k_base.tiktoken").exists());
