@@ -112,7 +112,9 @@ fn plain_copy(files: &[(PathBuf, u64, String)], dest: &Path, chunk: u64, threads
                     let (src, dst) = &outs[i];
                     let mut pos = off;
                     while pos < off + len {
-                        let n = ((off + len - pos) as usize).min(buf.len());
+                        let n = usize::try_from(off + len - pos)
+                            .unwrap_or(usize::MAX)
+                            .min(buf.len());
                         src.read_exact_at(&mut buf[..n], pos).unwrap();
                         dst.write_all_at(&buf[..n], pos).unwrap();
                         pos += n as u64;

@@ -462,7 +462,7 @@ impl Models {
             match result {
                 Ok(summary) => {
                     info!(
-                        model.name = %name, job = id, state = "ready", duration_ms = started.elapsed().as_millis() as u64,
+                        model.name = %name, job = id, state = "ready", duration_ms = millis(started.elapsed()),
                         bytes_fetched = summary.bytes_fetched, bytes_reused = summary.bytes_reused,
                         "{name}: ready, revision {} ({} fetched, {} reused) in {secs:.1} s",
                         summary.revision, human_bytes(summary.bytes_fetched), human_bytes(summary.bytes_reused)
@@ -493,7 +493,7 @@ impl Models {
                 }
                 Err(e) => {
                     let line = error_chain(&e);
-                    error!(model.name = %name, job = id, state = "failed", duration_ms = started.elapsed().as_millis() as u64, "{name}: prefetch failed: {line}");
+                    error!(model.name = %name, job = id, state = "failed", duration_ms = millis(started.elapsed()), "{name}: prefetch failed: {line}");
                     if e.kind() == ErrorKind::VerifyFailed {
                         self.metrics.verification_failed();
                     }
@@ -514,7 +514,7 @@ impl Models {
                     if !retry {
                         return;
                     }
-                    warn!(model.name = %name, delay_ms = delay.as_millis() as u64, "{name}: trying again in {}s", delay.as_secs());
+                    warn!(model.name = %name, delay_ms = millis(delay), "{name}: trying again in {}s", delay.as_secs());
                     tokio::select! {
                         () = cancel.cancelled() => {
                             if let Some(e) = self.lock().get_mut(&name) { e.job = None; e.in_backoff = false; }
@@ -800,7 +800,7 @@ impl Models {
                 let seconds = started.elapsed().as_secs_f64();
                 #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
                 let rate = read as f64 / seconds.max(0.001) / 1e9;
-                info!(model.name = %name, phase = "warm", duration_ms = started.elapsed().as_millis() as u64, size_bytes = read, "{name}: read {} into the page cache in {seconds:.1} s ({rate:.2} GB/s)", human_bytes(read));
+                info!(model.name = %name, phase = "warm", duration_ms = millis(started.elapsed()), size_bytes = read, "{name}: read {} into the page cache in {seconds:.1} s ({rate:.2} GB/s)", human_bytes(read));
                 self.metrics.phase("warm", started.elapsed());
                 if let Some(e) = self.lock().get_mut(name.as_str()) {
                     e.warm = Some(WarmReport {
@@ -855,6 +855,11 @@ impl Models {
         });
         self.metrics.render(&live, free, self.used_bytes())
     }
+}
+
+/// Milliseconds for logs.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Total bytes of regular files under `dir`.

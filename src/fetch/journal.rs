@@ -151,7 +151,7 @@ mod tests {
             etag: "e".into(),
             chunk: 4,
             index,
-            digest: hex(&[index as u8; 32]),
+            digest: hex(&[u8::try_from(index).unwrap(); 32]),
         }
     }
 

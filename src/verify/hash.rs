@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn combined_pieces_equal_the_plain_hash_for_every_shape() {
         let data: Vec<u8> = (0..(70 * 1024 + 13))
-            .map(|i| (i * 31 % 251) as u8)
+            .map(|i| u8::try_from(i * 31 % 251).unwrap())
             .collect();
         for chunk in [1024usize, 2048, 4096, 16384, 65536, 131072] {
             for len in [
