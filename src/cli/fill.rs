@@ -1,0 +1,470 @@
+//! The commands that fill and check a cache from the command line: `prefetch`, `manifest`,
+//! `verify` and `demo`, with their progress display and one-line summary.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::info;
+
+use super::{
+    CommandError, DemoArgs, ManifestArgs, PrefetchArgs, VerifyArgs, cancel_on_signal, exit, invalid,
+};
+use crate::config::{DEFAULT_CHUNK_SIZE, Environment, FetchOptions, Selection, human_bytes};
+use crate::fetch::progress::{Phase, Progress};
+use crate::fetch::{PrefetchError, PrefetchRequest, Summary, compute_manifest, prefetch};
+use crate::source::{self, MANIFEST_NAME, SourceOptions};
+use crate::store::{Layout, ModelName};
+use crate::verify::cached::verify_cached;
+
+/// Process-wide resource use, for summaries and benchmarks.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ResourceUse {
+    /// User + system CPU seconds of this process.
+    pub cpu_seconds: f64,
+    /// Peak resident set size in bytes.
+    pub peak_rss_bytes: u64,
+}
+
+fn resource_use() -> ResourceUse {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| {
+                #[expect(clippy::cast_precision_loss, reason = "seconds for a report")]
+                let s = t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+                s
+            };
+            ResourceUse {
+                cpu_seconds: secs(u.user_time()) + secs(u.system_time()),
+                // Linux reports ru_maxrss in KiB.
+                peak_rss_bytes: u64::try_from(u.max_rss()).unwrap_or(0) * 1024,
+            }
+        }
+        Err(_) => ResourceUse {
+            cpu_seconds: 0.0,
+            peak_rss_bytes: 0,
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct JsonSummary<'a> {
+    #[serde(flatten)]
+    summary: &'a Summary,
+    #[serde(flatten)]
+    resources: ResourceUse,
+}
+
+/// `modelcache prefetch`.
+pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    let model = ModelName::new(&args.model).map_err(invalid)?;
+    let selection = args.selection.resolve().map_err(invalid)?;
+    let mut options = args.fetch.resolve().map_err(invalid)?;
+    options.hash = !args.no_hash;
+    let source = args.source.open(env)?;
+    let request = PrefetchRequest {
+        model: model.clone(),
+        selection,
+        options,
+        require_manifest: args.require_manifest,
+        cancel: cancel_on_signal(),
+        make_room: None,
+    };
+    let layout = Layout::new(&args.cache_root);
+    let progress = Arc::new(Progress::new());
+    let reporter = spawn_reporter(model.to_string(), Arc::clone(&progress));
+    let result = prefetch(source, &layout, &request, progress).await;
+    reporter.stop().await;
+    let summary = result?;
+    if args.json {
+        let line = serde_json::to_string(&JsonSummary {
+            summary: &summary,
+            resources: resource_use(),
+        })
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+        println!("{line}");
+    } else {
+        println!("{}", summary_line(&summary));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one-line summary of a prefetch.
+pub fn summary_line(s: &Summary) -> String {
+    let retries: u64 = s.retries.values().sum();
+    let mut extra = String::new();
+    if retries > 0 {
+        extra.push_str(&format!(", {retries} ranges retried"));
+    }
+    if s.source_restarts > 0 {
+        extra.push_str(&format!(
+            ", {} restarts after source changes",
+            s.source_restarts
+        ));
+    }
+    if !s.refetched_files.is_empty() {
+        extra.push_str(&format!(
+            ", {} files re-fetched after a hash mismatch",
+            s.refetched_files.len()
+        ));
+    }
+    format!(
+        "{}{} revision {}: {} files, {} ({} bytes) fetched, {} ({} bytes) reused, {:.1} s, {:.2} GB/s, verified {}{} -> {}",
+        if s.already_published {
+            "already published "
+        } else {
+            "published "
+        },
+        s.model,
+        s.revision,
+        s.files,
+        human_bytes(s.bytes_fetched),
+        s.bytes_fetched,
+        human_bytes(s.bytes_reused),
+        s.bytes_reused,
+        s.seconds,
+        s.gb_per_s,
+        s.verification,
+        extra,
+        s.path.display()
+    )
+}
+
+struct Reporter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Shows progress: a redrawn line on a terminal, a log line every five seconds otherwise.
+fn spawn_reporter(model: String, progress: Arc<Progress>) -> Reporter {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let terminal = std::io::stderr().is_terminal();
+    let task = tokio::spawn(async move {
+        let period = if terminal {
+            Duration::from_millis(250)
+        } else {
+            Duration::from_secs(5)
+        };
+        let start = Instant::now();
+        let mut drawn = false;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                () = tokio::time::sleep(period) => {}
+            }
+            let line = progress_line(&model, &progress, start.elapsed());
+            if terminal {
+                eprint!("\r\x1b[2K{line}");
+                drawn = true;
+            } else if progress.phase() != Phase::Listing {
+                info!(model.name = %model, "{line}");
+            }
+        }
+        if drawn {
+            eprint!("\r\x1b[2K");
+        }
+    });
+    Reporter { stop, task }
+}
+
+fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
+    let total = p.total();
+    let fetched = p.fetched();
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let rate = fetched as f64 / elapsed.as_secs_f64().max(0.001);
+    progress_text(
+        model,
+        p.phase().as_str(),
+        (fetched + p.reused()).min(total),
+        total,
+        rate,
+    )
+}
+
+/// One progress line: phase, bytes, percent, rate and ETA.
+pub(crate) fn progress_text(name: &str, phase: &str, done: u64, total: u64, rate: f64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let pct = if total > 0 {
+        done as f64 * 100.0 / total as f64
+    } else {
+        0.0
+    };
+    #[expect(clippy::cast_precision_loss, reason = "display")]
+    let eta = if rate > 0.0 {
+        format!("{:.0}s", total.saturating_sub(done) as f64 / rate)
+    } else {
+        "-".into()
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "display"
+    )]
+    let rate_bytes = rate as u64;
+    format!(
+        "{name}: {phase} {} / {} ({pct:.1}%) {}/s ETA {eta}",
+        human_bytes(done),
+        human_bytes(total),
+        human_bytes(rate_bytes)
+    )
+}
+
+/// `modelcache verify`.
+pub async fn run_verify(args: VerifyArgs) -> Result<ExitCode, CommandError> {
+    let dir = match (&args.dir, &args.cache_root, &args.model) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, Some(root), Some(model)) => {
+            let name = ModelName::new(model).map_err(invalid)?;
+            Layout::new(root).model_link(&name)
+        }
+        _ => {
+            return Err(invalid(
+                "give a model directory, or --cache-root and --model",
+            ));
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let started = Instant::now();
+    let report =
+        tokio::task::spawn_blocking(move || verify_cached(&dir, DEFAULT_CHUNK_SIZE, threads))
+            .await
+            .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+            .map_err(|e| {
+                let code = match e {
+                    crate::verify::VerifyError::Io { .. } => exit::CACHE_FAILED,
+                    _ => exit::VERIFY_FAILED,
+                };
+                CommandError::new(code, e)
+            })?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let rate = report.bytes as f64 / secs.max(0.001) / 1e9;
+        println!(
+            "verified {} revision {}: {} files, {} hashed in {secs:.1} s ({rate:.2} GB/s), verification {} -> {}",
+            report.name,
+            report.revision,
+            report.files,
+            human_bytes(report.bytes),
+            report.verification,
+            report.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `modelcache manifest`.
+pub async fn run_manifest(args: ManifestArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    let selection = args.selection.resolve().map_err(invalid)?;
+    let options = args.fetch.resolve().map_err(invalid)?;
+    let source = args.source.open(env)?;
+    let progress = Arc::new(Progress::new());
+    let reporter = spawn_reporter("manifest".into(), Arc::clone(&progress));
+    let result = compute_manifest(Arc::clone(&source), &selection, &options, progress).await;
+    reporter.stop().await;
+    let manifest = result?;
+    let json = manifest.to_json();
+    if args.upload {
+        source
+            .put_small(MANIFEST_NAME, bytes::Bytes::from(json))
+            .await
+            .map_err(|e| {
+                CommandError::from(PrefetchError::Source {
+                    url: source.describe(),
+                    source: e,
+                })
+            })?;
+        eprintln!("uploaded {}/{MANIFEST_NAME}", source.describe());
+    } else if let Some(path) = args.output {
+        std::fs::write(&path, json).map_err(|e| {
+            CommandError::new(
+                exit::CACHE_FAILED,
+                PrefetchError::local("write", path.clone(), e),
+            )
+        })?;
+        eprintln!("wrote {}", path.display());
+    } else {
+        print!("{json}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `modelcache demo`.
+pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
+    let dir = args
+        .dir
+        .unwrap_or_else(|| std::env::temp_dir().join("modelcache-demo"));
+    let shard_bytes = usize::try_from(args.shard_size.unwrap_or(20 << 20)).map_err(invalid)?;
+    let shape = crate::demo::DemoShape {
+        shard_bytes,
+        ..crate::demo::DemoShape::default()
+    };
+    let source_dir = dir.join("source").join("gpt-oss-120b");
+    let cache_root = dir.join("cache");
+    let fail = |e: std::io::Error| CommandError::new(exit::CACHE_FAILED, e);
+    let started = Instant::now();
+
+    println!("modelcache demo: the node-boot flow on a generated GPT-OSS-shaped model");
+    let stamp = source_dir.join(".demo-shape");
+    let stamp_text = format!("{shape:?}");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(stamp_text.as_str()) {
+        if source_dir.exists() {
+            std::fs::remove_dir_all(&source_dir).map_err(fail)?;
+        }
+        let shape_copy = shape;
+        let src = source_dir.clone();
+        let bytes =
+            tokio::task::spawn_blocking(move || crate::demo::generate_model(&src, &shape_copy))
+                .await
+                .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+                .map_err(fail)?;
+        std::fs::write(&stamp, stamp_text).map_err(fail)?;
+        println!(
+            "1. generated {} in {} ({} shards, index, tokenizer, tiktoken encodings, original/ and metal/)",
+            human_bytes(bytes),
+            source_dir.display(),
+            shape.shards
+        );
+    } else {
+        println!("1. reusing the generated model in {}", source_dir.display());
+    }
+
+    let env = Environment::default();
+    let url = format!("file://{}", source_dir.display());
+    let source = source::open(&url, &env, &SourceOptions::default()).map_err(invalid)?;
+    let selection = Selection::vllm_default();
+    let options = FetchOptions {
+        chunk_size: 8 << 20,
+        concurrency: 16,
+        ..FetchOptions::default()
+    };
+    let manifest = compute_manifest(
+        Arc::clone(&source),
+        &selection,
+        &options,
+        Arc::new(Progress::new()),
+    )
+    .await?;
+    source
+        .put_small(MANIFEST_NAME, bytes::Bytes::from(manifest.to_json()))
+        .await
+        .map_err(|e| CommandError::new(exit::CACHE_FAILED, e))?;
+    println!(
+        "2. wrote {MANIFEST_NAME}: BLAKE3 of {} files (original/ and metal/ are not part of the model vLLM loads)",
+        manifest.entries().count()
+    );
+
+    let model = ModelName::new("gpt-oss-120b").map_err(invalid)?;
+    let request = PrefetchRequest {
+        model: model.clone(),
+        selection,
+        options,
+        require_manifest: true,
+        cancel: cancel_on_signal(),
+        make_room: None,
+    };
+    let layout = Layout::new(&cache_root);
+    let progress = Arc::new(Progress::new());
+    let reporter = spawn_reporter(model.to_string(), Arc::clone(&progress));
+    let result = prefetch(source, &layout, &request, progress).await;
+    reporter.stop().await;
+    let summary = result?;
+    println!("3. {}", summary_line(&summary));
+
+    let link = layout.model_link(&model);
+    let report = tokio::task::spawn_blocking(move || verify_cached(&link, 8 << 20, 2))
+        .await
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+        .map_err(|e| CommandError::new(exit::VERIFY_FAILED, e))?;
+    println!(
+        "4. re-verified from disk: {} files, {} hashed, verification {}",
+        report.files,
+        human_bytes(report.bytes),
+        report.verification
+    );
+    let skipped = !summary.path.join("original").exists();
+    println!(
+        "5. original/ skipped: {skipped}; ready marker: {}",
+        summary.path.join(".modelcache/ready.json").display()
+    );
+    demo_api(&cache_root, &source_dir).await?;
+    println!(
+        "\nvLLM would start with:\n  vllm serve {} --tensor-parallel-size 4\n  TIKTOKEN_ENCODINGS_BASE={}",
+        summary.path.display(),
+        summary.path.display()
+    );
+    println!(
+        "\ndone in {:.1} s; run again to see the published revision reused (nothing fetched).",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the agent on loopback over the demo's cache for a moment and asks it what an init
+/// container and a readiness probe would.
+async fn demo_api(
+    cache_root: &std::path::Path,
+    source_dir: &std::path::Path,
+) -> Result<(), CommandError> {
+    let toml = format!(
+        "cache_root = {:?}\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[cache]\nwarm_page_cache = \"off\"\n[[models]]\nname = \"gpt-oss-120b\"\nsource = \"file://{}\"\n",
+        cache_root.display().to_string(),
+        source_dir.display()
+    );
+    let config = crate::config::agent::AgentConfig::from_toml(
+        &toml,
+        "the demo",
+        &Environment::default(),
+        &[],
+    )
+    .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(crate::agent::serve(
+        config,
+        Environment::default(),
+        stop.clone(),
+        move |l| {
+            let _ = tx.send(l);
+        },
+    ));
+    let listening = rx
+        .await
+        .map_err(|_| CommandError::new(exit::UNEXPECTED, "the demo agent did not start"))?;
+    println!(
+        "6. the agent's API on loopback (what a readiness probe and `modelcache wait --api` ask):"
+    );
+    let client = reqwest::Client::new();
+    for path in ["/readyz", "/v1/models/gpt-oss-120b/ready"] {
+        let url = format!("http://{}{path}", listening.read);
+        match client
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap_or_default();
+                let short: String = body.chars().take(140).collect();
+                println!("   GET {url} -> {status} {short}");
+            }
+            Err(e) => println!("   GET {url} failed: {e}"),
+        }
+    }
+    stop.cancel();
+    let _ = server.await;
+    Ok(())
+}
