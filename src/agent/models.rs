@@ -290,7 +290,45 @@ impl Models {
                 models.spawn_job(spec.name.as_str());
             }
         }
+        if blocked.is_none() {
+            models.adopt_published();
+        }
         Ok(models)
+    }
+
+    /// Registers models published earlier but not configured (by `modelcache prefetch`, or a
+    /// `POST` before a restart) as ready and unpinned, so the API reports them and the budget
+    /// can evict them.
+    fn adopt_published(&self) {
+        let Ok(links) = std::fs::read_dir(self.layout.root().join("models")) else {
+            return;
+        };
+        for link in links.flatten() {
+            let Ok(name) = ModelName::new(&link.file_name().to_string_lossy()) else {
+                continue;
+            };
+            if self.lock().contains_key(name.as_str()) {
+                continue;
+            }
+            let Some((revision, marker)) = self.intact(&name) else {
+                continue;
+            };
+            let spec = ModelSpec {
+                name: name.clone(),
+                source: marker.source.clone(),
+                account: None,
+                selection: crate::config::Selection::vllm_default(),
+                pin: false,
+                require_manifest: false,
+            };
+            let mut entry = Entry::new(spec, false);
+            entry.state = State::Ready;
+            entry.revision = Some(revision.clone());
+            entry.verification = Some(marker.verification);
+            entry.last_used = self.link_mtime(&name);
+            info!(model.name = %name, revision = %revision, "{name} revision {revision} was published earlier: ready (unpinned)");
+            self.lock().insert(name.to_string(), entry);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {

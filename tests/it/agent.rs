@@ -714,3 +714,30 @@ fn a_bad_configuration_fails_at_start_naming_the_key() {
         stdout(&out)
     );
 }
+
+#[test]
+fn models_published_before_the_agent_started_are_listed_ready_and_unpinned() {
+    let source = small_model(50_000, 21);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", source.path().display());
+    let out = run(
+        &mut prefetch_cmd(None, &url, &cache, &[]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let agent = Agent::start(
+        dir.path(),
+        &config(&cache, "", ""),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&http(&agent.admin, "GET", "/v1/models/gpt-oss-120b", &[], "").1)
+            .unwrap();
+    assert_eq!(m["state"], "ready", "{m}");
+    assert_eq!(m["pinned"], false, "{m}");
+    assert_eq!(m["verification"], "structural", "{m}");
+    // Nothing pinned is waiting, so the node is ready.
+    assert_eq!(http(&agent.read, "GET", "/readyz", &[], "").0, 200);
+}
