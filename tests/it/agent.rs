@@ -740,4 +740,28 @@ fn models_published_before_the_agent_started_are_listed_ready_and_unpinned() {
     assert_eq!(m["verification"], "structural", "{m}");
     // Nothing pinned is waiting, so the node is ready.
     assert_eq!(http(&agent.read, "GET", "/readyz", &[], "").0, 200);
+
+    // `modelcache status` reads the same thing as a table.
+    let mut status = modelcache();
+    status.args(["status", "--api", &format!("http://{}", agent.admin)]);
+    let out = run(&mut status, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("gpt-oss-120b"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("ready") && row.contains("structural"),
+        "{table}"
+    );
+    let mut unreachable = modelcache();
+    unreachable.args(["status", "--api", "http://127.0.0.1:9"]);
+    let out = run(&mut unreachable, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the agent"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -55,6 +55,19 @@ fn demo_runs_the_whole_flow_and_reuses_on_the_second_run() {
 fn file_source_prefetch_is_byte_identical_and_verify_catches_a_flipped_byte() {
     let source = small_model(100_000, 11);
     write_manifest(source.path());
+    // `--output` writes the same manifest `--upload` put beside the files.
+    let out_dir = tempfile::tempdir().unwrap();
+    let written = out_dir.path().join("m.json");
+    let mut cmd = modelcache();
+    cmd.args(["manifest", "--chunk-size", "64KiB", "--output"])
+        .arg(&written)
+        .arg(format!("--source=file://{}", source.path().display()));
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        std::fs::read_to_string(source.path().join("modelcache.manifest.json")).unwrap()
+    );
     let cache = tempfile::tempdir().unwrap();
     let s = summary(&prefetch_file(source.path(), cache.path(), &[]));
     assert_eq!(s["verification"], "blake3");
