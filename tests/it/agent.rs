@@ -541,19 +541,7 @@ fn sigterm_mid_download_then_restart_resumes_and_a_published_model_is_ready_at_o
         first.log()
     );
     // Bytes of the ranges the journal holds: exactly what the next run must not fetch again.
-    let journaled: u64 = std::fs::read_to_string(&journal)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|l| {
-            let (size, chunk, index) = (
-                l["size"].as_u64().unwrap(),
-                l["chunk"].as_u64().unwrap(),
-                l["index"].as_u64().unwrap(),
-            );
-            (size - index * chunk).min(chunk)
-        })
-        .sum();
+    let journaled = journaled_bytes(&journal);
     assert!(journaled > 0);
 
     let second = Agent::start(dir.path(), &cfg, &az.endpoint(), &[]);

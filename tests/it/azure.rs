@@ -8,20 +8,18 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
+/// `prefetch --json` of `url` into `cache` through `endpoint`, 8 ranges at a time.
+fn prefetch_via(endpoint: String, url: &str, cache: &std::path::Path) -> std::process::Output {
+    let mut cmd = prefetch_cmd(Some(&endpoint), url, cache, &["--concurrency", "8"]);
+    run(&mut cmd, Duration::from_secs(120))
+}
+
 #[test]
 fn model_uploaded_in_blocks_is_prefetched_byte_identical_and_skips_original() {
     let Some(az) = azurite() else { return };
     let model = runtime().block_on(azure_model(az, 200_000, true));
     let cache = tempfile::tempdir().unwrap();
-    let out = run(
-        &mut prefetch_cmd(
-            Some(&az.endpoint()),
-            &model.url(),
-            cache.path(),
-            &["--concurrency", "8"],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = prefetch_via(az.endpoint(), &model.url(), cache.path());
     let s = summary(&out);
     assert_eq!(s["verification"], "blake3");
     assert_eq!(s["bytes_fetched"], s["bytes_total"]);
@@ -36,15 +34,7 @@ fn model_uploaded_in_blocks_is_prefetched_byte_identical_and_skips_original() {
     );
 
     // A second run finds the revision published and fetches nothing.
-    let again = summary(&run(
-        &mut prefetch_cmd(
-            Some(&az.endpoint()),
-            &model.url(),
-            cache.path(),
-            &["--concurrency", "8"],
-        ),
-        Duration::from_secs(60),
-    ));
+    let again = summary(&prefetch_via(az.endpoint(), &model.url(), cache.path()));
     assert_eq!(again["already_published"], true);
     assert_eq!(again["bytes_fetched"], 0);
     assert_eq!(again["revision"], s["revision"]);
@@ -104,15 +94,7 @@ fn blob_replaced_after_listing_restarts_from_a_new_listing() {
         }),
     );
     let cache = tempfile::tempdir().unwrap();
-    let out = run(
-        &mut prefetch_cmd(
-            Some(&proxy.endpoint()),
-            &model.url(),
-            cache.path(),
-            &["--concurrency", "8"],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = prefetch_via(proxy.endpoint(), &model.url(), cache.path());
     let s = summary(&out);
     assert!(s["source_restarts"].as_u64().unwrap() >= 1, "{s}");
     assert!(
@@ -140,15 +122,7 @@ fn corrupted_shard_under_a_stale_manifest_is_refused_and_nothing_is_published() 
     ));
 
     let cache = tempfile::tempdir().unwrap();
-    let out = run(
-        &mut prefetch_cmd(
-            Some(&az.endpoint()),
-            &model.url(),
-            cache.path(),
-            &["--concurrency", "8"],
-        ),
-        Duration::from_secs(120),
-    );
+    let out = prefetch_via(az.endpoint(), &model.url(), cache.path());
     assert_eq!(out.status.code(), Some(5), "stderr: {}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains(shard) && err.contains("BLAKE3"), "{err}");
@@ -183,15 +157,7 @@ fn blob_names_that_escape_the_model_are_refused() {
     eprintln!("listing: {listed:?}");
 
     let cache = tempfile::tempdir().unwrap();
-    let out = run(
-        &mut prefetch_cmd(
-            Some(&az.endpoint()),
-            &format!("az://{container}/m"),
-            cache.path(),
-            &["--concurrency", "8"],
-        ),
-        Duration::from_secs(60),
-    );
+    let out = prefetch_via(az.endpoint(), &format!("az://{container}/m"), cache.path());
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -209,14 +175,10 @@ fn blob_names_that_escape_the_model_are_refused() {
 fn a_missing_container_is_a_clear_source_error() {
     let Some(az) = azurite() else { return };
     let cache = tempfile::tempdir().unwrap();
-    let out = run(
-        &mut prefetch_cmd(
-            Some(&az.endpoint()),
-            "az://no-such-container/gpt-oss-120b",
-            cache.path(),
-            &[],
-        ),
-        Duration::from_secs(60),
+    let out = prefetch_via(
+        az.endpoint(),
+        "az://no-such-container/gpt-oss-120b",
+        cache.path(),
     );
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);

@@ -49,19 +49,7 @@ fn a_killed_prefetch_resumes_without_fetching_finished_ranges_again() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // Bytes of the ranges the journal holds after the kill: exactly what must not be fetched again.
-    let journaled: u64 = std::fs::read_to_string(&journal)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|l| {
-            let (size, chunk, index) = (
-                l["size"].as_u64().unwrap(),
-                l["chunk"].as_u64().unwrap(),
-                l["index"].as_u64().unwrap(),
-            );
-            (size - index * chunk).min(chunk)
-        })
-        .sum();
+    let journaled = journaled_bytes(&journal);
     assert!(!cache.path().join("models/gpt-oss-120b").exists());
 
     let mut second = prefetch_cmd(Some(&az.endpoint()), &model.url(), cache.path(), &slow);

@@ -528,3 +528,20 @@ impl Drop for LoopDevice {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
     }
 }
+
+/// Bytes of the ranges a resume journal holds: what the next run must not fetch again.
+pub fn journaled_bytes(journal: &Path) -> u64 {
+    std::fs::read_to_string(journal)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| {
+            let (size, chunk, index) = (
+                l["size"].as_u64().unwrap(),
+                l["chunk"].as_u64().unwrap(),
+                l["index"].as_u64().unwrap(),
+            );
+            (size - index * chunk).min(chunk)
+        })
+        .sum()
+}
