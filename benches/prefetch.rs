@@ -191,6 +191,22 @@ fn row(name: &str, f: Figure, ceiling: f64) {
     );
 }
 
+/// The three medians of one configuration, each against the ceiling.
+fn report(ceiling_label: &str, ceiling: Vec<Figure>, hashed: Vec<Figure>, unhashed: Vec<Figure>) {
+    let c = median(ceiling);
+    row(ceiling_label, c, c.gb_per_s);
+    row(
+        "modelcache prefetch, BLAKE3 verified",
+        median(hashed),
+        c.gb_per_s,
+    );
+    row(
+        "modelcache prefetch, hashing off",
+        median(unhashed),
+        c.gb_per_s,
+    );
+}
+
 fn header(title: &str) {
     println!("\n### {title}\n");
     println!("| run | GB/s | of ceiling | CPU s/GB | peak RSS MiB |");
@@ -278,17 +294,11 @@ fn bench_file(shard_mb: usize) {
             false,
         ));
     }
-    let c = median(ceiling);
-    row("ceiling: plain parallel read + write", c, c.gb_per_s);
-    row(
-        "modelcache prefetch, BLAKE3 verified",
-        median(hashed),
-        c.gb_per_s,
-    );
-    row(
-        "modelcache prefetch, hashing off",
-        median(unhashed),
-        c.gb_per_s,
+    report(
+        "ceiling: plain parallel read + write",
+        ceiling,
+        hashed,
+        unhashed,
     );
 }
 
@@ -367,21 +377,11 @@ fn bench_azurite(shard_mb: usize) {
             let d = scratch.fresh("unhashed");
             unhashed.push(prefetch(&url, Some(&endpoint), &d, conc, "4MiB", false));
         }
-        let c = median(ceiling);
-        row(
+        report(
             "ceiling: plain parallel ranged GETs, bodies discarded",
-            c,
-            c.gb_per_s,
-        );
-        row(
-            "modelcache prefetch, BLAKE3 verified",
-            median(hashed),
-            c.gb_per_s,
-        );
-        row(
-            "modelcache prefetch, hashing off",
-            median(unhashed),
-            c.gb_per_s,
+            ceiling,
+            hashed,
+            unhashed,
         );
     }
 }

@@ -66,6 +66,12 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
     result
 }
 
+async fn bind(addr: std::net::SocketAddr, key: &'static str) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { addr, key, source })
+}
+
 /// Runs the agent until `stop` is cancelled, calling `listening` once both listeners are bound.
 pub async fn serve(
     config: AgentConfig,
@@ -74,20 +80,8 @@ pub async fn serve(
     listening: impl FnOnce(Listening),
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
-    let read = TcpListener::bind(config.read_addr)
-        .await
-        .map_err(|source| AgentError::Bind {
-            addr: config.read_addr,
-            key: "listen.read",
-            source,
-        })?;
-    let admin = TcpListener::bind(config.admin_addr)
-        .await
-        .map_err(|source| AgentError::Bind {
-            addr: config.admin_addr,
-            key: "listen.admin",
-            source,
-        })?;
+    let read = bind(config.read_addr, "listen.read").await?;
+    let admin = bind(config.admin_addr, "listen.admin").await?;
     let disk = if config.disk.enabled {
         let disk_config = config.disk.clone();
         let arrays = crate::disk::apply::Mdadm {

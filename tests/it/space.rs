@@ -58,17 +58,8 @@ fn no_model_published(cache: &Path) {
 fn a_filesystem_too_small_for_the_model_fails_before_downloading() {
     let Some(fs) = LoopFs::new(24) else { return };
     let source = small_model(3 << 20, 5); // about 45 MiB selected
-    let mut cmd = modelcache();
-    cmd.args([
-        "prefetch",
-        "--model",
-        "gpt-oss-120b",
-        "--chunk-size",
-        "1MiB",
-    ])
-    .arg(format!("--source=file://{}", source.path().display()))
-    .arg("--cache-root")
-    .arg(fs.path());
+    let url = format!("file://{}", source.path().display());
+    let mut cmd = prefetch_cmd(None, &url, fs.path(), &["--chunk-size", "1MiB"]);
     let out = run(&mut cmd, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(
@@ -94,22 +85,9 @@ fn a_disk_filled_during_the_run_fails_cleanly_with_nothing_published() {
         Fault::Delay(Duration::from_millis(200)),
         None,
     );
-    let mut cmd = modelcache();
-    with_emulator(&mut cmd, &proxy.endpoint());
-    cmd.args([
-        "prefetch",
-        "--model",
-        "gpt-oss-120b",
-        "--chunk-size",
-        "1MiB",
-        "--concurrency",
-        "1",
-    ])
-    .args(["--source", &model.url()])
-    .arg("--cache-root")
-    .arg(fs.path())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let slow = ["--chunk-size", "1MiB", "--concurrency", "1"];
+    let mut cmd = prefetch_cmd(Some(&proxy.endpoint()), &model.url(), fs.path(), &slow);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().unwrap();
     // Once the download has started (past the free-space check), take every free block.
     let files = fs.path().join("staging/gpt-oss-120b/files");

@@ -442,25 +442,22 @@ pub async fn azure_model(az: &Azurite, shard_bytes: usize, with_manifest: bool) 
     model
 }
 
-/// `modelcache prefetch --json` of `url` into `cache` as the model `gpt-oss-120b` with 64 KiB
-/// ranges (so small models still have many), through the emulator at `endpoint` when given.
+/// `modelcache prefetch --json` of `url` into `cache` as the model `gpt-oss-120b`, with 64 KiB
+/// ranges unless `extra` sets `--chunk-size` (so small models still have many), through the
+/// emulator at `endpoint` when given.
 pub fn prefetch_cmd(endpoint: Option<&str>, url: &str, cache: &Path, extra: &[&str]) -> Command {
     let mut cmd = modelcache();
     if let Some(endpoint) = endpoint {
         with_emulator(&mut cmd, endpoint);
     }
-    cmd.args([
-        "prefetch",
-        "--json",
-        "--model",
-        "gpt-oss-120b",
-        "--chunk-size",
-        "64KiB",
-    ])
-    .arg(format!("--source={url}"))
-    .arg("--cache-root")
-    .arg(cache)
-    .args(extra);
+    cmd.args(["prefetch", "--json", "--model", "gpt-oss-120b"]);
+    if !extra.contains(&"--chunk-size") {
+        cmd.args(["--chunk-size", "64KiB"]);
+    }
+    cmd.arg(format!("--source={url}"))
+        .arg("--cache-root")
+        .arg(cache)
+        .args(extra);
     cmd
 }
 
