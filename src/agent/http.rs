@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 use tracing::error;
 
+use super::DiskStatus;
 use super::models::{ModelError, ModelStatus, Models, PrefetchOverride};
 use crate::config::agent::Token;
 
@@ -32,8 +33,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AppState {
     /// The models.
     pub models: Arc<Models>,
-    /// The disk setup's outcome; `None` when disk setup is off.
-    pub disk: Arc<Option<Result<crate::disk::Report, String>>>,
+    /// The disk setup, as it goes.
+    pub disk: Arc<std::sync::RwLock<super::DiskStatus>>,
 }
 
 /// The JSON error envelope: `{"error": {"code": "...", "message": "..."}}`.
@@ -79,6 +80,9 @@ impl From<ModelError> for ApiError {
             ModelError::NotFound(name) => ApiError::model_not_found(&name),
             ModelError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m),
             ModelError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ModelError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
             ModelError::Internal(m) => {
                 // Logged in full; the body stays generic (no paths or URLs).
                 error!("request failed: {m}");
@@ -194,13 +198,14 @@ struct Readiness {
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let cache_root = state.models.layout().root().join("models").is_dir();
     let (pinned_ready, models) = state.models.pinned_ready();
-    let (disk_ok, disk) = match state.disk.as_ref() {
-        None => (true, "disabled".to_string()),
-        Some(Ok(r)) => (
+    let (disk_ok, disk) = match &*state.disk.read().unwrap_or_else(|p| p.into_inner()) {
+        DiskStatus::Disabled => (true, "disabled".to_string()),
+        DiskStatus::InProgress => (false, "setting up".to_string()),
+        DiskStatus::Ready(r) => (
             true,
             format!("mounted {}", r.mounted.as_deref().unwrap_or("?")),
         ),
-        Some(Err(e)) => (false, format!("failed: {e}")),
+        DiskStatus::Failed(e) => (false, format!("failed: {e}")),
     };
     let ready = disk_ok && cache_root && pinned_ready;
     let status = if ready {
@@ -235,14 +240,21 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn disk(State(state): State<AppState>) -> Response {
-    match state.disk.as_ref() {
-        None => Json(serde_json::json!({"enabled": false})).into_response(),
-        Some(Ok(report)) => {
-            Json(serde_json::json!({"enabled": true, "report": report})).into_response()
-        }
-        Some(Err(e)) => (
+    let status = state.disk.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match status {
+        DiskStatus::Disabled => Json(serde_json::json!({"enabled": false})).into_response(),
+        DiskStatus::InProgress => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"enabled": true, "error": e})),
+            Json(serde_json::json!({"enabled": true, "state": "setting up"})),
+        )
+            .into_response(),
+        DiskStatus::Ready(report) => {
+            Json(serde_json::json!({"enabled": true, "state": "ready", "report": report}))
+                .into_response()
+        }
+        DiskStatus::Failed(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"enabled": true, "state": "failed", "error": e})),
         )
             .into_response(),
     }

@@ -72,7 +72,23 @@ async fn bind(addr: std::net::SocketAddr, key: &'static str) -> Result<TcpListen
         .map_err(|source| AgentError::Bind { addr, key, source })
 }
 
+/// The disk setup as the API reports it.
+#[derive(Debug, Clone)]
+pub enum DiskStatus {
+    /// `disk.enabled = false`: the cache root is used as it is.
+    Disabled,
+    /// Running (a first mkfs of a large array takes a while).
+    InProgress,
+    /// Done: what was found and done.
+    Ready(crate::disk::Report),
+    /// Failed: why, on one line. No model is fetched.
+    Failed(String),
+}
+
 /// Runs the agent until `stop` is cancelled, calling `listening` once both listeners are bound.
+///
+/// The listeners serve from the start, before disk setup: `/healthz` answers while a slow mkfs
+/// runs (so a liveness probe does not kill the agent), and `/readyz` says what it waits for.
 pub async fn serve(
     config: AgentConfig,
     env: Environment,
@@ -82,39 +98,15 @@ pub async fn serve(
     let config = Arc::new(config);
     let read = bind(config.read_addr, "listen.read").await?;
     let admin = bind(config.admin_addr, "listen.admin").await?;
-    let disk = if config.disk.enabled {
-        let disk_config = config.disk.clone();
-        let arrays = crate::disk::apply::Mdadm {
-            dev: disk_config.host.dev.clone(),
-        };
-        let outcome =
-            tokio::task::spawn_blocking(move || crate::disk::apply(&disk_config, &arrays))
-                .await
-                .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
-        match &outcome {
-            Ok(report) => info!(
-                device = report.mounted.as_deref().unwrap_or(""),
-                "cache disks ready: {} mounted at {}",
-                report.mounted.as_deref().unwrap_or("?"),
-                config.cache_root.display()
-            ),
-            Err(e) => tracing::error!(
-                "disk setup failed; no model will be fetched: {}",
-                crate::fetch::error_chain(e)
-            ),
-        }
-        Some(outcome.map_err(|e| crate::fetch::error_chain(&e)))
+    let disk = Arc::new(std::sync::RwLock::new(if config.disk.enabled {
+        DiskStatus::InProgress
     } else {
-        None
-    };
-    let blocked = match &disk {
-        Some(Err(e)) => Some(e.clone()),
-        _ => None,
-    };
-    let models = Models::start(Arc::clone(&config), env, blocked)?;
+        DiskStatus::Disabled
+    }));
+    let models = Models::waiting(Arc::clone(&config), env, "disk setup in progress");
     let state = AppState {
         models: Arc::clone(&models),
-        disk: Arc::new(disk),
+        disk: Arc::clone(&disk),
     };
     info!(
         listen.read = %read.local_addr().map_err(AgentError::Serve)?,
@@ -137,23 +129,96 @@ pub async fn serve(
     let mut servers = tokio::spawn(async move {
         tokio::try_join!(read_server.into_future(), admin_server.into_future())
     });
-    tokio::select! {
-        biased;
-        () = stop.cancelled() => {}
-        result = &mut servers => {
-            // A server ended before any signal: that is a failure to serve.
-            stop.cancel();
-            models.shutdown(Duration::from_secs(5)).await;
-            return match result {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(AgentError::Serve(e)),
-                Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
-            };
+    let setup = settle_disks(Arc::clone(&config), Arc::clone(&disk), Arc::clone(&models));
+    tokio::pin!(setup);
+    let mut setup_done = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            result = &mut setup, if !setup_done => {
+                setup_done = true;
+                if let Err(e) = result {
+                    stop.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut servers).await;
+                    models.shutdown(Duration::from_secs(5)).await;
+                    return Err(e);
+                }
+            }
+            result = &mut servers => {
+                // A server ended before any signal: that is a failure to serve.
+                stop.cancel();
+                models.shutdown(Duration::from_secs(5)).await;
+                return match result {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(AgentError::Serve(e)),
+                    Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
+                };
+            }
         }
     }
     // Let in-flight requests finish, briefly.
     let _ = tokio::time::timeout(Duration::from_secs(2), servers).await;
     models.shutdown(Duration::from_secs(5)).await;
     info!("agent stopped");
+    Ok(())
+}
+
+/// Sets up the cache disks (when enabled), records the outcome for the API, then lets the
+/// models start: on failure they stay pending and nothing is written to the cache root.
+async fn settle_disks(
+    config: Arc<AgentConfig>,
+    disk: Arc<std::sync::RwLock<DiskStatus>>,
+    models: Arc<Models>,
+) -> Result<(), AgentError> {
+    let mut blocked = None;
+    let mut status = None;
+    if config.disk.enabled {
+        let disk_config = config.disk.clone();
+        let arrays = crate::disk::apply::Mdadm {
+            dev: disk_config.host.dev.clone(),
+        };
+        let started = std::time::Instant::now();
+        let outcome =
+            tokio::task::spawn_blocking(move || crate::disk::apply(&disk_config, &arrays))
+                .await
+                .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
+        status = Some(match outcome {
+            Ok(report) => {
+                for note in &report.plan.notes {
+                    tracing::warn!("disk: {note}");
+                }
+                info!(
+                    device = report.mounted.as_deref().unwrap_or(""),
+                    duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "cache disks ready: {} mounted at {} in {:.1} s",
+                    report.mounted.as_deref().unwrap_or("?"),
+                    config.cache_root.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                DiskStatus::Ready(report)
+            }
+            Err(e) => {
+                let line = crate::fetch::error_chain(&e);
+                tracing::error!("disk setup failed; no model will be fetched: {line}");
+                blocked = Some(line.clone());
+                DiskStatus::Failed(line)
+            }
+        });
+    }
+    let accepting = blocked.is_none();
+    models.activate(blocked).map_err(AgentError::Cache)?;
+    // Published after the models are activated: whoever sees the disk settled can prefetch.
+    if let Some(status) = status {
+        *disk.write().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+    info!(
+        "cache settled: {}",
+        if accepting {
+            "models are being prefetched"
+        } else {
+            "no model is fetched until the disks are fixed"
+        }
+    );
     Ok(())
 }

@@ -137,6 +137,9 @@ pub enum ModelError {
     /// The cache failed.
     #[error("{0}")]
     Internal(String),
+    /// The agent cannot do it yet (its disks are not set up).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 struct Job {
@@ -229,6 +232,9 @@ pub struct Models {
     env: Environment,
     layout: Layout,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Why no job may write to the cache root yet (its disks are being set up, or failed);
+    /// `None` once they are settled.
+    blocked: Mutex<Option<String>>,
     next_job: AtomicU64,
     /// Metrics, updated as jobs finish and on scrape.
     pub metrics: Metrics,
@@ -254,46 +260,72 @@ impl Models {
         env: Environment,
         blocked: Option<String>,
     ) -> Result<Arc<Self>, ModelError> {
-        let layout = Layout::new(&config.cache_root);
-        if blocked.is_none() {
-            layout
-                .ensure()
-                .map_err(|e| ModelError::Internal(error_chain(&e)))?;
-        }
+        let models = Self::waiting(config, env, "setting up");
+        models.activate(blocked)?;
+        Ok(models)
+    }
+
+    /// Builds the registry with every configured model pending, touching nothing on disk:
+    /// the state while the cache disks are being set up (`why` says so in each model's status).
+    pub fn waiting(config: Arc<AgentConfig>, env: Environment, why: &str) -> Arc<Self> {
         let models = Arc::new(Self {
-            layout,
+            layout: Layout::new(&config.cache_root),
             env,
             entries: Mutex::new(BTreeMap::new()),
+            blocked: Mutex::new(Some(why.to_string())),
             next_job: AtomicU64::new(1),
             metrics: Metrics::new(),
             config: Arc::clone(&config),
         });
-        for spec in &config.models {
-            let mut entry = Entry::new(spec.clone(), true);
-            if let Some(reason) = &blocked {
+        {
+            let mut entries = models.lock();
+            for spec in &config.models {
+                let mut entry = Entry::new(spec.clone(), true);
+                entry.last_error = Some(format!("waiting for the cache disks: {why}"));
+                entries.insert(spec.name.to_string(), entry);
+            }
+        }
+        models
+    }
+
+    /// Starts work once the cache disks are settled: `blocked` (the disk setup's error) keeps
+    /// every model pending with that error and writes nothing, since without its disks the
+    /// cache root is on the OS disk. Otherwise ready models are marked so and the others get
+    /// a job.
+    pub fn activate(self: &Arc<Self>, blocked: Option<String>) -> Result<(), ModelError> {
+        if let Some(reason) = &blocked {
+            for entry in self.lock().values_mut() {
                 entry.last_error = Some(format!("waiting for the cache disks: {reason}"));
-                models.lock().insert(spec.name.to_string(), entry);
+            }
+            *self.blocked_reason() = blocked;
+            return Ok(());
+        }
+        self.layout
+            .ensure()
+            .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        *self.blocked_reason() = None;
+        for spec in &self.config.models {
+            let published = self
+                .intact(&spec.name)
+                .filter(|(_, marker)| marker.source == redact_url(&spec.source));
+            let last_used = self.link_mtime(&spec.name);
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(spec.name.as_str()) else {
                 continue;
-            }
-            if let Some((revision, marker)) = models.intact(&spec.name) {
-                if marker.source == redact_url(&spec.source) {
-                    info!(model.name = %spec.name, revision = %revision, state = "ready", "{} revision {revision} is published and intact: ready", spec.name);
-                    entry.state = State::Ready;
-                    entry.revision = Some(revision);
-                    entry.verification = Some(marker.verification);
-                    entry.last_used = models.link_mtime(&spec.name);
-                }
-            }
-            let ready = entry.state == State::Ready;
-            models.lock().insert(spec.name.to_string(), entry);
-            if !ready {
-                models.spawn_job(spec.name.as_str());
+            };
+            entry.last_error = None;
+            if let Some((revision, marker)) = published {
+                info!(model.name = %spec.name, revision = %revision, state = "ready", "{} revision {revision} is published and intact: ready", spec.name);
+                entry.state = State::Ready;
+                entry.revision = Some(revision);
+                entry.verification = Some(marker.verification);
+                entry.last_used = last_used;
+            } else if entry.job.is_none() {
+                self.spawn_job_locked(&mut entries, spec.name.as_str());
             }
         }
-        if blocked.is_none() {
-            models.adopt_published();
-        }
-        Ok(models)
+        self.adopt_published();
+        Ok(())
     }
 
     /// Registers models published earlier but not configured (by `modelcache prefetch`, or a
@@ -333,6 +365,10 @@ impl Models {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn blocked_reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.blocked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The cache layout.
@@ -396,6 +432,13 @@ impl Models {
         request: PrefetchOverride,
     ) -> Result<(u64, bool), ModelError> {
         let model = ModelName::new(name).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        // Disks only ever go from blocked to settled, so a request that passes this check
+        // writes onto the settled cache filesystem, never onto the OS disk beneath it.
+        if let Some(reason) = self.blocked_reason().clone() {
+            return Err(ModelError::Unavailable(format!(
+                "the cache disks are not ready ({reason}); no model can be fetched until they are (see GET /v1/disk)"
+            )));
+        }
         let mut entries = self.lock();
         if let Some(entry) = entries.get_mut(name) {
             if let Some(job) = &entry.job {
@@ -459,11 +502,6 @@ impl Models {
                 .unwrap_or(base.is_some_and(|b| b.require_manifest)),
             source,
         })
-    }
-
-    fn spawn_job(self: &Arc<Self>, name: &str) -> u64 {
-        let mut entries = self.lock();
-        self.spawn_job_locked(&mut entries, name)
     }
 
     /// Starts the job of `name` and records it in its entry, both while the caller holds the
@@ -792,6 +830,11 @@ impl Models {
     /// `DELETE /v1/models/NAME`: evicts an unpinned, idle model.
     pub fn evict(&self, name: &str) -> Result<(), ModelError> {
         let model = ModelName::new(name).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        if let Some(reason) = self.blocked_reason().clone() {
+            return Err(ModelError::Unavailable(format!(
+                "the cache disks are not ready ({reason}); nothing is removed until they are"
+            )));
+        }
         {
             let entries = self.lock();
             let entry = entries.get(name);

@@ -246,6 +246,13 @@ pub async fn run_disk(command: DiskCommand, env: &Environment) -> Result<ExitCod
         DiskCommand::Apply(a) => (a, true),
     };
     let config = AgentConfig::load(args.config.as_deref(), env, &args.set).map_err(invalid)?;
+    if apply && !config.disk.enabled {
+        println!(
+            "disk setup is disabled (disk.enabled = false): nothing was done to any device; the cache root {} is used as it is (hint: set disk.enabled = true in the configuration, or pass --set disk.enabled=true)",
+            config.disk.target.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let disk = config.disk.clone();
     let arrays = crate::disk::apply::Mdadm {
         dev: disk.host.dev.clone(),
@@ -254,7 +261,7 @@ pub async fn run_disk(command: DiskCommand, env: &Environment) -> Result<ExitCod
         if apply {
             crate::disk::apply(&disk, &arrays)
         } else {
-            crate::disk::plan(&disk, &arrays).map(|plan| crate::disk::Report {
+            crate::disk::plan(&disk).map(|plan| crate::disk::Report {
                 plan,
                 mounted: None,
             })

@@ -13,14 +13,14 @@ use nix::mount::{MsFlags, mount};
 use tracing::info;
 
 use super::classify::{Content, PROBE_BYTES, classify};
-use super::discover::{HostPaths, mounts};
+use super::discover::{HostPaths, mounts, topmost_at};
 use super::plan::{Step, Target};
 use super::{DiskConfig, DiskError, Filesystem};
 
-/// Creates, assembles and finds our md array.
+/// Creates, assembles and stops our md array.
 pub trait ArrayTool: std::fmt::Debug + Send + Sync {
-    /// Our array's device if it is running.
-    fn active(&self, name: &str) -> Option<PathBuf>;
+    /// Stops the array at `device` (only ever one of ours, per the plan).
+    fn stop(&self, device: &Path) -> Result<(), DiskError>;
     /// Creates a RAID0 array named `name` over `members`, chunk `chunk_kib` KiB.
     fn create(&self, name: &str, members: &[PathBuf], chunk_kib: u64)
     -> Result<PathBuf, DiskError>;
@@ -70,10 +70,11 @@ pub struct Mdadm {
 }
 
 impl ArrayTool for Mdadm {
-    fn active(&self, name: &str) -> Option<PathBuf> {
-        let link = self.dev.join("md").join(name);
-        link.exists()
-            .then(|| std::fs::canonicalize(&link).unwrap_or(link))
+    fn stop(&self, device: &Path) -> Result<(), DiskError> {
+        run(
+            "mdadm",
+            &["--stop".to_string(), device.display().to_string()],
+        )
     }
 
     fn create(
@@ -95,8 +96,9 @@ impl ArrayTool for Mdadm {
     }
 }
 
-/// `mkfs` arguments: our label, stripe alignment over `width` devices of `chunk` bytes, and
-/// `force` only when replacing our own old data.
+/// `mkfs` arguments: our label, stripe alignment over `width` devices of `chunk` bytes, no
+/// discard (mkfs would otherwise TRIM the whole device, including any region the probe did not
+/// read), and `force` only when replacing our own old data.
 pub fn mkfs_args(
     fs: Filesystem,
     device: &Path,
@@ -108,6 +110,7 @@ pub fn mkfs_args(
     let mut args: Vec<String> = vec!["-q".into(), "-L".into(), label.into()];
     match fs {
         Filesystem::Xfs => {
+            args.push("-K".into());
             if force {
                 args.push("-f".into());
             }
@@ -124,14 +127,16 @@ pub fn mkfs_args(
             if force {
                 args.push("-F".into());
             }
-            if width > 1 {
-                let stride = chunk / 4096;
-                args.push("-E".into());
-                args.push(format!(
-                    "stride={stride},stripe_width={}",
+            let stride = chunk / 4096;
+            args.push("-E".into());
+            args.push(if width > 1 {
+                format!(
+                    "nodiscard,stride={stride},stripe_width={}",
                     stride * u64::from(width)
-                ));
-            }
+                )
+            } else {
+                "nodiscard".into()
+            });
             args.push(device.display().to_string());
             ("mkfs.ext4".into(), args)
         }
@@ -164,7 +169,42 @@ fn run(program: &str, args: &[String]) -> Result<(), DiskError> {
     Ok(())
 }
 
-/// Reads the first and last MiB of a device (read-only).
+/// Evenly spread samples read between the first and last MiB when probing a device.
+pub const PROBE_SAMPLES: u64 = 256;
+/// Bytes in each sample.
+const SAMPLE_BYTES: u64 = 64 << 10;
+/// ext4's block group with 4 KiB blocks: backup superblocks, group descriptors, bitmaps and
+/// inode tables start on its multiples.
+const EXT4_GROUP: u64 = 128 << 20;
+
+/// Where `probe` samples a device of `size` bytes beyond its first and last MiB: every
+/// sixteenth of the device (xfs allocation groups start there for 4, 8 or 16 groups; a sample
+/// covers the AG header even when the group size was rounded down) and [`PROBE_SAMPLES`] evenly
+/// spaced offsets on ext4 block-group boundaries (about 17 MiB read in all, whatever the size).
+pub fn sample_offsets(size: u64) -> Vec<u64> {
+    let (start, end) = (PROBE_BYTES as u64, size.saturating_sub(PROBE_BYTES as u64));
+    if end <= start + SAMPLE_BYTES {
+        return Vec::new();
+    }
+    let mut offsets: Vec<u64> = (1..16u64)
+        .map(|k| (size / 16 * k).saturating_sub(SAMPLE_BYTES / 2) / 4096 * 4096)
+        .collect();
+    let stride = (end - start)
+        .div_ceil(PROBE_SAMPLES)
+        .div_ceil(EXT4_GROUP)
+        .max(1)
+        * EXT4_GROUP;
+    offsets.extend((1..).map(|k| k * stride).take_while(|&at| at < end));
+    offsets.retain(|&at| at >= start && at + SAMPLE_BYTES <= end);
+    offsets.sort_unstable();
+    offsets.dedup();
+    offsets
+}
+
+/// Reads a device (read-only): its first and last MiB, where every signature we know lives,
+/// then the [`sample_offsets`] between them, so a device whose signatures were wiped but whose
+/// filesystem metadata remains is not called blank. What no sample sees is still never
+/// discarded: mkfs runs without discard.
 pub fn probe(device: &Path, size: u64, label: &str) -> Result<Content, DiskError> {
     use std::os::unix::fs::FileExt;
     let err = |source| DiskError::Probe {
@@ -186,7 +226,23 @@ pub fn probe(device: &Path, size: u64, label: &str) -> Result<Content, DiskError
     let mut tail = vec![0u8; window];
     file.read_exact_at(&mut tail, size - window as u64)
         .map_err(err)?;
-    Ok(classify(&head, &tail, label))
+    let content = classify(&head, &tail, label);
+    if content != Content::Blank {
+        return Ok(content);
+    }
+    let mut sample = vec![0u8; usize::try_from(SAMPLE_BYTES).unwrap_or(1 << 16)];
+    for at in sample_offsets(size) {
+        file.read_exact_at(&mut sample, at).map_err(err)?;
+        if let Some(pos) = sample.iter().position(|&b| b != 0) {
+            return Ok(Content::Foreign {
+                what: format!(
+                    "data {} into the device (its first and last MiB are zero)",
+                    crate::config::human_bytes(at + pos as u64)
+                ),
+            });
+        }
+    }
+    Ok(Content::Blank)
 }
 
 fn devno_of(device: &Path) -> Option<String> {
@@ -220,10 +276,11 @@ pub fn execute(
         match step {
             Step::AlreadyMounted { device } => mounted.clone_from(device),
             Step::UseArray { device } => array = Some(device.clone()),
-            Step::AssembleArray { members } => {
+            Step::StopArray { device } => arrays.stop(device)?,
+            Step::AssembleArray { members, .. } => {
                 array = Some(arrays.assemble(&config.label, members)?);
             }
-            Step::CreateArray { members } => {
+            Step::CreateArray { members, .. } => {
                 // Re-check right before writing: a device that became foreign since the plan
                 // stops everything.
                 for m in members {
@@ -264,6 +321,15 @@ pub fn execute(
                     }
                 }
             }
+            Step::MakeFilesystem {
+                target,
+                stripe_width,
+            } => {
+                // The array was created by the step before over devices re-checked right
+                // before it: whatever shows through is our own old data.
+                let device = resolve(target, &array)?;
+                make_fs(config, &device, *stripe_width, true)?;
+            }
             Step::Mount { target } => {
                 let device = resolve(target, &array)?;
                 mount_cache(config, &device)?;
@@ -288,22 +354,23 @@ fn make_fs(config: &DiskConfig, device: &Path, width: u32, force: bool) -> Resul
 
 /// Mounts our filesystem at the cache root (noatime, optional discard) and makes the mount
 /// shared so pods with `mountPropagation: HostToContainer` see it. Skips when it is already
-/// mounted there from this device.
+/// mounted there from this device; mounts over a bind mount of a directory (the pod's
+/// `hostPath` volume), so the mount propagates through it to the host.
 fn mount_cache(config: &DiskConfig, device: &Path) -> Result<(), DiskError> {
     let target = &config.target;
-    let existing = mounts(&config.host)?
-        .into_iter()
-        .find(|m| &m.target == target);
-    if let Some(m) = existing {
-        if Some(&m.devno) == devno_of(device).as_ref() {
+    if let Some(m) = topmost_at(mounts(&config.host)?, target) {
+        if Some(&m.devno) == devno_of(device).as_ref() && !m.is_directory_bind() {
             info!(target = %target.display(), "{} is already mounted at {}", device.display(), target.display());
             return Ok(());
         }
-        return Err(DiskError::MountpointBusy {
-            target: target.clone(),
-            source_device: m.source,
-            fstype: m.fstype,
-        });
+        if !m.is_directory_bind() {
+            return Err(DiskError::MountpointBusy {
+                target: target.clone(),
+                source_device: m.source,
+                fstype: m.fstype,
+            });
+        }
+        info!(target = %target.display(), "{} is a bind mount of {} on {}: mounting over it", target.display(), m.root, m.source);
     }
     std::fs::create_dir_all(target).map_err(|source| DiskError::Probe {
         device: target.clone(),
@@ -342,9 +409,7 @@ fn mount_cache(config: &DiskConfig, device: &Path) -> Result<(), DiskError> {
 pub fn at_target(
     config: &DiskConfig,
 ) -> Result<Option<(super::discover::Mount, Option<Content>)>, DiskError> {
-    let found = mounts(&config.host)?
-        .into_iter()
-        .find(|m| m.target == config.target);
+    let found = topmost_at(mounts(&config.host)?, &config.target);
     Ok(found.map(|m| {
         let content = probe(Path::new(&m.source), 0, &config.label).ok();
         (m, content)
@@ -374,6 +439,33 @@ mod tests {
     }
 
     #[test]
+    fn samples_cover_ext4_groups_and_xfs_sixteenths_at_a_bounded_cost() {
+        let mib = 1u64 << 20;
+        let small = sample_offsets(320 * mib);
+        assert!(
+            small.contains(&(128 * mib)) && small.contains(&(256 * mib)),
+            "{small:?}"
+        );
+        assert!(
+            small.contains(&(80 * mib - 32 * 1024)),
+            "xfs AG 1 of 4: {small:?}"
+        );
+        for size in [320 * mib, 960_197_124_096, 7_680_000_000_000] {
+            let offsets = sample_offsets(size);
+            assert!(offsets.len() <= 16 + 256, "{}", offsets.len());
+            assert!(
+                offsets
+                    .iter()
+                    .all(|&at| at >= mib && at + SAMPLE_BYTES <= size - mib),
+                "{size}"
+            );
+        }
+        let nc96 = sample_offsets(960_197_124_096);
+        assert!(nc96.len() > 200, "{}", nc96.len());
+        assert!(sample_offsets(2 * mib).is_empty());
+    }
+
+    #[test]
     fn mkfs_is_stripe_aware_and_forces_only_when_told() {
         let (p, a) = mkfs_args(
             Filesystem::Xfs,
@@ -385,7 +477,7 @@ mod tests {
         );
         assert_eq!(
             format!("{p} {}", a.join(" ")),
-            "mkfs.xfs -q -L modelcache -d su=512k,sw=4 /dev/md/modelcache"
+            "mkfs.xfs -q -L modelcache -K -d su=512k,sw=4 /dev/md/modelcache"
         );
         let (p, a) = mkfs_args(
             Filesystem::Ext4,
@@ -397,7 +489,7 @@ mod tests {
         );
         assert_eq!(
             format!("{p} {}", a.join(" ")),
-            "mkfs.ext4 -q -L modelcache -m 0 -F /dev/nvme1n1"
+            "mkfs.ext4 -q -L modelcache -m 0 -F -E nodiscard /dev/nvme1n1"
         );
         let (_, a) = mkfs_args(
             Filesystem::Ext4,
@@ -408,7 +500,7 @@ mod tests {
             false,
         );
         assert!(
-            a.contains(&"stride=128,stripe_width=512".to_string()),
+            a.contains(&"nodiscard,stride=128,stripe_width=512".to_string()),
             "{a:?}"
         );
     }

@@ -66,8 +66,56 @@ pub struct BlockDevice {
 pub struct Found {
     /// The device.
     pub device: BlockDevice,
+    /// Whether the selector names it (by model string or in `disk.devices`).
+    pub wanted: bool,
     /// `None` when selected; otherwise why not.
     pub skipped: Option<String>,
+    /// The md array holding it (`md127`), when an md array is its only holder. Such a device is
+    /// still a candidate: the plan reads its superblock, and uses or stops the array only when
+    /// the array is ours (as after a reboot, when udev assembles arrays before the agent runs).
+    pub in_array: Option<String>,
+}
+
+/// An md array as sysfs describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MdArray {
+    /// Kernel name, e.g. `md127`.
+    pub name: String,
+    /// Device node, e.g. `/dev/md127`.
+    pub path: PathBuf,
+    /// `md/array_state`: `clean`, `active`, `inactive`, `readonly`, ...
+    pub state: String,
+    /// Kernel names of its member devices (`slaves/`), sorted.
+    pub members: Vec<String>,
+}
+
+impl MdArray {
+    /// Whether the array runs (an `inactive` array holds its members but serves no I/O).
+    pub fn is_running(&self) -> bool {
+        !matches!(self.state.as_str(), "inactive" | "clear" | "")
+    }
+}
+
+/// Reads the md array `name` (`md127`) from `SYSFS/block`, if it exists.
+pub fn md_array(paths: &HostPaths, name: &str) -> Option<MdArray> {
+    let dir = paths.sysfs.join("block").join(name);
+    if !dir.join("md").is_dir() {
+        return None;
+    }
+    let mut members: Vec<String> = std::fs::read_dir(dir.join("slaves"))
+        .map(|h| {
+            h.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    members.sort();
+    Some(MdArray {
+        name: name.to_string(),
+        path: paths.dev.join(name),
+        state: read_trimmed(&dir.join("md/array_state")).unwrap_or_default(),
+        members,
+    })
 }
 
 /// One line of `mountinfo`.
@@ -75,6 +123,9 @@ pub struct Found {
 pub struct Mount {
     /// `major:minor` of the mounted device.
     pub devno: String,
+    /// The directory of the filesystem that is mounted here: `/` for a whole filesystem, a
+    /// subdirectory for a bind mount of a directory (what a `hostPath` volume is in a pod).
+    pub root: String,
     /// Mount point.
     pub target: PathBuf,
     /// Filesystem type.
@@ -106,10 +157,24 @@ fn parse_mountinfo_line(line: &str) -> Option<Mount> {
     let right: Vec<&str> = right.split_whitespace().collect();
     Some(Mount {
         devno: (*fields.get(2)?).to_string(),
+        root: unescape(fields.get(3)?),
         target: PathBuf::from(unescape(fields.get(4)?)),
         fstype: (*right.first()?).to_string(),
         source: right.get(1).map_or(String::new(), |s| unescape(s)),
     })
+}
+
+impl Mount {
+    /// Whether this is a bind mount of a directory rather than a whole filesystem.
+    pub fn is_directory_bind(&self) -> bool {
+        self.root != "/"
+    }
+}
+
+/// The mount a path shows: the last (topmost) of the mounts at `target`, since a filesystem
+/// mounted over a bind mount is listed after it.
+pub fn topmost_at(mounts: Vec<Mount>, target: &Path) -> Option<Mount> {
+    mounts.into_iter().rfind(|m| m.target == target)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -181,26 +246,40 @@ pub fn block_devices(paths: &HostPaths) -> Result<Vec<BlockDevice>, DiskError> {
 }
 
 /// Selects the local disks and says why each other device was left alone.
+///
+/// A device named in `disk.devices` that does not exist is an error naming it: an operator who
+/// lists four devices means four, never a silently smaller array.
 pub fn discover(paths: &HostPaths, selector: &Selector) -> Result<Vec<Found>, DiskError> {
     let mounts = mounts(paths)?;
     let root_devno = mounts
         .iter()
         .find(|m| m.target == Path::new("/"))
         .map(|m| m.devno.clone());
+    let matches = |x: &str, d: &BlockDevice| {
+        let x = x.trim();
+        x == d.name || Path::new(x) == d.path
+    };
     let wanted = |d: &BlockDevice| -> bool {
         if selector.devices.is_empty() {
             d.model
                 .as_deref()
                 .is_some_and(|m| selector.models.iter().any(|w| w.trim() == m))
         } else {
-            selector.devices.iter().any(|x| {
-                let x = x.trim();
-                x == d.name || Path::new(x) == d.path
-            })
+            selector.devices.iter().any(|x| matches(x, d))
         }
     };
+    let devices = block_devices(paths)?;
+    let missing: Vec<String> = selector
+        .devices
+        .iter()
+        .filter(|x| !devices.iter().any(|d| matches(x, d)))
+        .map(|x| x.trim().to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(DiskError::ListedDeviceMissing { devices: missing });
+    }
     let mut found = Vec::new();
-    for device in block_devices(paths)? {
+    for device in devices {
         if !wanted(&device) {
             // Report other disks with a model (real hardware) so a plan shows why they were
             // left alone; loop, ram and md devices stay out of the listing.
@@ -212,13 +291,19 @@ pub fn discover(paths: &HostPaths, selector: &Selector) -> Result<Vec<Found>, Di
                 };
                 found.push(Found {
                     device,
+                    wanted: false,
                     skipped: Some(why),
+                    in_array: None,
                 });
             }
             continue;
         }
         let mut devnos: Vec<&str> = vec![device.devno.as_str()];
         devnos.extend(device.partitions.iter().map(|(_, d)| d.as_str()));
+        let in_array = match device.holders.as_slice() {
+            [only] if only.starts_with("md") => Some(only.clone()),
+            _ => None,
+        };
         let skipped = if root_devno.as_deref().is_some_and(|r| devnos.contains(&r)) {
             Some("holds the root filesystem".to_string())
         } else if let Some(m) = mounts.iter().find(|m| devnos.contains(&m.devno.as_str())) {
@@ -235,14 +320,19 @@ pub fn discover(paths: &HostPaths, selector: &Selector) -> Result<Vec<Found>, Di
                     .collect::<Vec<_>>()
                     .join(", ")
             ))
-        } else if !device.holders.is_empty() {
+        } else if !device.holders.is_empty() && in_array.is_none() {
             Some(format!("is in use by {}", device.holders.join(", ")))
         } else if device.size_bytes == 0 {
             Some("has no media (size 0)".to_string())
         } else {
             None
         };
-        found.push(Found { device, skipped });
+        found.push(Found {
+            device,
+            wanted: true,
+            skipped,
+            in_array,
+        });
     }
     Ok(found)
 }
@@ -376,6 +466,8 @@ pub(crate) mod tests {
         let d = host.disk("nvme3n1", Some(DIRECT), "259:3");
         std::fs::write(d.join("removable"), "1\n").unwrap();
         let d = host.disk("nvme4n1", Some(DIRECT), "259:4");
+        std::fs::create_dir_all(d.join("holders/dm-0")).unwrap();
+        let d = host.disk("nvme5n1", Some(DIRECT), "259:5");
         std::fs::create_dir_all(d.join("holders/md127")).unwrap();
         host.disk("sda", Some("Virtual Disk"), "8:0");
         let found = discover(&host.paths(), &selector()).unwrap();
@@ -395,9 +487,45 @@ pub(crate) mod tests {
                 ("nvme1n1", "has partitions (nvme1n1p1)"),
                 ("nvme2n1", "is mounted at /data"),
                 ("nvme3n1", "is removable"),
-                ("nvme4n1", "is in use by md127"),
+                ("nvme4n1", "is in use by dm-0"),
+                ("nvme5n1", "selected"),
             ]
         );
+        // An md member stays a candidate: the plan reads whose array it is.
+        let md = found.iter().find(|f| f.device.name == "nvme5n1").unwrap();
+        assert_eq!(md.in_array.as_deref(), Some("md127"));
+    }
+
+    #[test]
+    fn a_listed_device_that_does_not_exist_is_an_error_naming_it() {
+        let host = FakeHost::new();
+        host.disk("loop3", None, "7:3");
+        let explicit = Selector {
+            models: vec![],
+            devices: vec!["loop3".into(), "/dev/nvme9n1".into()],
+        };
+        let err = discover(&host.paths(), &explicit).unwrap_err().to_string();
+        assert!(
+            err.contains("/dev/nvme9n1") && !err.contains("loop3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn md_arrays_are_read_from_sysfs() {
+        let host = FakeHost::new();
+        let d = host.disk("md127", None, "9:127");
+        std::fs::create_dir_all(d.join("md")).unwrap();
+        std::fs::write(d.join("md/array_state"), "inactive\n").unwrap();
+        for m in ["nvme2n1", "nvme1n1"] {
+            std::fs::create_dir_all(d.join("slaves").join(m)).unwrap();
+        }
+        let md = md_array(&host.paths(), "md127").unwrap();
+        assert_eq!(md.members, ["nvme1n1", "nvme2n1"]);
+        assert!(!md.is_running());
+        std::fs::write(d.join("md/array_state"), "clean\n").unwrap();
+        assert!(md_array(&host.paths(), "md127").unwrap().is_running());
+        assert!(md_array(&host.paths(), "nvme1n1").is_none());
     }
 
     #[test]
@@ -421,6 +549,8 @@ pub(crate) mod tests {
         let m = parse_mountinfo_line("36 35 98:0 /mnt1 /mnt/with\\040space rw - ext3 /dev/root rw")
             .unwrap();
         assert_eq!(m.target, PathBuf::from("/mnt/with space"));
+        assert_eq!(m.root, "/mnt1");
+        assert!(m.is_directory_bind());
         assert_eq!(m.devno, "98:0");
         assert_eq!(m.fstype, "ext3");
     }

@@ -84,6 +84,24 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
+    /// Devices listed in `disk.devices` do not exist.
+    #[error(
+        "listed in disk.devices but not found: {} (hint: check the names against /sys/block, or remove them from disk.devices)",
+        devices.join(", ")
+    )]
+    ListedDeviceMissing {
+        /// The names as listed.
+        devices: Vec<String>,
+    },
+    /// A device listed in `disk.devices` cannot be used.
+    #[error(
+        "listed in disk.devices but not usable: {} (hint: every listed device must be blank or ours; remove the others from disk.devices, the agent never writes to them)",
+        report.join("; ")
+    )]
+    ListedDeviceUnusable {
+        /// One line per unusable listed device.
+        report: Vec<String>,
+    },
     /// No selected device can be used.
     #[error(
         "no usable local disk: {} (hint: check disk.models against /sys/block/*/device/model, or list devices in disk.devices)",
@@ -158,10 +176,11 @@ pub struct Report {
 }
 
 /// Looks at the host and decides, changing nothing.
-pub fn plan(config: &DiskConfig, arrays: &dyn ArrayTool) -> Result<Plan, DiskError> {
+pub fn plan(config: &DiskConfig) -> Result<Plan, DiskError> {
     let at_target = apply::at_target(config)?;
     let found = discover::discover(&config.host, &config.selector)?;
     let mut with_content = Vec::new();
+    let mut arrays: Vec<discover::MdArray> = Vec::new();
     for f in found {
         let content = if f.skipped.is_none() {
             Some(apply::probe(
@@ -172,15 +191,26 @@ pub fn plan(config: &DiskConfig, arrays: &dyn ArrayTool) -> Result<Plan, DiskErr
         } else {
             None
         };
+        if let Some(name) = &f.in_array {
+            if !arrays.iter().any(|a| &a.name == name) {
+                arrays.extend(discover::md_array(&config.host, name));
+            }
+        }
         with_content.push((f, content));
     }
     let target = at_target.as_ref().map(|(m, c)| (m, c.as_ref()));
-    plan::decide(&with_content, target, arrays.active(&config.label))
+    plan::decide(&plan::Snapshot {
+        found: &with_content,
+        at_target: target,
+        arrays: &arrays,
+        array_path: &config.host.dev.join("md").join(&config.label),
+        explicit: !config.selector.devices.is_empty(),
+    })
 }
 
 /// Decides and carries out the plan.
 pub fn apply(config: &DiskConfig, arrays: &dyn ArrayTool) -> Result<Report, DiskError> {
-    let plan = plan(config, arrays)?;
+    let plan = plan(config)?;
     let mounted = apply::execute(config, &plan.steps, arrays)?;
     Ok(Report {
         plan,

@@ -1,24 +1,32 @@
-//! Deciding what to do with the discovered disks: a pure function from what was found to a
-//! list of steps, so every boot scenario is a unit test and `modelcache disk plan` can print it
-//! without changing anything.
+//! Deciding what to do with the discovered disks: a pure function from a snapshot of the host
+//! to a list of steps, so every boot scenario is a unit test and `modelcache disk plan` can
+//! print it without changing anything.
 //!
 //! The policy, in order:
-//! - the cache root already mounted with our filesystem: nothing to do; anything else mounted
-//!   there: refuse;
-//! - foreign devices are left alone and reported;
+//! - the cache root shows our filesystem: nothing to do; a whole filesystem of someone else
+//!   mounted there: refuse. A bind mount of a *directory* there is what a pod's `hostPath`
+//!   volume is (mountinfo root other than `/`): our filesystem is mounted over it, which hides
+//!   but never changes what the directory holds;
+//! - devices listed in `disk.devices` must all be usable (blank or ours): a listed device that
+//!   is not is an error naming it, never a silently smaller array. Devices selected by model
+//!   string that hold foreign data are left alone and reported;
 //! - one usable device: use our filesystem on it, or make one if it is blank (or only holds an
 //!   old array member of ours);
-//! - several: use our array if it is running; assemble it when every usable device is a member
-//!   of the same array of ours and none is missing; otherwise, when every usable device is ours
-//!   or blank, create a new array over all of them (this drops the old cache, and says so).
+//! - several: use our array when it is running over exactly the usable devices (as udev
+//!   assembles it at boot); assemble it when every usable device is a member of the same array
+//!   of ours and none is missing; otherwise, when every usable device is ours or blank, stop
+//!   any partial array of ours, create a new array over all of them and always make a new
+//!   filesystem on it (a new array can show an old superblock through; this drops the old
+//!   cache, and says so).
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::DiskError;
 use super::classify::Content;
-use super::discover::{Found, Mount};
+use super::discover::{Found, MdArray, Mount};
 
 /// What a step writes to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,18 +47,27 @@ pub enum Step {
         /// The mount source.
         device: String,
     },
-    /// Our array is already running.
+    /// Our array is already running over exactly the usable devices.
     UseArray {
+        /// Its device.
+        device: PathBuf,
+    },
+    /// Stop an array of ours that does not match the devices (incomplete, or inactive).
+    StopArray {
         /// Its device.
         device: PathBuf,
     },
     /// Assemble our existing array from its members.
     AssembleArray {
+        /// The array's name, e.g. `/dev/md/modelcache`.
+        array: PathBuf,
         /// Members.
         members: Vec<PathBuf>,
     },
     /// Create a new RAID0 array.
     CreateArray {
+        /// The array's name, e.g. `/dev/md/modelcache`.
+        array: PathBuf,
         /// Members.
         members: Vec<PathBuf>,
     },
@@ -63,6 +80,13 @@ pub enum Step {
         /// Devices the filesystem spans (for stripe alignment).
         stripe_width: u32,
     },
+    /// Make a new filesystem, whatever the device shows: only on an array just created.
+    MakeFilesystem {
+        /// Where.
+        target: Target,
+        /// Devices the filesystem spans (for stripe alignment).
+        stripe_width: u32,
+    },
     /// Mount at the cache root, shared.
     Mount {
         /// What.
@@ -71,14 +95,17 @@ pub enum Step {
 }
 
 impl Step {
-    /// A short name: `already-mounted`, `use-array`, `assemble`, `create`, `filesystem`, `mount`.
+    /// A short name: `already-mounted`, `use-array`, `stop-array`, `assemble`, `create`,
+    /// `filesystem`, `mkfs`, `mount`.
     pub fn kind(&self) -> &'static str {
         match self {
             Step::AlreadyMounted { .. } => "already-mounted",
             Step::UseArray { .. } => "use-array",
+            Step::StopArray { .. } => "stop-array",
             Step::AssembleArray { .. } => "assemble",
             Step::CreateArray { .. } => "create",
             Step::EnsureFilesystem { .. } => "filesystem",
+            Step::MakeFilesystem { .. } => "mkfs",
             Step::Mount { .. } => "mount",
         }
     }
@@ -102,11 +129,26 @@ impl std::fmt::Display for Step {
                 "nothing to do: the cache root is already mounted from {device} with our filesystem"
             ),
             Step::UseArray { device } => write!(f, "use our running array {}", device.display()),
-            Step::AssembleArray { members } => {
-                write!(f, "assemble our array from {}", list(members))
+            Step::StopArray { device } => write!(
+                f,
+                "stop our array {} (it does not span exactly the usable devices)",
+                device.display()
+            ),
+            Step::AssembleArray { array, members } => {
+                write!(
+                    f,
+                    "assemble our array {} from {}",
+                    array.display(),
+                    list(members)
+                )
             }
-            Step::CreateArray { members } => {
-                write!(f, "create a RAID0 array over {}", list(members))
+            Step::CreateArray { array, members } => {
+                write!(
+                    f,
+                    "create a RAID0 array {} over {}",
+                    array.display(),
+                    list(members)
+                )
             }
             Step::EnsureFilesystem {
                 target,
@@ -122,6 +164,9 @@ impl std::fmt::Display for Step {
                     " (only if blank)"
                 }
             ),
+            Step::MakeFilesystem { target, .. } => {
+                write!(f, "make a new filesystem on {} (new array)", t(target))
+            }
             Step::Mount { target } => {
                 write!(f, "mount {} at the cache root, noatime, shared", t(target))
             }
@@ -168,14 +213,24 @@ fn describe(c: &Content) -> String {
     }
 }
 
-/// Decides the steps. `found` pairs each device with its content (read for selected devices
-/// only); `at_target` is what is mounted at the cache root, with its content; `active_array` is
-/// our array's device when it is running.
-pub fn decide(
-    found: &[(Found, Option<Content>)],
-    at_target: Option<(&Mount, Option<&Content>)>,
-    active_array: Option<PathBuf>,
-) -> Result<Plan, DiskError> {
+/// Everything `decide` looks at, read from the host before anything is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot<'a> {
+    /// Each device with its content (read for candidates only).
+    pub found: &'a [(Found, Option<Content>)],
+    /// The topmost mount at the cache root, with its device's content.
+    pub at_target: Option<(&'a Mount, Option<&'a Content>)>,
+    /// The md arrays holding candidate devices.
+    pub arrays: &'a [MdArray],
+    /// Where our array appears by name: `/dev/md/LABEL`.
+    pub array_path: &'a std::path::Path,
+    /// Whether devices were listed in `disk.devices` (then every one must be usable).
+    pub explicit: bool,
+}
+
+/// Decides the steps for a snapshot of the host.
+pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
+    let found = snapshot.found;
     let devices: Vec<DeviceLine> = found
         .iter()
         .map(|(f, c)| DeviceLine {
@@ -188,21 +243,47 @@ pub fn decide(
         })
         .collect();
     let mut notes = Vec::new();
-    if let Some((mount, content)) = at_target {
-        return match content {
-            Some(Content::OurFilesystem { .. }) => Ok(Plan {
-                devices,
-                steps: vec![Step::AlreadyMounted {
-                    device: mount.source.clone(),
-                }],
-                notes,
-            }),
-            _ => Err(DiskError::MountpointBusy {
-                target: mount.target.clone(),
-                source_device: mount.source.clone(),
-                fstype: mount.fstype.clone(),
-            }),
-        };
+    if let Some((mount, content)) = snapshot.at_target {
+        match content {
+            Some(Content::OurFilesystem { .. }) if !mount.is_directory_bind() => {
+                return Ok(Plan {
+                    devices,
+                    steps: vec![Step::AlreadyMounted {
+                        device: mount.source.clone(),
+                    }],
+                    notes,
+                });
+            }
+            _ if mount.is_directory_bind() => notes.push(format!(
+                "the cache root is a bind mount of the directory {} on {} (a hostPath volume): our filesystem is mounted over it",
+                mount.root, mount.source
+            )),
+            _ => {
+                return Err(DiskError::MountpointBusy {
+                    target: mount.target.clone(),
+                    source_device: mount.source.clone(),
+                    fstype: mount.fstype.clone(),
+                });
+            }
+        }
+    }
+    if snapshot.explicit {
+        let unusable: Vec<String> = found
+            .iter()
+            .filter(|(f, _)| f.wanted)
+            .filter_map(|(f, c)| {
+                let why = match (&f.skipped, c) {
+                    (Some(why), _) => why.clone(),
+                    (None, Some(Content::Foreign { what })) => format!("holds {what}"),
+                    (None, None) => "could not be read".to_string(),
+                    (None, Some(_)) => return None,
+                };
+                Some(format!("{} {why}", f.device.path.display()))
+            })
+            .collect();
+        if !unusable.is_empty() {
+            return Err(DiskError::ListedDeviceUnusable { report: unusable });
+        }
     }
     let usable: Vec<(&Found, &Content)> = found
         .iter()
@@ -236,10 +317,33 @@ pub fn decide(
         return Err(DiskError::NoUsableDisk { report });
     }
     let paths: Vec<PathBuf> = usable.iter().map(|(f, _)| f.device.path.clone()).collect();
+    let names: BTreeSet<&str> = usable.iter().map(|(f, _)| f.device.name.as_str()).collect();
     let width = u32::try_from(paths.len()).unwrap_or(u32::MAX);
+    // Arrays of ours that hold usable devices: only these may be used or stopped.
+    let ours: Vec<&MdArray> = snapshot
+        .arrays
+        .iter()
+        .filter(|a| {
+            usable.iter().any(|(f, c)| {
+                f.in_array.as_deref() == Some(a.name.as_str())
+                    && matches!(c, Content::OurArrayMember { .. })
+            })
+        })
+        .collect();
+    let exact = ours.iter().find(|a| {
+        a.is_running()
+            && a.members
+                .iter()
+                .map(String::as_str)
+                .collect::<BTreeSet<_>>()
+                == names
+            && paths.len() > 1
+    });
     let mut steps = Vec::new();
-    if let Some(array) = active_array {
-        steps.push(Step::UseArray { device: array });
+    if let Some(array) = exact {
+        steps.push(Step::UseArray {
+            device: array.path.clone(),
+        });
         steps.push(Step::EnsureFilesystem {
             target: Target::Array,
             may_overwrite: false,
@@ -248,7 +352,24 @@ pub fn decide(
         steps.push(Step::Mount {
             target: Target::Array,
         });
-    } else if let [(only, content)] = usable.as_slice() {
+        return Ok(Plan {
+            devices,
+            steps,
+            notes,
+        });
+    }
+    for array in &ours {
+        notes.push(format!(
+            "our array {} ({}, members {}) does not span exactly the usable devices: it is stopped first",
+            array.path.display(),
+            array.state,
+            array.members.join(" ")
+        ));
+        steps.push(Step::StopArray {
+            device: array.path.clone(),
+        });
+    }
+    if let [(only, content)] = usable.as_slice() {
         let may_overwrite = matches!(content, Content::OurArrayMember { .. });
         if may_overwrite {
             notes.push(format!(
@@ -263,48 +384,58 @@ pub fn decide(
             stripe_width: 1,
         });
         steps.push(Step::Mount { target });
-    } else {
-        let first_uuid = match usable[0].1 {
-            Content::OurArrayMember {
-                array_uuid,
-                raid_disks,
-            } => Some((array_uuid.clone(), *raid_disks)),
-            _ => None,
-        };
-        let complete_array = first_uuid.as_ref().is_some_and(|(uuid, disks)| {
-            usize::try_from(*disks).ok() == Some(usable.len())
-                && usable.iter().all(|(_, c)| matches!(c, Content::OurArrayMember { array_uuid, .. } if array_uuid == uuid))
-        });
-        if complete_array {
-            steps.push(Step::AssembleArray { members: paths });
-            steps.push(Step::EnsureFilesystem {
-                target: Target::Array,
-                may_overwrite: false,
-                stripe_width: width,
-            });
-        } else {
-            let ours = usable
-                .iter()
-                .filter(|(_, c)| !matches!(c, Content::Blank))
-                .count();
-            if ours > 0 {
-                notes.push(format!(
-                    "{ours} of {} devices hold our old data but do not form a complete array of ours: creating a new array over all {}; the old cache is dropped and refetched",
-                    usable.len(),
-                    usable.len()
-                ));
-            }
-            steps.push(Step::CreateArray { members: paths });
-            steps.push(Step::EnsureFilesystem {
-                target: Target::Array,
-                may_overwrite: true,
-                stripe_width: width,
-            });
-        }
-        steps.push(Step::Mount {
-            target: Target::Array,
+        return Ok(Plan {
+            devices,
+            steps,
+            notes,
         });
     }
+    let first_uuid = match usable[0].1 {
+        Content::OurArrayMember {
+            array_uuid,
+            raid_disks,
+        } => Some((array_uuid.clone(), *raid_disks)),
+        _ => None,
+    };
+    let complete_array = first_uuid.as_ref().is_some_and(|(uuid, disks)| {
+        usize::try_from(*disks).ok() == Some(usable.len())
+            && usable.iter().all(|(_, c)| matches!(c, Content::OurArrayMember { array_uuid, .. } if array_uuid == uuid))
+    });
+    let array = snapshot.array_path.to_path_buf();
+    if complete_array {
+        steps.push(Step::AssembleArray {
+            array,
+            members: paths,
+        });
+        steps.push(Step::EnsureFilesystem {
+            target: Target::Array,
+            may_overwrite: false,
+            stripe_width: width,
+        });
+    } else {
+        let old = usable
+            .iter()
+            .filter(|(_, c)| !matches!(c, Content::Blank))
+            .count();
+        if old > 0 {
+            notes.push(format!(
+                "{old} of {} devices hold our old data but do not form a complete array of ours: creating a new array over all {}; the old cache is dropped and refetched",
+                usable.len(),
+                usable.len()
+            ));
+        }
+        steps.push(Step::CreateArray {
+            array,
+            members: paths,
+        });
+        steps.push(Step::MakeFilesystem {
+            target: Target::Array,
+            stripe_width: width,
+        });
+    }
+    steps.push(Step::Mount {
+        target: Target::Array,
+    });
     Ok(Plan {
         devices,
         steps,
@@ -329,8 +460,17 @@ mod tests {
                 partitions: vec![],
                 holders: vec![],
             },
+            wanted: true,
             skipped: skipped.map(str::to_string),
+            in_array: None,
         }
+    }
+
+    fn held(i: u32, array: &str) -> Found {
+        let mut f = dev(i, None);
+        f.device.holders = vec![array.to_string()];
+        f.in_array = Some(array.to_string());
+        f
     }
 
     fn member(uuid: &str, disks: u32) -> Content {
@@ -338,6 +478,34 @@ mod tests {
             array_uuid: uuid.into(),
             raid_disks: disks,
         }
+    }
+
+    fn md(state: &str, members: &[u32]) -> MdArray {
+        MdArray {
+            name: "md127".into(),
+            path: "/dev/md127".into(),
+            state: state.into(),
+            members: members.iter().map(|i| format!("nvme{i}n1")).collect(),
+        }
+    }
+
+    fn decide_with(
+        found: &[(Found, Option<Content>)],
+        at_target: Option<(&Mount, Option<&Content>)>,
+        arrays: &[MdArray],
+        explicit: bool,
+    ) -> Result<Plan, DiskError> {
+        decide(&Snapshot {
+            found,
+            at_target,
+            arrays,
+            array_path: std::path::Path::new("/dev/md/modelcache"),
+            explicit,
+        })
+    }
+
+    fn plain(found: &[(Found, Option<Content>)]) -> Result<Plan, DiskError> {
+        decide_with(found, None, &[], false)
     }
 
     fn kinds(p: &Plan) -> Vec<&'static str> {
@@ -355,41 +523,93 @@ mod tests {
     }
 
     #[test]
-    fn four_blank_disks_get_a_new_array() {
+    fn four_blank_disks_get_a_new_named_array_and_a_new_filesystem() {
         let found: Vec<_> = (1..=4)
             .map(|i| (dev(i, None), Some(Content::Blank)))
             .collect();
-        let p = decide(&found, None, None).unwrap();
-        assert_eq!(kinds(&p), ["create", "mkfs-overwrite", "mount"]);
+        let p = plain(&found).unwrap();
+        assert_eq!(kinds(&p), ["create", "mkfs", "mount"]);
         assert!(p.notes.is_empty());
+        assert!(
+            p.steps[0].to_string().contains("/dev/md/modelcache"),
+            "{}",
+            p.steps[0]
+        );
     }
 
     #[test]
-    fn a_complete_array_of_ours_is_assembled_not_recreated() {
+    fn a_complete_array_of_ours_is_assembled_or_used_not_recreated() {
         let found: Vec<_> = (1..=4)
             .map(|i| (dev(i, None), Some(member("aa", 4))))
             .collect();
         assert_eq!(
-            kinds(&decide(&found, None, None).unwrap()),
+            kinds(&plain(&found).unwrap()),
             ["assemble", "mkfs-if-blank", "mount"]
         );
-        let p = decide(&found, None, Some(PathBuf::from("/dev/md127"))).unwrap();
+        // Assembled by udev at boot, before the agent: its members are held by it.
+        let found: Vec<_> = (1..=4)
+            .map(|i| (held(i, "md127"), Some(member("aa", 4))))
+            .collect();
+        let p = decide_with(&found, None, &[md("clean", &[1, 2, 3, 4])], false).unwrap();
         assert_eq!(kinds(&p), ["use-array", "mkfs-if-blank", "mount"]);
+        assert_eq!(
+            p.steps[0],
+            Step::UseArray {
+                device: "/dev/md127".into()
+            }
+        );
+        // Held but inactive (udev started it and waits for members): stopped, assembled.
+        let p = decide_with(&found, None, &[md("inactive", &[1, 2, 3, 4])], false).unwrap();
+        assert_eq!(
+            kinds(&p),
+            ["stop-array", "assemble", "mkfs-if-blank", "mount"]
+        );
     }
 
     #[test]
-    fn one_replaced_blank_disk_recreates_the_array_and_says_so() {
+    fn one_replaced_blank_disk_stops_the_partial_array_and_recreates_it_and_says_so() {
         let mut found: Vec<_> = (1..=3)
-            .map(|i| (dev(i, None), Some(member("aa", 4))))
+            .map(|i| (held(i, "md127"), Some(member("aa", 4))))
             .collect();
         found.push((dev(4, None), Some(Content::Blank)));
-        let p = decide(&found, None, None).unwrap();
-        assert_eq!(kinds(&p), ["create", "mkfs-overwrite", "mount"]);
-        assert!(p.notes[0].contains("old cache is dropped"), "{:?}", p.notes);
+        let p = decide_with(&found, None, &[md("inactive", &[1, 2, 3])], false).unwrap();
+        assert_eq!(kinds(&p), ["stop-array", "create", "mkfs", "mount"]);
+        assert!(
+            p.notes.iter().any(|n| n.contains("old cache is dropped")),
+            "{:?}",
+            p.notes
+        );
+        // Without udev's array: the same, minus the stop.
+        let found: Vec<_> = found
+            .into_iter()
+            .map(|(mut f, c)| {
+                f.in_array = None;
+                (f, c)
+            })
+            .collect();
+        assert_eq!(kinds(&plain(&found).unwrap()), ["create", "mkfs", "mount"]);
     }
 
     #[test]
-    fn foreign_disks_are_left_out_and_reported() {
+    fn a_foreign_array_is_never_used_nor_stopped() {
+        let found: Vec<_> = (1..=2)
+            .map(|i| {
+                (
+                    held(i, "md127"),
+                    Some(Content::Foreign {
+                        what: "a member of md array \"data\"".into(),
+                    }),
+                )
+            })
+            .chain([(dev(3, None), Some(Content::Blank))])
+            .collect();
+        let p = decide_with(&found, None, &[md("clean", &[1, 2])], false).unwrap();
+        assert_eq!(kinds(&p), ["mkfs-if-blank", "mount"]);
+        assert!(!p.steps.iter().any(|s| matches!(s, Step::StopArray { .. })));
+    }
+
+    #[test]
+    fn foreign_disks_selected_by_model_are_left_out_and_reported() {
         let found = vec![
             (dev(1, None), Some(Content::Blank)),
             (
@@ -399,12 +619,40 @@ mod tests {
                 }),
             ),
         ];
-        let p = decide(&found, None, None).unwrap();
+        let p = plain(&found).unwrap();
         assert_eq!(kinds(&p), ["mkfs-if-blank", "mount"]);
         assert!(
             matches!(&p.steps[0], Step::EnsureFilesystem { target: Target::Device(d), .. } if d == &PathBuf::from("/dev/nvme1n1"))
         );
         assert!(p.notes[0].contains("/dev/nvme2n1") && p.notes[0].contains("never touched"));
+    }
+
+    #[test]
+    fn a_listed_device_that_is_foreign_or_skipped_is_an_error_naming_it() {
+        let found = vec![
+            (dev(1, None), Some(Content::Blank)),
+            (
+                dev(2, None),
+                Some(Content::Foreign {
+                    what: "a GPT partition table".into(),
+                }),
+            ),
+            (dev(3, Some("is mounted at /data")), None),
+        ];
+        let err = decide_with(&found, None, &[], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/dev/nvme2n1 holds a GPT")
+                && err.contains("/dev/nvme3n1 is mounted at /data")
+                && !err.contains("nvme1n1"),
+            "{err}"
+        );
+        // Devices that are not listed do not count.
+        let mut other = dev(4, Some("not in disk.devices"));
+        other.wanted = false;
+        let found = vec![(dev(1, None), Some(Content::Blank)), (other, None)];
+        assert!(decide_with(&found, None, &[], true).is_ok());
     }
 
     #[test]
@@ -418,48 +666,69 @@ mod tests {
                 }),
             ),
         ];
-        let err = decide(&found, None, None).unwrap_err().to_string();
+        let err = plain(&found).unwrap_err().to_string();
         assert!(
             err.contains("/dev/nvme1n1")
                 && err.contains("mounted at /data")
                 && err.contains("unrecognised"),
             "{err}"
         );
-        assert!(decide(&[], None, None).is_err());
+        assert!(plain(&[]).is_err());
+    }
+
+    fn mount(root: &str, source: &str) -> Mount {
+        Mount {
+            devno: "9:127".into(),
+            root: root.into(),
+            target: "/mnt/modelcache".into(),
+            fstype: "xfs".into(),
+            source: source.into(),
+        }
     }
 
     #[test]
     fn an_existing_mount_is_reused_if_ours_and_refused_otherwise() {
-        let m = Mount {
-            devno: "9:127".into(),
-            target: "/mnt/modelcache".into(),
-            fstype: "xfs".into(),
-            source: "/dev/md127".into(),
-        };
+        let m = mount("/", "/dev/md127");
         let ours = Content::OurFilesystem { fstype: "xfs" };
         assert_eq!(
-            kinds(&decide(&[], Some((&m, Some(&ours))), None).unwrap()),
+            kinds(&decide_with(&[], Some((&m, Some(&ours))), &[], false).unwrap()),
             ["already-mounted"]
         );
-        let err = decide(
+        let err = decide_with(
             &[],
             Some((&m, Some(&Content::Foreign { what: "x".into() }))),
-            None,
+            &[],
+            false,
         )
         .unwrap_err();
         assert!(err.to_string().contains("/dev/md127"), "{err}");
     }
 
     #[test]
+    fn a_hostpath_bind_of_a_directory_is_mounted_over() {
+        // The pod's view: the host's /mnt/modelcache directory on the OS disk, bound at the
+        // cache root.
+        let m = mount("/mnt/modelcache", "/dev/sda1");
+        let foreign = Content::Foreign {
+            what: "an ext2/3/4 filesystem labelled \"cloudimg-rootfs\"".into(),
+        };
+        let found = vec![(dev(1, None), Some(Content::Blank))];
+        let p = decide_with(&found, Some((&m, Some(&foreign))), &[], false).unwrap();
+        assert_eq!(kinds(&p), ["mkfs-if-blank", "mount"]);
+        assert!(p.notes[0].contains("bind mount"), "{:?}", p.notes);
+        // The same filesystem mounted whole at the cache root is someone else's: refused.
+        let whole = mount("/", "/dev/sda1");
+        assert!(matches!(
+            decide_with(&found, Some((&whole, Some(&foreign))), &[], false),
+            Err(DiskError::MountpointBusy { .. })
+        ));
+    }
+
+    #[test]
     fn a_single_disk_needs_no_array() {
-        let p = decide(&[(dev(1, None), Some(member("aa", 2)))], None, None).unwrap();
+        let p = plain(&[(dev(1, None), Some(member("aa", 2)))]).unwrap();
         assert_eq!(kinds(&p), ["mkfs-overwrite", "mount"]);
-        let p = decide(
-            &[(dev(1, None), Some(Content::OurFilesystem { fstype: "xfs" }))],
-            None,
-            None,
-        )
-        .unwrap();
+        let p = plain(&[(dev(1, None), Some(Content::OurFilesystem { fstype: "xfs" }))]).unwrap();
         assert_eq!(kinds(&p), ["mkfs-if-blank", "mount"]);
     }
 }

@@ -20,8 +20,29 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
-    /// Starts `modelcache agent` with `config` (TOML), the emulator at `endpoint`, and `envs`.
+    /// Starts `modelcache agent` with `config` (TOML), the emulator at `endpoint`, and `envs`,
+    /// and waits until its cache is settled (disk setup done or failed, models started).
     pub(crate) fn start(dir: &Path, config: &str, endpoint: &str, envs: &[(&str, &str)]) -> Self {
+        let agent = Self::start_listening(dir, config, endpoint, envs);
+        let started = Instant::now();
+        while !agent.log().contains("cache settled: ") {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the agent's cache did not settle: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// Starts the agent and returns as soon as it listens (disk setup may still run).
+    pub(crate) fn start_listening(
+        dir: &Path,
+        config: &str,
+        endpoint: &str,
+        envs: &[(&str, &str)],
+    ) -> Self {
         let path = dir.join("agent.toml");
         std::fs::write(&path, config).unwrap();
         let mut cmd = modelcache();
@@ -751,5 +772,101 @@ fn models_published_before_the_agent_started_are_listed_ready_and_unpinned() {
         stderr(&out).contains("cannot reach the agent"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// Disk setup runs behind the listeners: while it is stuck (here on a sysfs file that is a FIFO
+/// nobody writes yet, standing in for a slow mkfs), `/healthz` answers so a liveness probe does
+/// not kill the agent, `/readyz` and `/v1/disk` say what it waits for, and nothing may write to
+/// the cache root, which is still the OS disk.
+#[test]
+fn healthz_answers_while_disk_setup_runs_and_nothing_is_written_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dir.path().join("sys/block/fake0");
+    std::fs::create_dir_all(sys.join("holders")).unwrap();
+    std::fs::write(sys.join("dev"), "7:99\n").unwrap();
+    std::fs::write(sys.join("removable"), "0\n").unwrap();
+    let fifo = sys.join("size");
+    nix::unistd::mkfifo(
+        &fifo,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("dev")).unwrap();
+    let cache = dir.path().join("cache");
+    let extra = format!(
+        "[disk]\nenabled = true\ndevices = [\"fake0\"]\nsysfs_root = \"{}\"\ndev_root = \"{}\"",
+        dir.path().join("sys").display(),
+        dir.path().join("dev").display()
+    );
+    let agent = Agent::start_listening(
+        dir.path(),
+        &config(&cache, &model_entry("m", "az://c/m", true), &extra),
+        "http://127.0.0.1:9",
+        &[],
+    );
+
+    let (status, body) = http(&agent.read, "GET", "/healthz", &[], "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(&agent.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("setting up"), "{body}");
+    let (status, body) = http(&agent.read, "GET", "/v1/disk", &[], "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("setting up"), "{body}");
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/x/prefetch",
+        &[],
+        "{\"source\": \"az://c/x\"}",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cache disks are not ready"), "{body}");
+    let (status, body) = http(&agent.admin, "DELETE", "/v1/models/m", &[], "");
+    assert_eq!(status, 503, "{body}");
+    assert!(!cache.join("models").exists(), "nothing written yet");
+
+    // The stuck read returns (a device with no media): setup fails, said everywhere. Opening
+    // without blocking fails until the agent's reader is there, so this cannot hang.
+    let started = Instant::now();
+    let mut writer = loop {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(f) => break f,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the agent never read the device size: {e}\n{}",
+                agent.log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    writer.write_all(b"0\n").unwrap();
+    drop(writer);
+    let started = Instant::now();
+    while !agent.log().contains("cache settled: ") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = http(&agent.read, "GET", "/v1/disk", &[], "");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("failed") && body.contains("has no media"),
+        "{body}"
+    );
+    let (status, _) = http(&agent.read, "GET", "/healthz", &[], "");
+    assert_eq!(status, 200);
+    assert!(
+        !cache.join("models").exists(),
+        "nothing written to the OS disk"
     );
 }

@@ -207,31 +207,46 @@ fn foreign_devices_are_refused_and_left_byte_identical() {
     let foreign = [&ext4, &gpt, &xfs];
     let hashes: Vec<String> = foreign.iter().map(|d| d.ends_hash()).collect();
 
-    // Only foreign devices: nothing usable, a clear error naming each.
+    // Listed foreign devices, alone or beside a blank one: an error naming each, never a
+    // silently smaller array, and nothing written anywhere.
     let target = Target::new();
-    let out = run(
-        &mut disk_cmd("apply", target.path(), &foreign),
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
-    let err = stderr(&out);
-    for needle in [
-        "labelled \"data\"",
-        "GPT partition table",
-        "labelled \"elsewhere\"",
-        "no usable local disk",
-    ] {
-        assert!(err.contains(needle), "missing {needle}: {err}");
+    let blank_hash = blank.ends_hash();
+    for listed in [&foreign[..], &[&ext4, &gpt, &xfs, &blank]] {
+        let out = run(
+            &mut disk_cmd("apply", target.path(), listed),
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+        let err = stderr(&out);
+        for needle in [
+            "not usable",
+            "labelled \"data\"",
+            "GPT partition table",
+            "labelled \"elsewhere\"",
+        ] {
+            assert!(err.contains(needle), "missing {needle}: {err}");
+        }
+        assert!(
+            !err.contains(&format!("{} ", blank.path.display())),
+            "{err}"
+        );
+        assert!(target.mount_line().is_none());
     }
-    assert!(target.mount_line().is_none());
+    assert_eq!(blank.ends_hash(), blank_hash);
 
-    // With a blank one beside them: the blank one is used, the others never touched.
+    // A listed device that does not exist: named.
+    let mut cmd = disk_cmd("apply", target.path(), &[&blank]);
+    cmd.args(["--set", "disk.devices=/dev/loop-none"]);
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    assert!(stderr(&out).contains("/dev/loop-none"), "{}", stderr(&out));
+
+    // Only the blank one listed: used; the others never touched.
     let out = run(
-        &mut disk_cmd("apply", target.path(), &[&ext4, &gpt, &xfs, &blank]),
+        &mut disk_cmd("apply", target.path(), &[&blank]),
         Duration::from_secs(120),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("never touched"), "{}", stdout(&out));
     let line = target.mount_line().expect("mounted");
     assert!(line.contains(&blank.path.display().to_string()), "{line}");
     let after: Vec<String> = foreign.iter().map(|d| d.ends_hash()).collect();
@@ -243,7 +258,6 @@ fn foreign_devices_are_refused_and_left_byte_identical() {
 #[derive(Debug)]
 struct RecordedMdadm {
     stand_in: PathBuf,
-    running: Mutex<bool>,
     calls: Mutex<Vec<String>>,
 }
 
@@ -266,8 +280,12 @@ impl RecordedMdadm {
 }
 
 impl ArrayTool for RecordedMdadm {
-    fn active(&self, _name: &str) -> Option<PathBuf> {
-        self.running.lock().unwrap().then(|| self.stand_in.clone())
+    fn stop(&self, device: &Path) -> Result<(), DiskError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("mdadm --stop {}", device.display()));
+        Ok(())
     }
     fn create(
         &self,
@@ -280,7 +298,6 @@ impl ArrayTool for RecordedMdadm {
             mdadm_create_args(Path::new("/dev"), name, members, chunk_kib).join(" ")
         ));
         Self::write_superblocks(members, name);
-        *self.running.lock().unwrap() = true;
         Ok(self.stand_in.clone())
     }
     fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<PathBuf, DiskError> {
@@ -288,7 +305,6 @@ impl ArrayTool for RecordedMdadm {
             "mdadm {}",
             mdadm_assemble_args(Path::new("/dev"), name, members).join(" ")
         ));
-        *self.running.lock().unwrap() = true;
         Ok(self.stand_in.clone())
     }
 }
@@ -329,7 +345,6 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
     };
     let md = RecordedMdadm {
         stand_in: array.path.clone(),
-        running: Mutex::new(false),
         calls: Mutex::default(),
     };
     let list = members
@@ -340,7 +355,7 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
 
     // First boot: three blank disks → create, mkfs (stripe-aware) and mount.
     let report = modelcache::disk::apply(&config, &md).unwrap();
-    assert_eq!(kinds(&report.plan.steps), ["create", "filesystem", "mount"]);
+    assert_eq!(kinds(&report.plan.steps), ["create", "mkfs", "mount"]);
     assert_eq!(
         md.calls.lock().unwrap().clone(),
         [format!(
@@ -357,7 +372,6 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
 
     // Reboot that kept the disks: the array is not running; its members are ours → assemble.
     target.unmount();
-    *md.running.lock().unwrap() = false;
     md.calls.lock().unwrap().clear();
     let report = modelcache::disk::apply(&config, &md).unwrap();
     assert_eq!(
@@ -376,7 +390,6 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
 
     // One disk replaced by a blank one: every member is ours or blank → a new array, said so.
     target.unmount();
-    *md.running.lock().unwrap() = false;
     md.calls.lock().unwrap().clear();
     assert!(
         Command::new("dd")
@@ -386,8 +399,8 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
             .unwrap()
             .success()
     );
-    let plan = modelcache::disk::plan(&config, &md).unwrap();
-    assert_eq!(kinds(&plan.steps), ["create", "filesystem", "mount"]);
+    let plan = modelcache::disk::plan(&config).unwrap();
+    assert_eq!(kinds(&plan.steps), ["create", "mkfs", "mount"]);
     assert!(
         plan.notes
             .iter()
@@ -424,7 +437,7 @@ fn the_agent_sets_up_its_disk_at_start_and_reports_it() {
     let (status, body) = crate::agent::http(&agent.read, "GET", "/readyz", &[], "");
     assert_eq!(status, 503, "{body}");
     assert!(
-        body.contains("no usable local disk") && body.contains("GPT"),
+        body.contains("not usable") && body.contains("GPT"),
         "{body}"
     );
     let (status, body) = crate::agent::http(&agent.read, "GET", "/v1/disk", &[], "");
@@ -453,4 +466,73 @@ fn the_agent_sets_up_its_disk_at_start_and_reports_it() {
         "the cache layout lives on the new filesystem"
     );
     drop(agent);
+}
+
+#[test]
+fn a_filesystem_whose_ends_were_zeroed_is_not_blank_and_is_left_as_it_was() {
+    if !have_xfs() {
+        return;
+    }
+    let Some(dev) = LoopDevice::new(320) else {
+        return;
+    };
+    // Someone's ext4 with a file, then its first and last MiB zeroed (as an over-eager wipe of
+    // its signatures would leave it): the backup superblock at 128 MiB and the metadata of
+    // every block group remain.
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "data"])
+            .arg(&dev.path)
+            .status()
+            .unwrap()
+            .success()
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dev.path)
+            .unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        f.write_all_at(&zeros, 0).unwrap();
+        f.write_all_at(&zeros, (320 << 20) - (1 << 20)).unwrap();
+        f.sync_all().unwrap();
+    }
+    let whole = || {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(&dev.path).unwrap())
+            .unwrap();
+        h.finalize().to_hex().to_string()
+    };
+    let before = whole();
+    let target = Target::new();
+    let out = run(
+        &mut disk_cmd("apply", target.path(), &[&dev]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("into the device (its first and last MiB are zero)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(target.mount_line().is_none());
+    assert_eq!(whole(), before, "every byte left as it was");
+}
+
+#[test]
+fn disk_apply_with_disk_setup_disabled_does_nothing_and_says_so() {
+    let target = Target::new();
+    let mut cmd = modelcache();
+    cmd.args(["disk", "apply", "--set", "disk.enabled=false"])
+        .arg("--set")
+        .arg(format!("cache_root={}", target.path().display()));
+    let out = run(&mut cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("disk setup is disabled (disk.enabled = false): nothing was done"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(target.mount_line().is_none());
 }

@@ -8,6 +8,7 @@ mod deploy;
 mod disk;
 mod faults;
 mod nodeboot;
+mod podns;
 mod proxy;
 mod resume;
 mod space;
