@@ -888,7 +888,8 @@ impl Models {
         }
         let dir = self.layout.revision_dir(name, revision);
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || read_all(&dir)).await;
+        let result =
+            tokio::task::spawn_blocking(move || crate::store::read_into_page_cache(&dir)).await;
         match result {
             Ok(Ok(read)) => {
                 let seconds = started.elapsed().as_secs_f64();
@@ -984,54 +985,6 @@ fn mem_total(proc_root: &Path) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Reads every file under `dir` once, sequentially per file, two files at a time.
-fn read_all(dir: &Path) -> std::io::Result<u64> {
-    fn files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        for e in std::fs::read_dir(dir)? {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                files(&e.path(), out)?;
-            } else {
-                out.push(e.path());
-            }
-        }
-        Ok(())
-    }
-    let mut list = Vec::new();
-    files(dir, &mut list)?;
-    let next = AtomicU64::new(0);
-    let total = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| -> std::io::Result<()> {
-                    let mut buf = vec![0u8; 4 << 20];
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(path) = usize::try_from(i).ok().and_then(|i| list.get(i)) else {
-                            return Ok(());
-                        };
-                        let mut f = std::fs::File::open(path)?;
-                        loop {
-                            let n = std::io::Read::read(&mut f, &mut buf)?;
-                            if n == 0 {
-                                break;
-                            }
-                            total.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| std::io::Error::other("a warming thread panicked"))??;
-        }
-        Ok::<(), std::io::Error>(())
-    })?;
-    Ok(total.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]

@@ -187,6 +187,14 @@ pub struct WaitArgs {
     /// Time between checks [default: 2s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub interval: Option<Duration>,
+    /// Once ready, read the model once so it is in the page cache when the server starts.
+    ///
+    /// Under cgroup v2 the pages are charged to the memory cgroup of the process that reads
+    /// them and reclaimed at its limit, so warming only helps from the pod that will load the
+    /// model: run `wait --warm` in its init container, with a memory limit that fits the model.
+    /// Needs --cache-root (it reads the files).
+    #[arg(long, requires = "cache_root")]
+    pub warm: bool,
 }
 
 /// `modelcache status`.

@@ -76,6 +76,9 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
         match look {
             Look::Ready(line) => {
                 println!("{line}");
+                if let (true, Some(root)) = (args.warm, &args.cache_root) {
+                    warm(&Layout::new(root), &name).await?;
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             Look::Failed(reason) => {
@@ -102,6 +105,30 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
         }
         tokio::time::sleep(interval.min(timeout.saturating_sub(started.elapsed()))).await;
     }
+}
+
+/// `wait --warm`: reads the published model once, in this process's memory cgroup.
+async fn warm(layout: &Layout, name: &ModelName) -> Result<(), CommandError> {
+    let dir = layout.model_link(name);
+    let started = Instant::now();
+    let reading = dir.clone();
+    let bytes = tokio::task::spawn_blocking(move || crate::store::read_into_page_cache(&reading))
+        .await
+        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
+        .map_err(|e| {
+            CommandError::new(
+                exit::UNEXPECTED,
+                format!("failed to read {} into the page cache: {e}", dir.display()),
+            )
+        })?;
+    let seconds = started.elapsed().as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+    let rate = bytes as f64 / seconds.max(0.001) / 1e9;
+    println!(
+        "{name}: read {} into the page cache in {seconds:.1} s ({rate:.2} GB/s)",
+        human_bytes(bytes)
+    );
+    Ok(())
 }
 
 /// Ready when the link's revision has a ready marker whose files are intact.

@@ -243,7 +243,9 @@ impl Default for CacheFile {
 }
 
 fn default_warm() -> String {
-    "auto".into()
+    // Under cgroup v2 the agent's reads are charged to its own small memory limit and
+    // reclaimed there; the consumer warms instead (`modelcache wait --warm`).
+    "off".into()
 }
 
 fn default_warm_fraction() -> f64 {

@@ -367,6 +367,58 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(StoreError::io("fsync", dir))
 }
 
+/// Reads every file under `dir` once, sequentially per file, two files at a time, so its pages
+/// are in the page cache. Under cgroup v2 those pages are charged to the cgroup of the process
+/// that reads them and reclaimed at its memory limit: call it from the pod that will read the
+/// model (`modelcache wait --warm` in its init container), not from a small-limit agent.
+pub fn read_into_page_cache(dir: &Path) -> std::io::Result<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    fn files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                files(&e.path(), out)?;
+            } else {
+                out.push(e.path());
+            }
+        }
+        Ok(())
+    }
+    let mut list = Vec::new();
+    files(dir, &mut list)?;
+    let next = AtomicU64::new(0);
+    let total = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    let mut buf = vec![0u8; 4 << 20];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(path) = usize::try_from(i).ok().and_then(|i| list.get(i)) else {
+                            return Ok(());
+                        };
+                        let mut f = std::fs::File::open(path)?;
+                        loop {
+                            let n = std::io::Read::read(&mut f, &mut buf)?;
+                            if n == 0 {
+                                break;
+                            }
+                            total.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| std::io::Error::other("a warming thread panicked"))??;
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
+    Ok(total.load(Ordering::Relaxed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,60 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
         .collect();
     assert_eq!(listed, present);
+
+    // The top-level kustomization applies the agent and the vLLM example and is the one place
+    // that sets the image: every modelcache container uses the name it rewrites.
+    let top: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        strings(&top["resources"]),
+        ["kubernetes", "examples/vllm-gpt-oss-120b.yaml"]
+    );
+    let name = top["images"][0]["name"].as_str().unwrap();
+    let ours: Vec<(String, Value)> = containers(&manifests())
+        .into_iter()
+        .filter(|(_, c)| c["image"].as_str().unwrap_or("").contains("modelcache"))
+        .collect();
+    assert!(ours.len() >= 2, "{ours:?}");
+    for (at, c) in ours {
+        let image = c["image"].as_str().unwrap();
+        assert!(
+            image.starts_with(&format!("{name}:")),
+            "{at} uses {image}, which deploy/kustomization.yaml does not rewrite"
+        );
+    }
+}
+
+#[test]
+fn the_vllm_example_tolerates_every_taint_the_guide_puts_on_the_gpu_pool() {
+    let guide = std::fs::read_to_string(repo().join("docs/aks.md")).unwrap();
+    let taints: Vec<&str> = guide
+        .split("--node-taints ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(!taints.is_empty(), "the guide adds a tainted GPU pool");
+    for (path, docs) in manifests() {
+        for doc in docs {
+            let spec = &doc["spec"]["template"]["spec"];
+            let Some(tolerations) = spec["tolerations"].as_sequence() else {
+                continue;
+            };
+            for taint in &taints {
+                let (kv, effect) = taint.split_once(':').unwrap();
+                let (key, value) = kv.split_once('=').unwrap();
+                let tolerated = tolerations.iter().any(|t| {
+                    t["key"].as_str() == Some(key)
+                        && (t["operator"].as_str() == Some("Exists")
+                            || t["value"].as_str() == Some(value))
+                        && t["effect"].as_str().is_none_or(|e| e == effect)
+                });
+                assert!(tolerated, "{} does not tolerate {taint}", path.display());
+            }
+        }
+    }
 }
 
 #[test]

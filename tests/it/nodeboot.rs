@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn python() -> Option<PathBuf> {
+pub(crate) fn python() -> Option<PathBuf> {
     let py = repo().join(".tools/py/bin/python");
     let ok = py.exists()
         && Command::new(&py)
@@ -41,7 +41,7 @@ fn yaml_docs(path: &str) -> Vec<Value> {
         .collect()
 }
 
-const CONSUMER: &str = r#"
+pub(crate) const CONSUMER: &str = r#"
 import json, sys
 import ml_dtypes  # numpy learns bfloat16, as torch would load it
 from safetensors import safe_open

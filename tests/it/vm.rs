@@ -1,0 +1,567 @@
+//! A GPU node's life on a real kernel: a VM (QEMU, software emulation, booted with virtme-ng
+//! over this machine's own files) with four emulated NVMe disks, md RAID0, XFS and cgroup v2.
+//! Each boot runs `tests/vm/node-boot.sh`: the DaemonSet's agent in a mount namespace and memory
+//! cgroup that mirror its pod, with the ConfigMap's config.toml (only the Blob endpoint and the
+//! disk model string changed); a vLLM pod beside it whose init container runs the example's
+//! exact `wait` command and whose server reads every tensor with `safe_open`. Azurite runs here,
+//! behind a proxy that counts requests, reached from the VM through its user-mode network.
+//!
+//! The boots, on the same four disk images:
+//! 1. first boot, four blank disks: RAID0 created, XFS made, mounted over the hostPath bind,
+//!    the model fetched and verified, the vLLM pod reads it;
+//! 2. reboot: udev assembles the array before the agent starts; the agent uses it and is ready
+//!    without a single request to the source;
+//! 3. one disk replaced by a blank one: udev leaves a partial array; the agent stops it,
+//!    creates a new one, says why, and fetches the model again;
+//! 4. a foreign disk (ext4 with data) in place of another: left byte-identical; the agent
+//!    builds its array over the other three.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_norway::Value;
+
+use crate::proxy::FaultProxy;
+use crate::support::*;
+
+const DISK_MIB: u64 = 384;
+const MODEL: &str = "gpt-oss-120b";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// virtme-ng, QEMU and a kernel, or a loud skip (a failure in CI).
+fn vm_tools() -> Option<(PathBuf, PathBuf)> {
+    let vng = repo().join(".tools/vng/bin/vng");
+    let qemu = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let kernel = std::fs::read_dir("/boot").ok().and_then(|d| {
+        let mut k: Vec<PathBuf> = d
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .collect();
+        k.sort();
+        k.pop()
+    });
+    match (is_root(), vng.exists(), qemu, kernel) {
+        (true, true, true, Some(kernel)) => Some((vng, kernel)),
+        (root, vng_ok, qemu_ok, kernel) => {
+            skip_or_fail(&format!(
+                "the VM test needs root ({root}), virtme-ng in .tools/vng ({vng_ok}), qemu-system-x86_64 ({qemu_ok}) and a kernel in /boot ({}); the test command installs them",
+                kernel.is_some()
+            ));
+            None
+        }
+    }
+}
+
+fn yaml_docs(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `1Gi` and friends, in bytes.
+fn quantity(q: &str) -> u64 {
+    let (digits, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: u64 = digits.parse().unwrap();
+    n * match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        other => panic!("unexpected quantity unit {other}"),
+    }
+}
+
+struct Node {
+    vng: PathBuf,
+    kernel: PathBuf,
+    disks: tempfile::TempDir,
+    share: tempfile::TempDir,
+}
+
+struct Boot {
+    results: BTreeMap<String, String>,
+    share: PathBuf,
+    seconds: f64,
+}
+
+impl Boot {
+    fn get(&self, key: &str) -> &str {
+        self.results.get(key).map_or("", String::as_str)
+    }
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.share.join(name)).unwrap_or_default()
+    }
+    fn explain(&self) -> String {
+        format!(
+            "results: {:#?}\nagent log:\n{}\ninit log:\n{}\nconsumer:\n{}\nconsole:\n{}",
+            self.results,
+            self.log("agent.log"),
+            self.log("init.log"),
+            self.log("consumer.log"),
+            self.log("console.log")
+        )
+    }
+    fn model_json(&self) -> serde_json::Value {
+        serde_json::from_str(self.get("MODEL")).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Node {
+    fn new(vng: PathBuf, kernel: PathBuf) -> Self {
+        let disks = tempfile::tempdir().unwrap();
+        for i in 1..=4 {
+            Self::blank(&disks.path().join(format!("nvme{i}.img")));
+        }
+        let mut share = tempfile::tempdir().unwrap();
+        // MODELCACHE_VM_KEEP=1 keeps the logs and results of every boot for a look afterwards.
+        if std::env::var_os("MODELCACHE_VM_KEEP").is_some() {
+            share.disable_cleanup(true);
+            eprintln!("vm: logs and results in {}", share.path().display());
+        }
+        Self {
+            vng,
+            kernel,
+            disks,
+            share,
+        }
+    }
+
+    fn disk(&self, i: u32) -> PathBuf {
+        self.disks.path().join(format!("nvme{i}.img"))
+    }
+
+    /// A new, blank disk image (sparse).
+    fn blank(path: &Path) {
+        let f = std::fs::File::create(path).unwrap();
+        f.set_len(DISK_MIB << 20).unwrap();
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.share.path().join(name), text).unwrap();
+    }
+
+    /// Boots the node once and runs the boot script; returns its results.
+    fn boot(&self) -> Boot {
+        let share = self.share.path();
+        for f in [
+            "results.txt",
+            "agent.log",
+            "init.log",
+            "consumer.log",
+            "console.log",
+        ] {
+            let _ = std::fs::remove_file(share.join(f));
+        }
+        let drives: Vec<String> = (1..=4)
+            .map(|i| {
+                format!(
+                    "-drive file={},if=none,id=n{i},format=raw -device nvme,serial=mc{i},drive=n{i}",
+                    self.disk(i).display()
+                )
+            })
+            .collect();
+        let path = format!(
+            "{}:{}",
+            self.vng.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let started = Instant::now();
+        let out = run_group(
+            Command::new(&self.vng)
+                .env("PATH", path)
+                .arg("--run")
+                .arg(&self.kernel)
+                .args([
+                    "--disable-kvm",
+                    "--memory",
+                    "2G",
+                    "--cpus",
+                    "2",
+                    "--network",
+                    "user",
+                    "--no-dhcp",
+                ])
+                .arg(format!("--rwdir={}", share.display()))
+                .arg(format!("--qemu-opts={}", drives.join(" ")))
+                .arg("--exec")
+                .arg(format!(
+                    "bash {} {}",
+                    repo().join("tests/vm/node-boot.sh").display(),
+                    share.display()
+                )),
+            Duration::from_secs(420),
+        );
+        let seconds = started.elapsed().as_secs_f64();
+        std::fs::write(
+            share.join("console.log"),
+            out.as_ref()
+                .map_or("the VM did not finish in time".to_string(), |o| {
+                    format!("{}\n{}", stdout(o), stderr(o))
+                }),
+        )
+        .unwrap();
+        let results = std::fs::read_to_string(share.join("results.txt"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let boot = Boot {
+            results,
+            share: share.to_path_buf(),
+            seconds,
+        };
+        assert_eq!(
+            boot.get("DONE"),
+            "1",
+            "the boot script did not finish: {}",
+            boot.explain()
+        );
+        boot
+    }
+}
+
+/// Runs `cmd` in its own process group and, past `limit`, kills the whole group (virtme-ng's
+/// QEMU would otherwise outlive it); returns None then.
+fn run_group(cmd: &mut Command, limit: Duration) -> Option<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let child = cmd
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pgid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Some(out.unwrap()),
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            None
+        }
+    }
+}
+
+fn hash_file(path: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path).unwrap()).unwrap();
+    h.finalize().to_hex().to_string()
+}
+
+fn pagecache(boot: &Boot, key: &str) -> (u64, u64) {
+    let v: Vec<u64> = boot
+        .get(key)
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (
+        v.first().copied().unwrap_or(0),
+        v.get(1).copied().unwrap_or(0),
+    )
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    #[expect(clippy::cast_precision_loss, reason = "a percentage for the log")]
+    let p = part as f64 * 100.0 / whole.max(1) as f64;
+    p
+}
+
+#[test]
+fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes() {
+    let Some((vng, kernel)) = vm_tools() else {
+        return;
+    };
+    let Some(az) = azurite() else { return };
+    let Some(py) = crate::nodeboot::python() else {
+        return;
+    };
+
+    // The source: a GPT-OSS-shaped model and its manifest where the ConfigMap points.
+    create_container(az, "models");
+    let source = small_model(2 << 20, 7);
+    tokio::runtime::Runtime::new().unwrap().block_on(upload_dir(
+        &store(az, "models"),
+        source.path(),
+        MODEL,
+    ));
+    let mut manifest = modelcache();
+    with_emulator(&mut manifest, &az.endpoint());
+    manifest.args([
+        "manifest",
+        "--upload",
+        "--source",
+        "az://models/gpt-oss-120b",
+    ]);
+    let out = run(&mut manifest, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let proxy = FaultProxy::start(az.port);
+
+    // The DaemonSet, its ConfigMap and the vLLM example, as shipped.
+    let configmap = yaml_docs("deploy/kubernetes/configmap.yaml");
+    let config_toml = configmap[0]["data"]["config.toml"].as_str().unwrap();
+    let daemonset = yaml_docs("deploy/kubernetes/daemonset.yaml");
+    let agent = &daemonset[0]["spec"]["template"]["spec"]["containers"][0];
+    let mut agent_env: Vec<String> = agent["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}={}",
+                e["name"].as_str().unwrap(),
+                e["value"].as_str().unwrap_or("")
+            )
+        })
+        // The endpoint: Azurite through the proxy instead of a storage account.
+        .filter(|e| !e.starts_with("AZURE_STORAGE_ACCOUNT_NAME="))
+        .collect();
+    agent_env.extend([
+        "AZURE_STORAGE_USE_EMULATOR=true".to_string(),
+        format!("AZURITE_BLOB_STORAGE_URL=http://10.0.2.2:{}", proxy.port),
+        // The devices: QEMU's NVMe model string instead of Azure's.
+        "MODELCACHE_DISK_MODELS=QEMU NVMe Ctrl".to_string(),
+    ]);
+    let agent_memory = quantity(
+        agent["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("the DaemonSet sets a memory limit"),
+    );
+    let example = yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
+    let init = &example[0]["spec"]["template"]["spec"]["initContainers"][0];
+    let init_memory = quantity(init["resources"]["limits"]["memory"].as_str().unwrap());
+    let pod_mount = init["volumeMounts"][0]["mountPath"].as_str().unwrap();
+
+    let node = Node::new(vng, kernel);
+    node.write("config.toml", config_toml);
+    node.write("agent.args", &(strings(&agent["args"]).join("\n") + "\n"));
+    node.write("agent.env", &(agent_env.join("\n") + "\n"));
+    // The init container's exact arguments, its mount path mapped to where the vLLM pod's
+    // namespace mounts the host path (the VM's root is read-only).
+    let init_args: Vec<String> = strings(&init["args"])
+        .into_iter()
+        .map(|a| {
+            if a == pod_mount {
+                format!("/run/vllm-pod{pod_mount}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    node.write("init.args", &(init_args.join("\n") + "\n"));
+    node.write("consumer.py", crate::nodeboot::CONSUMER);
+    node.write(
+        "env.sh",
+        &format!(
+            "MC='{}'\nPY='{}'\nCONSUMER='{}'\nSOURCE='{}'\nMODEL='{MODEL}'\nPOD_MOUNT='{pod_mount}'\nAGENT_MEMORY_MAX={agent_memory}\nINIT_MEMORY_MAX={init_memory}\n",
+            bin().display(),
+            py.display(),
+            node.share.path().join("consumer.py").display(),
+            source.path().display(),
+        ),
+    );
+
+    // 1. First boot: four blank NVMe disks.
+    let requests = proxy.requests.load(std::sync::atomic::Ordering::Relaxed);
+    node.write("boot.env", "MEASURE_PAGECACHE=1\n");
+    let first = node.boot();
+    node.write("boot.env", "MEASURE_PAGECACHE=0\n");
+    let why = first.explain();
+    assert_eq!(first.get("AGENT_READY"), "1", "{why}");
+    assert_eq!(
+        first.get("MDSTAT_AT_BOOT"),
+        "",
+        "blank disks: no array at boot: {why}"
+    );
+    assert!(
+        first.get("MDSTAT_AFTER").contains("raid0")
+            && ["nvme0n1", "nvme1n1", "nvme2n1", "nvme3n1"]
+                .iter()
+                .all(|d| first.get("MDSTAT_AFTER").contains(d)),
+        "{why}"
+    );
+    assert!(
+        first.get("NODE_MOUNT").contains("xfs"),
+        "the node sees the mount: {why}"
+    );
+    assert!(
+        first
+            .log("agent.log")
+            .contains("bind mount of the directory"),
+        "mounted over the hostPath bind: {why}"
+    );
+    assert!(
+        first.log("agent.log").contains("su=512k,sw=4"),
+        "stripe-aligned xfs: {why}"
+    );
+    assert_eq!(
+        first.get("INIT_EXIT"),
+        "0",
+        "the init container's wait: {why}"
+    );
+    assert!(
+        first.log("init.log").contains("into the page cache"),
+        "{why}"
+    );
+    assert_eq!(first.get("CONSUMER_EXIT"), "0", "{why}");
+    assert!(
+        first.log("consumer.log").contains("tensors identical"),
+        "{why}"
+    );
+    assert_eq!(
+        first.model_json()["bytes_fetched"],
+        first.model_json()["bytes_total"],
+        "{why}"
+    );
+    assert_eq!(first.model_json()["verification"], "blake3", "{why}");
+    assert!(proxy.requests.load(std::sync::atomic::Ordering::Relaxed) > requests);
+    let (after_agent, size) = pagecache(&first, "PAGECACHE_BEFORE_INIT");
+    let (cold, _) = pagecache(&first, "PAGECACHE_COLD");
+    let (after_init, _) = pagecache(&first, "PAGECACHE_AFTER_INIT");
+    let (small_reader, _) = pagecache(&first, "PAGECACHE_SMALL_READER");
+    assert!(cold < size / 10, "the page cache was dropped: {why}");
+    assert!(
+        after_init >= size,
+        "the init container's wait --warm leaves every shard cached: {why}"
+    );
+    assert!(
+        small_reader <= size / 3,
+        "a reader limited to a quarter of the model keeps no more than that cached: {why}"
+    );
+    eprintln!(
+        "vm boot 1 (first boot, 4 blank NVMe): agent start to ready {} s, boot to ready {} s (VM uptime), whole boot {:.0} s; {} bytes fetched",
+        first.get("AGENT_START_TO_READY_SECONDS"),
+        first.get("BOOT_TO_READY_SECONDS"),
+        first.seconds,
+        first.model_json()["bytes_fetched"],
+    );
+    eprintln!(
+        "vm page cache of the {size}-byte shards: {:.0}% right after the agent published them (agent memory.max {agent_memory}); after dropping caches, {:.0}% after the vLLM pod's init container ran wait --warm (memory.max {init_memory}); {:.0}% after a reader with memory.max = a quarter of the model read them all",
+        percent(after_agent, size),
+        percent(after_init, size),
+        percent(small_reader, size),
+    );
+    eprintln!(
+        "vm: a write from the vLLM pod through its read-only HostToContainer volume was {}",
+        if first.get("VLLM_WRITE_EXIT") == "0" {
+            "allowed (the propagated mount is not read-only)"
+        } else {
+            "refused"
+        }
+    );
+
+    // 2. Reboot: udev assembles the array before the agent; nothing is fetched.
+    let requests = proxy.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let second = node.boot();
+    let why = second.explain();
+    assert_eq!(second.get("AGENT_READY"), "1", "{why}");
+    assert!(
+        second.get("MDSTAT_AT_BOOT").contains("active raid0"),
+        "the host assembled the array before the agent: {why}"
+    );
+    assert!(
+        second.get("DISK").contains("use_array"),
+        "the agent used the running array: {why}"
+    );
+    assert_eq!(
+        proxy.requests.load(std::sync::atomic::Ordering::Relaxed),
+        requests,
+        "ready without a single request to the source: {why}"
+    );
+    assert_eq!(second.get("INIT_EXIT"), "0", "{why}");
+    assert_eq!(second.get("CONSUMER_EXIT"), "0", "{why}");
+    eprintln!(
+        "vm boot 2 (reboot, array assembled by udev): agent start to ready {} s, boot to ready {} s, 0 requests to the source",
+        second.get("AGENT_START_TO_READY_SECONDS"),
+        second.get("BOOT_TO_READY_SECONDS")
+    );
+
+    // 3. One disk replaced by a blank one.
+    Node::blank(&node.disk(3));
+    let third = node.boot();
+    let why = third.explain();
+    assert_eq!(third.get("AGENT_READY"), "1", "{why}");
+    assert!(
+        third.get("DISK").contains("stop_array") && third.get("DISK").contains("create_array"),
+        "{why}"
+    );
+    assert!(
+        third
+            .log("agent.log")
+            .contains("old cache is dropped and refetched"),
+        "the log says why: {why}"
+    );
+    assert_eq!(
+        third.model_json()["bytes_fetched"],
+        third.model_json()["bytes_total"],
+        "{why}"
+    );
+    assert_eq!(third.get("CONSUMER_EXIT"), "0", "{why}");
+    eprintln!(
+        "vm boot 3 (one disk replaced): new array, model fetched again, agent start to ready {} s",
+        third.get("AGENT_START_TO_READY_SECONDS")
+    );
+
+    // 4. A foreign disk (ext4 with someone's data) in place of another.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("precious.txt"), "someone else's data").unwrap();
+    let foreign = node.disk(2);
+    Node::blank(&foreign);
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "data", "-d"])
+        .arg(data.path())
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", stderr(&mkfs));
+    let foreign_hash = hash_file(&foreign);
+    let fourth = node.boot();
+    let why = fourth.explain();
+    assert_eq!(
+        hash_file(&foreign),
+        foreign_hash,
+        "the foreign disk is byte-identical: {why}"
+    );
+    assert_eq!(fourth.get("AGENT_READY"), "1", "{why}");
+    let disk = fourth.get("DISK");
+    assert!(
+        disk.contains("labelled \\\"data\\\"") && disk.contains("never touched"),
+        "the foreign disk is reported: {why}"
+    );
+    let members = fourth
+        .get("MDSTAT_AFTER")
+        .split_whitespace()
+        .filter(|w| w.starts_with("nvme"))
+        .count();
+    assert_eq!(members, 3, "an array over the other three: {why}");
+    assert_eq!(fourth.get("CONSUMER_EXIT"), "0", "{why}");
+    eprintln!(
+        "vm boot 4 (a foreign ext4 disk among them): left byte-identical, array over the other 3, agent start to ready {} s",
+        fourth.get("AGENT_START_TO_READY_SECONDS")
+    );
+}
