@@ -47,8 +47,8 @@ fn the_image_builds_from_the_dockerfile_and_its_binary_and_tools_run() {
     ] {
         assert!(text.contains(needle), "missing {needle}: {text}");
     }
-    eprintln!(
+    report(&format!(
         "image: {}",
         text.lines().find(|l| l.starts_with("image ")).unwrap_or("")
-    );
+    ));
 }

@@ -542,3 +542,19 @@ pub fn journaled_bytes(journal: &Path) -> u64 {
         })
         .sum()
 }
+
+/// Prints a measured figure and keeps it for the test command's closing report
+/// (`target/tmp/report.txt`, printed by `scripts/test` whatever the outcome): libtest hides
+/// what a passing test prints.
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    eprintln!("{line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
