@@ -72,10 +72,12 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(StoreError::io("read", path)(e)),
         };
+        // Split on bytes, not text: a crash can tear a line inside a multi-byte character (a
+        // file name in any script), and that one line must not make the rest unreadable.
         let mut lines = Vec::new();
-        for line in BufReader::new(file).lines() {
+        for line in BufReader::new(file).split(b'\n') {
             let line = line.map_err(StoreError::io("read", path))?;
-            if let Ok(parsed) = serde_json::from_str::<JournalLine>(&line) {
+            if let Ok(parsed) = serde_json::from_slice::<JournalLine>(&line) {
                 lines.push(parsed);
             }
         }
@@ -171,6 +173,31 @@ mod tests {
         // Rewriting drops what is not kept.
         Journal::rewrite(&path, &lines[..1]).unwrap();
         assert_eq!(Journal::load(&path).unwrap(), vec![line(0)]);
+    }
+
+    #[test]
+    fn a_line_torn_inside_a_multibyte_character_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let mut named = line(1);
+        named.path = "модель/权重.safetensors".into();
+        let mut j = Journal::rewrite(&path, &[line(0)]).unwrap();
+        j.append(&[named.clone()]).unwrap();
+        drop(j);
+        let whole = serde_json::to_vec(&named).unwrap();
+        let cut = whole.iter().position(|&b| b >= 0x80).unwrap() + 1;
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&whole[..cut]).unwrap();
+        f.write_all(b"\n").unwrap();
+        // A later run appended after it.
+        f.write_all(&serde_json::to_vec(&line(2)).unwrap()).unwrap();
+        f.write_all(b"\n").unwrap();
+        drop(f);
+        assert!(
+            std::fs::read_to_string(&path).is_err(),
+            "the file is not UTF-8"
+        );
+        assert_eq!(Journal::load(&path).unwrap(), vec![line(0), named, line(2)]);
     }
 
     #[test]

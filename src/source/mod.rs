@@ -149,17 +149,21 @@ pub enum RetryCause {
     ShortBody,
     /// No byte arrived within the stall timeout.
     Stalled,
+    /// The server answered a ranged GET with something else: another byte range, a whole-blob
+    /// 200, a missing or unreadable `Content-Range` (a misbehaving proxy or a server hiccup).
+    BadRange,
 }
 
 impl RetryCause {
     /// Every cause, for reports.
-    pub const ALL: [RetryCause; 6] = [
+    pub const ALL: [RetryCause; 7] = [
         RetryCause::Throttled,
         RetryCause::ServerError,
         RetryCause::Connection,
         RetryCause::Timeout,
         RetryCause::ShortBody,
         RetryCause::Stalled,
+        RetryCause::BadRange,
     ];
 
     /// A short snake_case name.
@@ -171,6 +175,7 @@ impl RetryCause {
             RetryCause::Timeout => "timeout",
             RetryCause::ShortBody => "short_body",
             RetryCause::Stalled => "stalled",
+            RetryCause::BadRange => "bad_range",
         }
     }
 }
@@ -184,6 +189,7 @@ impl std::fmt::Display for RetryCause {
             RetryCause::Timeout => "request timed out",
             RetryCause::ShortBody => "body ended early",
             RetryCause::Stalled => "no data within the stall timeout",
+            RetryCause::BadRange => "an answer that was not the requested range",
         })
     }
 }
@@ -193,6 +199,7 @@ impl SourceError {
     pub fn retry_cause(&self) -> Option<RetryCause> {
         match self {
             SourceError::Transient { cause, .. } => Some(*cause),
+            SourceError::UnexpectedRange { .. } => Some(RetryCause::BadRange),
             _ => None,
         }
     }

@@ -299,6 +299,13 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, Sto
         for file in &mut marker.files {
             let from = layout.partial_path(name, &file.path);
             let to = tmp.join(&file.path);
+            if file.size == 0 && !from.exists() {
+                // A zero-byte file has no range to download, so nothing created its partial.
+                if let Some(parent) = from.parent() {
+                    std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+                }
+                File::create(&from).map_err(StoreError::io("create", &from))?;
+            }
             let handle = File::open(&from).map_err(StoreError::io("open", &from))?;
             handle.sync_all().map_err(StoreError::io("fsync", &from))?;
             file.mtime_ns = handle.metadata().ok().as_ref().and_then(mtime_ns);

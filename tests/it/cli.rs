@@ -228,3 +228,36 @@ fn help_lists_exit_codes_and_defaults() {
         assert!(text.contains(needle), "missing {needle}: {text}");
     }
 }
+
+/// Zero-byte files (a `README.md`, an empty `added_tokens.json`, one in a subdirectory) are
+/// published as empty files, with and without a manifest, and verify clean.
+#[test]
+fn empty_files_in_the_selection_are_published() {
+    let source = small_model(50_000, 17);
+    std::fs::write(source.path().join("README.md"), "").unwrap();
+    std::fs::create_dir_all(source.path().join("docs")).unwrap();
+    std::fs::write(source.path().join("docs/empty.txt"), "").unwrap();
+    let plain = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), plain.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    write_manifest(source.path());
+    let verified = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), verified.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(summary(&out)["verification"], "blake3");
+    for cache in [&plain, &verified] {
+        let dir = cache.path().join("models/gpt-oss-120b");
+        assert_published_identical(source.path(), &dir);
+        assert_eq!(std::fs::metadata(dir.join("README.md")).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.join("docs/empty.txt")).unwrap().len(),
+            0
+        );
+        let mut verify = modelcache();
+        verify
+            .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
+            .arg(cache.path());
+        let out = run(&mut verify, Duration::from_secs(60));
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}

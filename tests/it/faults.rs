@@ -116,3 +116,26 @@ fn a_fault_that_never_clears_fails_within_the_configured_bounds() {
     assert!(started.elapsed() < Duration::from_secs(60));
     assert!(!cache.path().join("models/gpt-oss-120b").exists());
 }
+
+/// A ranged GET answered with a whole-blob `200` or with the wrong `Content-Range` (a
+/// misbehaving proxy, a server hiccup) is retried like a 503, not the end of the download.
+#[test]
+fn a_200_or_a_wrong_content_range_answer_to_a_ranged_get_is_retried() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 100_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add("model-00002", Fault::NotPartial, Some(2));
+    proxy.add("model-00005", Fault::WrongRange, Some(2));
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_via(&proxy, &model, cache.path(), &[]);
+    let s = summary(&out);
+    assert_eq!(proxy.fired(), 4, "every fault fired");
+    assert_eq!(s["retries"]["bad_range"], 4, "{s}");
+    assert_eq!(s["verification"], "blake3");
+    assert_published_identical(
+        model.source.path(),
+        &cache.path().join("models/gpt-oss-120b"),
+    );
+}

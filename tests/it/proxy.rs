@@ -26,6 +26,11 @@ pub enum Fault {
     Stall(Duration),
     /// Wait this long, then forward normally.
     Delay(Duration),
+    /// Forward, but answer `200 OK` without `Content-Range`, as a server or proxy that ignores
+    /// ranges would.
+    NotPartial,
+    /// Forward, but shift the answered `Content-Range` by one byte.
+    WrongRange,
 }
 
 /// A hook run once, before forwarding the first matching request.
@@ -140,6 +145,21 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// `Content-Range: bytes A-B/N` moved one byte (down, or up from 0), same length.
+fn shifted(line: &str) -> String {
+    let value = line.split_once(':').map_or("", |(_, v)| v.trim());
+    let parse = || -> Option<(u64, u64, u64)> {
+        let (range, total) = value.strip_prefix("bytes ")?.split_once('/')?;
+        let (a, b) = range.split_once('-')?;
+        Some((a.parse().ok()?, b.parse().ok()?, total.parse().ok()?))
+    };
+    match parse() {
+        Some((0, b, n)) => format!("Content-Range: bytes 1-{}/{n}", b + 1),
+        Some((a, b, n)) => format!("Content-Range: bytes {}-{}/{n}", a - 1, b - 1),
+        None => line.to_string(),
+    }
+}
+
 async fn handle(
     mut client: TcpStream,
     upstream: u16,
@@ -229,10 +249,20 @@ async fn handle(
         .split("\r\n")
         .filter(|l| !l.is_empty())
     {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
-            head_out.push_str(line);
-            head_out.push_str("\r\n");
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("connection:") {
+            continue;
         }
+        let line = match fault {
+            Some(Fault::NotPartial) if lower.starts_with("http/1.1 206") => {
+                "HTTP/1.1 200 OK".to_string()
+            }
+            Some(Fault::NotPartial) if lower.starts_with("content-range:") => continue,
+            Some(Fault::WrongRange) if lower.starts_with("content-range:") => shifted(line),
+            _ => line.to_string(),
+        };
+        head_out.push_str(&line);
+        head_out.push_str("\r\n");
     }
     head_out.push_str("Connection: close\r\n\r\n");
     let resp_head = head_out.as_bytes();
