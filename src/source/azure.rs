@@ -174,21 +174,20 @@ impl Source for AzureSource {
             ..GetOptions::default()
         };
         let location = self.location(&file.path);
-        let result =
-            self.store.get_opts(&location, options).await.map_err(|e| {
-                match map_error(&file.path, e) {
-                    // Not a status, a transport failure, auth, 404 or 412: object_store refused the
-                    // answer itself (a 200 to a ranged GET, a missing or unparsable Content-Range).
-                    // Worth the same bounded retries as a 503.
-                    SourceError::Other { path, source } => SourceError::Transient {
-                        path,
-                        cause: RetryCause::BadRange,
-                        retry_after: None,
-                        source,
-                    },
-                    other => other,
-                }
-            })?;
+        let result = self.store.get_opts(&location, options).await.map_err(|e| {
+            match map_error(&file.path, e) {
+                // Not a status, a transport failure, auth, 404 or 412: object_store refused the
+                // answer itself (a 200 to a ranged GET, a missing or unparsable Content-Range).
+                // Worth the same bounded retries as a 503.
+                SourceError::Other { path, source } => SourceError::Transient {
+                    path,
+                    cause: RetryCause::BadRange,
+                    retry_after: None,
+                    source,
+                },
+                other => other,
+            }
+        })?;
         if result.range != range {
             return Err(SourceError::UnexpectedRange {
                 path: file.path.clone(),

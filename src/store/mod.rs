@@ -289,6 +289,21 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, Sto
     let model_store = layout.root().join("store").join(name.as_str());
     std::fs::create_dir_all(&model_store).map_err(StoreError::io("create", &model_store))?;
 
+    // The same revision already on disk is reused only when intact. A damaged copy (a file
+    // changed or missing since it was published: the very reason this model was fetched again)
+    // is moved aside and removed, never linked again; readers that opened its files keep them.
+    let intact = ReadyMarker::read(&final_dir).is_ok_and(|m| m.files_present(&final_dir));
+    if final_dir.exists() && !intact {
+        let aside = model_store.join(format!(
+            ".{}.damaged-{}",
+            staged.revision,
+            std::process::id()
+        ));
+        std::fs::rename(&final_dir, &aside).map_err(StoreError::io("rename", &final_dir))?;
+        fsync_dir(&model_store)?;
+        std::fs::remove_dir_all(&aside).map_err(StoreError::io("remove", &aside))?;
+    }
+
     if !final_dir.exists() {
         let tmp = model_store.join(format!(".{}.tmp-{}", staged.revision, std::process::id()));
         if tmp.exists() {

@@ -261,3 +261,39 @@ fn empty_files_in_the_selection_are_published() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 }
+
+/// A published revision whose shard was changed on disk (its mtime moved) is fetched again and
+/// the fresh copy replaces the damaged one, instead of the old directory being linked again.
+#[test]
+fn a_damaged_published_revision_is_replaced_not_relinked() {
+    let source = small_model(60_000, 23);
+    write_manifest(source.path());
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), cache.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let model = cache.path().join("models/gpt-oss-120b");
+    let shard = model.join("model-00003-of-00014.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+
+    let out = prefetch_file(source.path(), cache.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_published_identical(source.path(), &model);
+    let mut verify = modelcache();
+    verify
+        .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
+        .arg(cache.path());
+    let out = run(&mut verify, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Nothing damaged is left beside it, and a third run finds it intact.
+    let store = cache.path().join("store/gpt-oss-120b");
+    let left: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let out = prefetch_file(source.path(), cache.path(), &[]);
+    assert_eq!(summary(&out)["bytes_fetched"], 0);
+}
