@@ -183,6 +183,12 @@ impl Entry {
     }
 
     fn state(&self) -> State {
+        // A published revision keeps serving while a refresh runs, and after one fails: the
+        // link still points at verified files, so readers are told the truth, `ready`. The
+        // refresh shows in `job`, the byte counts and `last_error`.
+        if self.state == State::Ready && self.revision.is_some() {
+            return State::Ready;
+        }
         if self.job.is_some() && !self.in_backoff {
             return match self.progress.phase() {
                 Phase::Listing | Phase::Downloading => State::Downloading,
@@ -575,7 +581,9 @@ impl Models {
                 Err(PrefetchError::Cancelled) => {
                     info!(model.name = %name, job = id, state = "pending", "{name}: stopped by shutdown; finished ranges are journaled");
                     if let Some(e) = self.lock().get_mut(&name) {
-                        e.state = State::Pending;
+                        if !(e.state == State::Ready && e.revision.is_some()) {
+                            e.state = State::Pending;
+                        }
                         e.job = None;
                     }
                     return;
@@ -591,7 +599,10 @@ impl Models {
                         let Some(entry) = entries.get_mut(&name) else {
                             return;
                         };
-                        entry.state = State::Failed;
+                        // A failed refresh of a published model leaves it ready (see `state`).
+                        if !(entry.state == State::Ready && entry.revision.is_some()) {
+                            entry.state = State::Failed;
+                        }
                         entry.last_error = Some(line);
                         if entry.configured {
                             entry.in_backoff = true;

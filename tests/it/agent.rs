@@ -870,3 +870,52 @@ fn healthz_answers_while_disk_setup_runs_and_nothing_is_written_until_it_ends() 
         "nothing written to the OS disk"
     );
 }
+
+/// A refresh of a published model (a POST for it) keeps it ready while it runs and after it
+/// fails: the link still points at a verified revision, so `/readyz` and the model's `ready`
+/// stay 200 and init containers are not failed by a transient outage of the source.
+#[test]
+fn a_ready_model_stays_ready_through_a_refresh_that_fails() {
+    let Some(az) = azurite() else { return };
+    let model = rt().block_on(azure_model(az, 100_000, true));
+    let proxy = FaultProxy::start(az.port);
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &config(
+            &dir.path().join("cache"),
+            &model_entry("m", &model.url(), true),
+            "",
+        ),
+        &proxy.endpoint(),
+        &[("MODELCACHE_FETCH_MAX_ATTEMPTS", "3")],
+    );
+    agent.until_ready("m");
+
+    // The source is down: every listing answers 503 with Retry-After: 1.
+    proxy.add(
+        "comp=list",
+        Fault::Busy {
+            retry_after_secs: 1,
+        },
+        None,
+    );
+    let (status, body) = http(&agent.admin, "POST", "/v1/models/m/prefetch", &[], "");
+    assert_eq!(status, 202, "{body}");
+    let during = agent.until("/v1/models/m", Duration::from_secs(30), |_, j| {
+        !j["job"].is_null()
+    });
+    assert_eq!(during["state"], "ready", "{during}");
+    let (status, body) = http(&agent.read, "GET", "/v1/models/m/ready", &[], "");
+    assert_eq!(status, 200, "{body}");
+
+    let after = agent.until("/v1/models/m", Duration::from_secs(60), |_, j| {
+        j["last_error"].as_str().is_some_and(|e| e.contains("503"))
+    });
+    assert_eq!(after["state"], "ready", "{after}");
+    let (status, body) = http(&agent.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http(&agent.read, "GET", "/v1/models/m/ready", &[], "");
+    assert_eq!(status, 200);
+    assert!(proxy.fired() >= 3, "the refresh really ran into the outage");
+}
