@@ -74,11 +74,7 @@ fn file_source_prefetch_is_byte_identical_and_verify_catches_a_flipped_byte() {
     let link = cache.path().join("models/gpt-oss-120b");
     assert_published_identical(source.path(), &link);
 
-    let mut verify = modelcache();
-    verify
-        .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
-        .arg(cache.path());
-    let ok = run(&mut verify, Duration::from_secs(60));
+    let ok = verify_model(cache.path());
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert!(
         stdout(&ok).contains("verification blake3"),
@@ -91,7 +87,7 @@ fn file_source_prefetch_is_byte_identical_and_verify_catches_a_flipped_byte() {
     let n = data.len();
     data[n / 2] ^= 1;
     std::fs::write(&shard, data).unwrap();
-    let bad = run(&mut verify, Duration::from_secs(60));
+    let bad = verify_model(cache.path());
     assert_eq!(bad.status.code(), Some(5), "{}", stderr(&bad));
     assert!(
         stderr(&bad).contains("model-00009-of-00014.safetensors"),
@@ -253,11 +249,7 @@ fn empty_files_in_the_selection_are_published() {
             std::fs::metadata(dir.join("docs/empty.txt")).unwrap().len(),
             0
         );
-        let mut verify = modelcache();
-        verify
-            .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
-            .arg(cache.path());
-        let out = run(&mut verify, Duration::from_secs(60));
+        let out = verify_model(cache.path());
         assert!(out.status.success(), "{}", stderr(&out));
     }
 }
@@ -281,11 +273,7 @@ fn a_damaged_published_revision_is_replaced_not_relinked() {
     let out = prefetch_file(source.path(), cache.path(), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_published_identical(source.path(), &model);
-    let mut verify = modelcache();
-    verify
-        .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
-        .arg(cache.path());
-    let out = run(&mut verify, Duration::from_secs(60));
+    let out = verify_model(cache.path());
     assert!(out.status.success(), "{}", stderr(&out));
     // Nothing damaged is left beside it, and a third run finds it intact.
     let store = cache.path().join("store/gpt-oss-120b");

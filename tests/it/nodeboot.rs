@@ -34,7 +34,7 @@ pub(crate) fn python() -> Option<PathBuf> {
     Some(py)
 }
 
-fn yaml_docs(path: &str) -> Vec<Value> {
+pub(crate) fn yaml_docs(path: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join(path)).unwrap();
     serde_norway::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
@@ -60,6 +60,29 @@ assert checked == len(index["weight_map"]), (checked, len(index["weight_map"]))
 print(f"{len(shards)} shards, {checked} tensors identical")
 "#;
 
+/// A GPT-OSS-shaped model (15 shards of 2 MiB) and its manifest uploaded where the ConfigMap's
+/// source points, `az://models/gpt-oss-120b`; returns the local original.
+pub(crate) fn publish_at_configmap_source(az: &Azurite, seed: u64) -> tempfile::TempDir {
+    create_container(az, "models");
+    let source = small_model(2 << 20, seed);
+    tokio::runtime::Runtime::new().unwrap().block_on(upload_dir(
+        &store(az, "models"),
+        source.path(),
+        "gpt-oss-120b",
+    ));
+    let mut manifest = modelcache();
+    with_emulator(&mut manifest, &az.endpoint());
+    manifest.args([
+        "manifest",
+        "--upload",
+        "--source",
+        "az://models/gpt-oss-120b",
+    ]);
+    let out = run(&mut manifest, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    source
+}
+
 #[test]
 fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader() {
     if !have_xfs() {
@@ -78,24 +101,7 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
         .unwrap()
         .to_string();
     assert!(config_toml.contains("source = \"az://models/gpt-oss-120b\""));
-    create_container(az, "models");
-    let source = small_model(2 << 20, 42);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(upload_dir(
-        &store(az, "models"),
-        source.path(),
-        "gpt-oss-120b",
-    ));
-    let mut manifest = modelcache();
-    with_emulator(&mut manifest, &az.endpoint());
-    manifest.args([
-        "manifest",
-        "--upload",
-        "--source",
-        "az://models/gpt-oss-120b",
-    ]);
-    let out = run(&mut manifest, Duration::from_secs(120));
-    assert!(out.status.success(), "{}", stderr(&out));
+    let source = publish_at_configmap_source(az, 42);
 
     // The node boots: the DaemonSet's agent with the ConfigMap's config.
     let hostpath = Target::new();

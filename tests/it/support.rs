@@ -558,3 +558,12 @@ pub fn report(line: &str) {
         let _ = writeln!(f, "{line}");
     }
 }
+
+/// `modelcache verify` of the model `gpt-oss-120b` under `cache`.
+pub fn verify_model(cache: &Path) -> Output {
+    let mut verify = modelcache();
+    verify
+        .args(["verify", "--model", "gpt-oss-120b", "--cache-root"])
+        .arg(cache);
+    run(&mut verify, Duration::from_secs(60))
+}

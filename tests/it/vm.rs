@@ -64,13 +64,6 @@ fn vm_tools() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-fn yaml_docs(path: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(repo().join(path)).unwrap();
-    serde_norway::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect()
-}
-
 fn strings(v: &Value) -> Vec<String> {
     v.as_sequence()
         .unwrap()
@@ -303,29 +296,13 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
     };
 
     // The source: a GPT-OSS-shaped model and its manifest where the ConfigMap points.
-    create_container(az, "models");
-    let source = small_model(2 << 20, 7);
-    tokio::runtime::Runtime::new().unwrap().block_on(upload_dir(
-        &store(az, "models"),
-        source.path(),
-        MODEL,
-    ));
-    let mut manifest = modelcache();
-    with_emulator(&mut manifest, &az.endpoint());
-    manifest.args([
-        "manifest",
-        "--upload",
-        "--source",
-        "az://models/gpt-oss-120b",
-    ]);
-    let out = run(&mut manifest, Duration::from_secs(120));
-    assert!(out.status.success(), "{}", stderr(&out));
+    let source = crate::nodeboot::publish_at_configmap_source(az, 7);
     let proxy = FaultProxy::start(az.port);
 
     // The DaemonSet, its ConfigMap and the vLLM example, as shipped.
-    let configmap = yaml_docs("deploy/kubernetes/configmap.yaml");
+    let configmap = crate::nodeboot::yaml_docs("deploy/kubernetes/configmap.yaml");
     let config_toml = configmap[0]["data"]["config.toml"].as_str().unwrap();
-    let daemonset = yaml_docs("deploy/kubernetes/daemonset.yaml");
+    let daemonset = crate::nodeboot::yaml_docs("deploy/kubernetes/daemonset.yaml");
     let agent = &daemonset[0]["spec"]["template"]["spec"]["containers"][0];
     let mut agent_env: Vec<String> = agent["env"]
         .as_sequence()
@@ -352,7 +329,7 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
             .as_str()
             .expect("the DaemonSet sets a memory limit"),
     );
-    let example = yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
+    let example = crate::nodeboot::yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
     let init = &example[0]["spec"]["template"]["spec"]["initContainers"][0];
     let init_memory = quantity(init["resources"]["limits"]["memory"].as_str().unwrap());
     let pod_mount = init["volumeMounts"][0]["mountPath"].as_str().unwrap();
