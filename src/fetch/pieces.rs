@@ -305,11 +305,26 @@ impl Engine {
         if writer.pos >= end {
             return Ok(());
         }
-        let mut stream = self
-            .source
-            .read_range(file, writer.pos..end)
-            .await
-            .map_err(RangeFailure::Source)?;
+        // The stall timeout covers the wait for the response headers too: a connection that is
+        // accepted but never answers is retried, not waited on forever.
+        let answer = tokio::time::timeout(
+            self.options.stall_timeout,
+            self.source.read_range(file, writer.pos..end),
+        )
+        .await;
+        let mut stream = match answer {
+            Ok(result) => result.map_err(RangeFailure::Source)?,
+            Err(_) => {
+                return Err(RangeFailure::Source(SourceError::transient(
+                    &file.path,
+                    RetryCause::Stalled,
+                    format!(
+                        "no response headers within {}s",
+                        self.options.stall_timeout.as_secs_f32()
+                    ),
+                )));
+            }
+        };
         loop {
             let next = tokio::time::timeout(self.options.stall_timeout, stream.next()).await;
             let bytes = match next {

@@ -139,3 +139,33 @@ fn a_200_or_a_wrong_content_range_answer_to_a_ranged_get_is_retried() {
         &cache.path().join("models/gpt-oss-120b"),
     );
 }
+
+/// A connection that is accepted but never sends response headers no longer hangs the range:
+/// the stall timeout covers the wait for the headers, and the retry completes the model.
+#[test]
+fn a_range_whose_response_headers_never_come_is_retried_after_the_stall_timeout() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 100_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "model-00004",
+        Fault::SilentBeforeHeaders(Duration::from_secs(60)),
+        Some(1),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = prefetch_via(&proxy, &model, cache.path(), &["--stall-timeout", "2s"]);
+    let s = summary(&out);
+    assert_eq!(proxy.fired(), 1);
+    assert_eq!(s["retries"]["stalled"], 1, "{s}");
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "retried after the stall timeout, not after the server gave up"
+    );
+    assert_published_identical(
+        model.source.path(),
+        &cache.path().join("models/gpt-oss-120b"),
+    );
+}

@@ -31,6 +31,8 @@ pub enum Fault {
     NotPartial,
     /// Forward, but shift the answered `Content-Range` by one byte.
     WrongRange,
+    /// Accept the request and send nothing, not even the response headers, for this long.
+    SilentBeforeHeaders(Duration),
 }
 
 /// A hook run once, before forwarding the first matching request.
@@ -220,6 +222,10 @@ async fn handle(
             return client.shutdown().await;
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::SilentBeforeHeaders(d)) => {
+            tokio::time::sleep(d).await;
+            return Ok(());
+        }
         _ => {}
     }
 
