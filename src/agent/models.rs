@@ -309,6 +309,18 @@ impl Models {
         self.layout
             .ensure()
             .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        // Before any budget decision counts them: copies left by publishes that were killed.
+        match crate::store::remove_publish_leftovers(&self.layout) {
+            Ok(removed) => {
+                for path in removed {
+                    info!(path = %path.display(), "removed {} (left by an interrupted publish)", path.display());
+                }
+            }
+            Err(e) => warn!(
+                "could not remove what interrupted publishes left: {}",
+                error_chain(&e)
+            ),
+        }
         *self.blocked_reason() = None;
         for spec in &self.config.models {
             let published = self

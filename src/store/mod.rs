@@ -389,6 +389,49 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(StoreError::io("fsync", dir))
 }
 
+/// Removes what interrupted publishes left in `store/NAME/`: `.REVISION.tmp-PID` (a revision
+/// being assembled) and `.REVISION.damaged-PID` (a damaged copy being removed), whose process
+/// `PID` no longer runs. A leftover of a live process (a `modelcache prefetch` running beside
+/// the agent) is kept. Returns what was removed.
+pub fn remove_publish_leftovers(layout: &Layout) -> Result<Vec<PathBuf>, StoreError> {
+    let store = layout.root().join("store");
+    let mut removed = Vec::new();
+    let Ok(models) = std::fs::read_dir(&store) else {
+        return Ok(removed);
+    };
+    for model in models.flatten() {
+        let Ok(entries) = std::fs::read_dir(model.path()) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix('.')
+                .and_then(|n| {
+                    n.rsplit_once(".tmp-")
+                        .or_else(|| n.rsplit_once(".damaged-"))
+                })
+                .and_then(|(_, pid)| pid.parse::<i32>().ok());
+            let Some(pid) = pid else { continue };
+            if pid <= 0 || process_runs(pid) {
+                continue;
+            }
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(StoreError::io("remove", &path))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether a process `pid` exists (signal 0 checks without sending anything).
+fn process_runs(pid: i32) -> bool {
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
 /// Reads every file under `dir` once, sequentially per file, two files at a time, so its pages
 /// are in the page cache. Under cgroup v2 those pages are charged to the cgroup of the process
 /// that reads them and reclaimed at its memory limit: call it from the pod that will read the

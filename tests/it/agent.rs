@@ -919,3 +919,36 @@ fn a_ready_model_stays_ready_through_a_refresh_that_fails() {
     assert_eq!(status, 200);
     assert!(proxy.fired() >= 3, "the refresh really ran into the outage");
 }
+
+/// A publish killed part-way leaves `store/NAME/.REV.tmp-PID` (a full copy of the model): the
+/// agent removes it at start when that process is gone, and keeps one whose process still runs.
+#[test]
+fn copies_left_by_killed_publishes_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let store = cache.join("store/m");
+    std::fs::create_dir_all(&store).unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let left = store.join(format!(".0123456789abcdef.tmp-{dead}"));
+    let damaged = store.join(format!(".0123456789abcdef.damaged-{dead}"));
+    let live = store.join(format!(".fedcba9876543210.tmp-{}", std::process::id()));
+    for d in [&left, &damaged, &live] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("model-00001-of-00002.safetensors"), vec![7u8; 4096]).unwrap();
+    }
+    let agent = Agent::start(
+        dir.path(),
+        &config(&cache, "", ""),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    assert!(!left.exists() && !damaged.exists(), "{}", agent.log());
+    assert!(live.exists(), "a live process's copy is kept");
+    assert!(
+        agent.log().contains("left by an interrupted publish"),
+        "{}",
+        agent.log()
+    );
+}
