@@ -312,32 +312,26 @@ impl Engine {
             self.source.read_range(file, writer.pos..end),
         )
         .await;
+        let stalled = |waiting_for: &str| {
+            RangeFailure::Source(SourceError::transient(
+                &file.path,
+                RetryCause::Stalled,
+                format!(
+                    "no {waiting_for} within {}s",
+                    self.options.stall_timeout.as_secs_f32()
+                ),
+            ))
+        };
         let mut stream = match answer {
             Ok(result) => result.map_err(RangeFailure::Source)?,
-            Err(_) => {
-                return Err(RangeFailure::Source(SourceError::transient(
-                    &file.path,
-                    RetryCause::Stalled,
-                    format!(
-                        "no response headers within {}s",
-                        self.options.stall_timeout.as_secs_f32()
-                    ),
-                )));
-            }
+            Err(_) => return Err(stalled("response headers")),
         };
         loop {
             let next = tokio::time::timeout(self.options.stall_timeout, stream.next()).await;
             let bytes = match next {
                 Err(_) => {
                     writer.flush().await?;
-                    return Err(RangeFailure::Source(SourceError::transient(
-                        &file.path,
-                        RetryCause::Stalled,
-                        format!(
-                            "no byte arrived for {}s",
-                            self.options.stall_timeout.as_secs_f32()
-                        ),
-                    )));
+                    return Err(stalled("byte of the body"));
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
