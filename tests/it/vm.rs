@@ -204,7 +204,9 @@ impl Node {
                     repo().join("tests/vm/node-boot.sh").display(),
                     share.display()
                 )),
-            Duration::from_secs(420),
+            // Generous: emulated, a boot takes 1.5-2.5 min on 2 idle cores and three times that
+            // beside a release build; only a hang should reach this.
+            Duration::from_secs(900),
         );
         let seconds = started.elapsed().as_secs_f64();
         std::fs::write(

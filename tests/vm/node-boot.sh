@@ -91,7 +91,7 @@ AGENT=$!
 
 # /healthz answers from the start; /readyz once the model is ready (or never, this boot).
 ready=0
-for _ in $(seq 1 720); do
+for _ in $(seq 1 2400); do
   if curl -sf -o /dev/null http://127.0.0.1:8080/readyz; then ready=1; break; fi
   kill -0 $AGENT 2>/dev/null || break
   sleep 0.25
