@@ -102,14 +102,7 @@ pub fn md_array(paths: &HostPaths, name: &str) -> Option<MdArray> {
     if !dir.join("md").is_dir() {
         return None;
     }
-    let mut members: Vec<String> = std::fs::read_dir(dir.join("slaves"))
-        .map(|h| {
-            h.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    members.sort();
+    let members = sorted_names(&dir.join("slaves"));
     Some(MdArray {
         name: name.to_string(),
         path: paths.dev.join(name),
@@ -132,6 +125,20 @@ pub struct Mount {
     pub fstype: String,
     /// Mount source (device path).
     pub source: String,
+}
+
+/// The entry names of a sysfs directory such as `holders/` or `slaves/`, sorted; none when it
+/// is missing.
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -222,14 +229,7 @@ pub fn block_devices(paths: &HostPaths) -> Result<Vec<BlockDevice>, DiskError> {
             }
         }
         partitions.sort();
-        let mut holders: Vec<String> = std::fs::read_dir(dir.join("holders"))
-            .map(|h| {
-                h.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        holders.sort();
+        let holders = sorted_names(&dir.join("holders"));
         out.push(BlockDevice {
             path: paths.dev.join(&name),
             model: read_trimmed(&dir.join("device/model")).filter(|m| !m.is_empty()),
