@@ -70,6 +70,7 @@ pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitC
         selection,
         options,
         require_manifest: args.require_manifest,
+        owner: "modelcache prefetch".to_string(),
         cancel: cancel_on_signal(),
         make_room: None,
     };
@@ -372,6 +373,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         selection,
         options,
         require_manifest: true,
+        owner: "modelcache demo".to_string(),
         cancel: cancel_on_signal(),
         make_room: None,
     };

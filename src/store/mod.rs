@@ -4,6 +4,7 @@
 //! models/NAME            -> ../store/NAME/REVISION   (what vLLM opens)
 //! store/NAME/REVISION/   complete, verified files + .modelcache/{ready,manifest}.json
 //! staging/NAME/          FILE.partial files and journal.jsonl; never visible as a model
+//! locks/NAME             flock'd by whoever changes the three above (see [`lock`])
 //! ```
 //!
 //! This module owns paths, the ready marker and [`publish`]; it does not download or hash.
@@ -15,6 +16,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub mod lock;
 
 /// Subdirectory of a revision holding the cache's own records.
 pub const RECORDS_DIR: &str = ".modelcache";
@@ -158,9 +161,9 @@ impl Layout {
         self.staging_dir(name).join("journal.jsonl")
     }
 
-    /// Creates `models/`, `store/` and `staging/`.
+    /// Creates `models/`, `store/`, `staging/` and `locks/`.
     pub fn ensure(&self) -> Result<(), StoreError> {
-        for dir in ["models", "store", "staging"] {
+        for dir in ["models", "store", "staging", "locks"] {
             let p = self.root.join(dir);
             std::fs::create_dir_all(&p).map_err(StoreError::io("create", &p))?;
         }
@@ -389,47 +392,85 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(StoreError::io("fsync", dir))
 }
 
-/// Removes what interrupted publishes left in `store/NAME/`: `.REVISION.tmp-PID` (a revision
-/// being assembled) and `.REVISION.damaged-PID` (a damaged copy being removed), whose process
-/// `PID` no longer runs. A leftover of a live process (a `modelcache prefetch` running beside
-/// the agent) is kept. Returns what was removed.
-pub fn remove_publish_leftovers(layout: &Layout) -> Result<Vec<PathBuf>, StoreError> {
-    let store = layout.root().join("store");
+/// Recovers what interrupted publishes of `name` left in `store/NAME/`: the verified files of a
+/// `.REVISION.tmp-PID` directory (a revision being assembled when its process died) go back to
+/// their staging partials, so the resume finds them journaled and fetches nothing again; then
+/// that directory and any `.REVISION.damaged-PID` (a damaged copy being removed) are removed.
+/// Returns what was removed.
+///
+/// The caller must hold the model's [`lock`]: every publisher of `name` holds it, so under it
+/// any such directory is abandoned, whichever process made it.
+pub fn recover_publish_leftovers(
+    layout: &Layout,
+    held: &lock::ModelLock,
+) -> Result<Vec<PathBuf>, StoreError> {
+    let name = held.name();
+    let model_store = layout.root().join("store").join(name.as_str());
     let mut removed = Vec::new();
-    let Ok(models) = std::fs::read_dir(&store) else {
+    let Ok(entries) = std::fs::read_dir(&model_store) else {
         return Ok(removed);
     };
-    for model in models.flatten() {
-        let Ok(entries) = std::fs::read_dir(model.path()) else {
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(hidden) = file_name.strip_prefix('.') else {
             continue;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix('.')
-                .and_then(|n| {
-                    n.rsplit_once(".tmp-")
-                        .or_else(|| n.rsplit_once(".damaged-"))
-                })
-                .and_then(|(_, pid)| pid.parse::<i32>().ok());
-            let Some(pid) = pid else { continue };
-            if pid <= 0 || process_runs(pid) {
-                continue;
-            }
-            let path = entry.path();
-            std::fs::remove_dir_all(&path).map_err(StoreError::io("remove", &path))?;
-            removed.push(path);
+        let path = entry.path();
+        if hidden.rsplit_once(".tmp-").is_some() {
+            move_back_to_staging(layout, name, &path, &path)?;
+        } else if hidden.rsplit_once(".damaged-").is_none() {
+            continue;
         }
+        std::fs::remove_dir_all(&path).map_err(StoreError::io("remove", &path))?;
+        removed.push(path);
+    }
+    if !removed.is_empty() {
+        fsync_dir(&model_store)?;
     }
     Ok(removed)
 }
 
-/// Whether a process `pid` exists (signal 0 checks without sending anything).
-fn process_runs(pid: i32) -> bool {
-    !matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    )
+/// Moves every file under `dir` (a temporary revision rooted at `root`) back to its partial in
+/// `staging/NAME`, unless a partial of that name exists already (a newer download owns it).
+fn move_back_to_staging(
+    layout: &Layout,
+    name: &ModelName,
+    root: &Path,
+    dir: &Path,
+) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(dir).map_err(StoreError::io("read", dir))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            if path != root.join(RECORDS_DIR) {
+                move_back_to_staging(layout, name, root, &path)?;
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let Some(relative) = path
+            .strip_prefix(root)
+            .ok()
+            .and_then(|r| r.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let partial = layout.partial_path(name, &relative);
+        if partial.exists() {
+            continue;
+        }
+        if let Some(parent) = partial.parent() {
+            std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+        }
+        std::fs::rename(&path, &partial).map_err(StoreError::io("rename", &path))?;
+    }
+    Ok(())
 }
 
 /// Reads every file under `dir` once, sequentially per file, two files at a time, so its pages

@@ -920,35 +920,135 @@ fn a_ready_model_stays_ready_through_a_refresh_that_fails() {
     assert!(proxy.fired() >= 3, "the refresh really ran into the outage");
 }
 
-/// A publish killed part-way leaves `store/NAME/.REV.tmp-PID` (a full copy of the model): the
-/// agent removes it at start when that process is gone, and keeps one whose process still runs.
+/// A publish killed part-way leaves `store/NAME/.REV.tmp-PID` (the model's verified files,
+/// moved out of staging). At start the agent, under each model's lock: moves such files back to
+/// staging for a configured model (its resume then finds them journaled), removes them with
+/// the partials of a model no one configured, and leaves a model someone holds alone.
 #[test]
-fn copies_left_by_killed_publishes_are_removed_at_start() {
+fn copies_left_by_killed_publishes_are_recovered_or_removed_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let store = cache.join("store/m");
-    std::fs::create_dir_all(&store).unwrap();
-    let mut gone = std::process::Command::new("true").spawn().unwrap();
-    let dead = gone.id();
-    gone.wait().unwrap();
-    let left = store.join(format!(".0123456789abcdef.tmp-{dead}"));
-    let damaged = store.join(format!(".0123456789abcdef.damaged-{dead}"));
-    let live = store.join(format!(".fedcba9876543210.tmp-{}", std::process::id()));
-    for d in [&left, &damaged, &live] {
-        std::fs::create_dir_all(d).unwrap();
-        std::fs::write(d.join("model-00001-of-00002.safetensors"), vec![7u8; 4096]).unwrap();
-    }
+    let shard = "model-00001-of-00002.safetensors";
+    let left = |model: &str, kind: &str| {
+        let d = cache.join(format!("store/{model}/.0123456789abcdef.{kind}-4242"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(shard), vec![7u8; 4096]).unwrap();
+        d
+    };
+    let configured = left("c", "tmp");
+    let unconfigured = left("m", "tmp");
+    let damaged = left("m", "damaged");
+    let held = left("held", "tmp");
+    std::fs::create_dir_all(cache.join("staging/m/files")).unwrap();
+    std::fs::write(cache.join("staging/m/files/x.partial"), b"abandoned").unwrap();
+    let layout = modelcache::store::Layout::new(&cache);
+    let holder = modelcache::store::ModelName::new("held").unwrap();
+    let modelcache::store::lock::TryLock::Held(_lock) =
+        modelcache::store::lock::try_lock(&layout, &holder, "a test").unwrap()
+    else {
+        panic!("the lock of a model no one uses must be free");
+    };
     let agent = Agent::start(
         dir.path(),
-        &config(&cache, "", ""),
+        &config(
+            &cache,
+            &model_entry(
+                "c",
+                &format!("file://{}", dir.path().join("no-such-source").display()),
+                false,
+            ),
+            "",
+        ),
         "http://127.0.0.1:9",
         &[],
     );
-    assert!(!left.exists() && !damaged.exists(), "{}", agent.log());
-    assert!(live.exists(), "a live process's copy is kept");
-    assert!(
-        agent.log().contains("left by an interrupted publish"),
-        "{}",
-        agent.log()
+    let log = agent.log();
+    assert!(!configured.exists(), "{log}");
+    assert_eq!(
+        std::fs::read(cache.join(format!("staging/c/files/{shard}.partial"))).unwrap(),
+        vec![7u8; 4096],
+        "the verified file goes back to staging for the resume: {log}"
     );
+    assert!(!unconfigured.exists() && !damaged.exists(), "{log}");
+    assert!(!cache.join("staging/m").exists(), "{log}");
+    assert!(held.exists(), "a model someone holds is left alone: {log}");
+    assert!(
+        log.contains("recovered the files of an interrupted publish"),
+        "{log}"
+    );
+    assert!(log.contains("is in use by pid"), "{log}");
+}
+
+/// Six simultaneous `POST …/prefetch` for a new model start exactly one job, 100 times in a
+/// row, over HTTP. The test holds each model's file lock while its requests race, so no job can
+/// finish and legitimately make room for a second: only the race itself could. Then a `DELETE`
+/// of a model someone else holds is refused naming the holder, and goes through once released.
+#[test]
+fn six_concurrent_requests_for_a_new_model_start_one_job_a_hundred_times() {
+    use modelcache::store::lock::{TryLock, try_lock};
+    let source = small_model(2_000, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let agent = Agent::start(dir.path(), &config(&cache, "", ""), "http://127.0.0.1:9", &[]);
+    let layout = modelcache::store::Layout::new(&cache);
+    let body = body_with_source(&format!("file://{}", source.path().display()));
+    let mut held = Vec::new();
+    for round in 0..100 {
+        let name = format!("m{round}");
+        let model = modelcache::store::ModelName::new(&name).unwrap();
+        let TryLock::Held(lock) = try_lock(&layout, &model, "the test").unwrap() else {
+            panic!("round {round}: the lock of a new model must be free");
+        };
+        held.push(lock);
+        let path = format!("/v1/models/{name}/prefetch");
+        let start = std::sync::Barrier::new(6);
+        let answers: Vec<serde_json::Value> = std::thread::scope(|s| {
+            let posts: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        http(&agent.admin, "POST", &path, &[], &body)
+                    })
+                })
+                .collect();
+            posts
+                .into_iter()
+                .map(|p| {
+                    let (status, text) = p.join().unwrap();
+                    assert_eq!(status, 202, "round {round}: {text}");
+                    serde_json::from_str(&text).unwrap()
+                })
+                .collect()
+        });
+        let started = answers.iter().filter(|a| a["joined"] == false).count();
+        assert_eq!(started, 1, "round {round}: {answers:?}");
+        assert!(
+            answers.iter().all(|a| a["job"] == answers[0]["job"]),
+            "round {round}: {answers:?}"
+        );
+    }
+    // Nothing was written while the test held the models.
+    assert!(!cache.join("staging/m0").exists(), "{}", agent.log());
+    let first = held.remove(0);
+    held.clear();
+    let ready = agent.until_ready("m1");
+    assert_eq!(ready["bytes_fetched"], ready["bytes_total"], "{ready}");
+
+    let (status, text) = http(&agent.admin, "DELETE", "/v1/models/m1", &[], "");
+    assert_eq!(status, 204, "{text}");
+    drop(first);
+    agent.until_ready("m0");
+    let TryLock::Held(again) =
+        try_lock(&layout, &modelcache::store::ModelName::new("m0").unwrap(), "the test").unwrap()
+    else {
+        panic!("m0 is idle once ready");
+    };
+    let (status, text) = http(&agent.admin, "DELETE", "/v1/models/m0", &[], "");
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("the test"), "the holder is named: {text}");
+    assert!(cache.join("models/m0").exists(), "nothing removed");
+    drop(again);
+    let (status, text) = http(&agent.admin, "DELETE", "/v1/models/m0", &[], "");
+    assert_eq!(status, 204, "{text}");
+    assert!(!cache.join("models/m0").exists() && !cache.join("store/m0").exists());
 }

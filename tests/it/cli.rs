@@ -285,3 +285,45 @@ fn a_damaged_published_revision_is_replaced_not_relinked() {
     let out = prefetch_file(source.path(), cache.path(), &[]);
     assert_eq!(summary(&out)["bytes_fetched"], 0);
 }
+
+/// Two writers never share a model's files: a `modelcache prefetch` started while another holds
+/// the model (here the test, as an agent job would) says whom it waits for, touches nothing,
+/// and finishes once the holder lets go.
+#[test]
+fn a_prefetch_waits_for_whoever_holds_the_model_then_finishes() {
+    use std::io::{BufRead, BufReader};
+    let source = small_model(50_000, 5);
+    let cache = tempfile::tempdir().unwrap();
+    let layout = modelcache::store::Layout::new(cache.path());
+    let name = modelcache::store::ModelName::new("gpt-oss-120b").unwrap();
+    let modelcache::store::lock::TryLock::Held(held) =
+        modelcache::store::lock::try_lock(&layout, &name, "the test's writer").unwrap()
+    else {
+        panic!("the lock of a new model must be free");
+    };
+    let url = format!("file://{}", source.path().display());
+    let mut child = prefetch_cmd(None, &url, cache.path(), &[])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("waiting for") {
+            break;
+        }
+    }
+    assert!(seen.contains("the test's writer"), "{seen}");
+    assert!(
+        !cache.path().join("staging/gpt-oss-120b").exists(),
+        "nothing is written while another holds the model"
+    );
+    drop(held);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    assert!(out.status.success(), "{seen}{}", rest.join("\n"));
+    assert_published_identical(source.path(), &cache.path().join("models/gpt-oss-120b"));
+}

@@ -72,3 +72,62 @@ fn a_killed_prefetch_resumes_without_fetching_finished_ranges_again() {
         &cache.path().join("models/gpt-oss-120b"),
     );
 }
+
+/// A publish killed after it moved some verified files out of staging into
+/// `store/NAME/.REV.tmp-PID` (the state such a kill leaves, built here without the race of a
+/// real kill; the chaos test kills for real): the next run puts them back and fetches none of
+/// them again, and nothing of the interrupted publish stays behind.
+#[test]
+fn a_publish_killed_part_way_resumes_without_fetching_moved_files_again() {
+    let source = small_model(40_000, 21);
+    let bad = "model-00003-of-00014.safetensors";
+    let good = std::fs::read(source.path().join(bad)).unwrap();
+    // A shard whose header is garbage: everything downloads and is journaled, then the
+    // structure check refuses the model before publishing, and staging stays complete.
+    let mut broken = good.clone();
+    broken[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(source.path().join(bad), &broken).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", source.path().display());
+    let out = run(
+        &mut prefetch_cmd(None, &url, cache.path(), &[]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+
+    // What a publish killed after moving all files but `bad` leaves behind.
+    let files = cache.path().join("staging/gpt-oss-120b/files");
+    let tmp = cache
+        .path()
+        .join("store/gpt-oss-120b/.0123456789abcdef.tmp-4242");
+    let mut moved_bytes = 0;
+    for rel in files_under(&files) {
+        let plain = rel.trim_end_matches(".partial");
+        if plain == bad {
+            continue;
+        }
+        let to = tmp.join(plain);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::rename(files.join(&rel), &to).unwrap();
+        moved_bytes += std::fs::metadata(&to).unwrap().len();
+    }
+    assert!(moved_bytes > 0);
+
+    std::fs::write(source.path().join(bad), &good).unwrap();
+    let s = summary(&run(
+        &mut prefetch_cmd(None, &url, cache.path(), &[]),
+        Duration::from_secs(120),
+    ));
+    assert_eq!(
+        s["bytes_fetched"].as_u64().unwrap(),
+        u64::try_from(good.len()).unwrap(),
+        "only the repaired shard is fetched; the moved files come back from the publish: {s}"
+    );
+    assert_published_identical(source.path(), &cache.path().join("models/gpt-oss-120b"));
+    let store: Vec<String> = std::fs::read_dir(cache.path().join("store/gpt-oss-120b"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(store.len(), 1, "only the published revision: {store:?}");
+    assert!(!cache.path().join("staging/gpt-oss-120b").exists());
+}

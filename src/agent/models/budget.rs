@@ -1,0 +1,582 @@
+//! The disk budget: a pure decision ([`decide`]) from a snapshot of the cache to what must be
+//! removed before a model may write more, and the shell that takes the snapshot, carries the
+//! decision out under each victim's file lock, and keeps the reservations of running jobs.
+//!
+//! A job reserves what it will still write before its first byte, so two models starting
+//! together cannot each fit alone and overflow together.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::SystemTime;
+
+use tracing::info;
+
+use super::lifecycle::{self, AfterRemoval, Keep};
+use super::{ModelError, Models, State, dir_bytes, remove_dir};
+use crate::config::agent::Budget;
+use crate::fetch::{PrefetchError, error_chain};
+use crate::store::lock::{TryLock, try_lock};
+use crate::store::{ModelName, fsync_dir};
+
+/// Something the budget may remove, cheapest loss first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Reclaim {
+    /// `staging/NAME` of a model no job works on: partial downloads no one is finishing.
+    Partials(ModelName),
+    /// `store/NAME/REVISION` that `models/NAME` does not link: an old revision.
+    Revision(ModelName, String),
+    /// A whole published model: its link, store and staging.
+    Model(ModelName),
+}
+
+impl Reclaim {
+    fn model(&self) -> &ModelName {
+        match self {
+            Reclaim::Partials(m) | Reclaim::Revision(m, _) | Reclaim::Model(m) => m,
+        }
+    }
+}
+
+/// One removable thing in the snapshot.
+#[derive(Debug, Clone)]
+pub(super) struct Candidate {
+    /// What it is.
+    pub what: Reclaim,
+    /// Bytes it frees.
+    pub bytes: u64,
+    /// Least recently used goes first among models.
+    pub last_used: SystemTime,
+    /// Pinned models are never evicted.
+    pub pinned: bool,
+    /// A job or another process works on the model: never touched.
+    pub busy: bool,
+}
+
+/// The cache as the budget sees it when a model asks for room.
+#[derive(Debug, Clone)]
+pub(super) struct Snapshot {
+    /// The budget in bytes.
+    pub limit: u64,
+    /// Bytes on disk in `store/` and `staging/`.
+    pub used: u64,
+    /// Bytes other running jobs reserved and have not written yet.
+    pub reserved: u64,
+    /// Bytes the asking model will still write.
+    pub needed: u64,
+    /// What could be removed (the asking model's own partials and link are never listed).
+    pub candidates: Vec<Candidate>,
+}
+
+/// The budget's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// It fits: reserve `needed` and go.
+    Fits,
+    /// Remove these, in this order, then it fits.
+    Reclaim(Vec<Reclaim>),
+    /// It cannot fit even after removing everything removable: remove nothing.
+    OverBudget {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes the budget would leave after removing everything removable.
+        available: u64,
+    },
+}
+
+/// Decides what to remove so that `needed` more bytes fit in the budget beside what is on disk
+/// and what other jobs reserved: abandoned partials first, then unlinked revisions, then idle
+/// unpinned models, least recently used first. Nothing pinned or busy is ever chosen, and
+/// nothing at all when even removing every candidate would not be enough.
+pub(super) fn decide(s: &Snapshot) -> Decision {
+    let committed = s.used.saturating_add(s.reserved);
+    if committed.saturating_add(s.needed) <= s.limit {
+        return Decision::Fits;
+    }
+    let mut usable: Vec<&Candidate> = s
+        .candidates
+        .iter()
+        .filter(|c| !c.pinned && !c.busy)
+        .collect();
+    usable.sort_by(|a, b| {
+        let class = |c: &Candidate| match c.what {
+            Reclaim::Partials(_) => 0,
+            Reclaim::Revision(..) => 1,
+            Reclaim::Model(_) => 2,
+        };
+        (class(a), a.last_used, &a.what).cmp(&(class(b), b.last_used, &b.what))
+    });
+    let reclaimable: u64 = usable.iter().map(|c| c.bytes).sum();
+    let floor = committed.saturating_sub(reclaimable);
+    if floor.saturating_add(s.needed) > s.limit {
+        return Decision::OverBudget {
+            needed: s.needed,
+            available: s.limit.saturating_sub(floor),
+        };
+    }
+    let mut chosen = Vec::new();
+    let mut after = committed;
+    for c in usable {
+        if after.saturating_add(s.needed) <= s.limit {
+            break;
+        }
+        after = after.saturating_sub(c.bytes);
+        chosen.push(c.what.clone());
+    }
+    Decision::Reclaim(chosen)
+}
+
+/// What a running job reserved.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reservation {
+    /// Bytes it said it would write.
+    bytes: u64,
+    /// Bytes its staging held when it reserved them.
+    staged_then: u64,
+}
+
+/// How a removal went.
+enum Removed {
+    Done,
+    /// Someone holds the model: it is left alone.
+    Busy,
+}
+
+impl Models {
+    /// The budget in bytes, or `None` when unlimited.
+    fn budget_limit(&self) -> Result<Option<u64>, PrefetchError> {
+        match self.config.budget {
+            Budget::Unlimited => Ok(None),
+            Budget::Bytes(b) => Ok(Some(b)),
+            Budget::Fraction(f) => {
+                let stat = nix::sys::statvfs::statvfs(self.layout.root()).map_err(|e| {
+                    PrefetchError::local(
+                        "check the size of",
+                        self.layout.root().to_path_buf(),
+                        e.into(),
+                    )
+                })?;
+                #[expect(
+                    clippy::useless_conversion,
+                    reason = "statvfs field types vary by platform"
+                )]
+                let size = u64::from(stat.blocks()).saturating_mul(u64::from(stat.fragment_size()));
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    clippy::cast_precision_loss,
+                    reason = "a budget, rounded down"
+                )]
+                let limit = (size as f64 * f) as u64;
+                Ok(Some(limit))
+            }
+        }
+    }
+
+    /// Keeps the cache within its budget before `for_model` writes `needed` more bytes, and
+    /// reserves them: decides with [`decide`], removes under each victim's lock (a victim
+    /// found busy is left alone and the decision taken again), and never runs two decisions at
+    /// once. The caller holds `for_model`'s lock.
+    pub(super) fn make_room(
+        &self,
+        for_model: &ModelName,
+        needed: u64,
+    ) -> Result<(), PrefetchError> {
+        let Some(limit) = self.budget_limit()? else {
+            return Ok(());
+        };
+        let _one_decision_at_a_time = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy: BTreeSet<ModelName> = BTreeSet::new();
+        loop {
+            let snapshot = self.budget_snapshot(for_model, needed, limit, &busy);
+            match decide(&snapshot) {
+                Decision::Fits => {
+                    let staged_then = dir_bytes(&self.layout.staging_dir(for_model));
+                    self.reservations().insert(
+                        for_model.clone(),
+                        Reservation {
+                            bytes: needed,
+                            staged_then,
+                        },
+                    );
+                    return Ok(());
+                }
+                Decision::OverBudget { needed, available } => {
+                    return Err(PrefetchError::OverBudget { needed, available });
+                }
+                Decision::Reclaim(items) => {
+                    for item in items {
+                        if let Removed::Busy = self.reclaim(for_model, &item)? {
+                            busy.insert(item.model().clone());
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn reservations(&self) -> std::sync::MutexGuard<'_, BTreeMap<ModelName, Reservation>> {
+        self.reservations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends `name`'s reservation (its job ended, whatever the outcome).
+    pub(super) fn release_reservation(&self, name: &ModelName) {
+        self.reservations().remove(name);
+    }
+
+    fn budget_snapshot(
+        &self,
+        for_model: &ModelName,
+        needed: u64,
+        limit: u64,
+        busy: &BTreeSet<ModelName>,
+    ) -> Snapshot {
+        let root = self.layout.root();
+        let used = dir_bytes(&root.join("store")) + dir_bytes(&root.join("staging"));
+        let reserved = self
+            .reservations()
+            .iter()
+            .filter(|(name, _)| *name != for_model)
+            .map(|(name, r)| {
+                let written =
+                    dir_bytes(&self.layout.staging_dir(name)).saturating_sub(r.staged_then);
+                r.bytes.saturating_sub(written)
+            })
+            .sum();
+        let entries = self.lock();
+        // (pinned, has a job or is held, last used) of a model other than `for_model`.
+        let facts = |name: &ModelName| {
+            let entry = entries.get(name.as_str());
+            let pinned = entry.is_some_and(|e| e.spec.pin);
+            let taken = busy.contains(name) || entry.is_some_and(|e| e.job.is_some());
+            let used = entry.map_or_else(|| self.link_mtime(name), |e| e.last_used);
+            (pinned, taken, used)
+        };
+        let mut candidates = Vec::new();
+        for name in model_dirs(&root.join("staging")) {
+            if &name == for_model {
+                continue;
+            }
+            let (pinned, taken, last_used) = facts(&name);
+            candidates.push(Candidate {
+                bytes: dir_bytes(&self.layout.staging_dir(&name)),
+                what: Reclaim::Partials(name),
+                last_used,
+                pinned,
+                busy: taken,
+            });
+        }
+        for name in model_dirs(&root.join("store")) {
+            let linked = self.layout.published_revision(&name);
+            let (pinned, taken, last_used) = if &name == for_model {
+                // Its own old revisions: the caller holds its lock and publishes only later.
+                (false, false, SystemTime::UNIX_EPOCH)
+            } else {
+                facts(&name)
+            };
+            let model_store = root.join("store").join(name.as_str());
+            for revision in visible_entries(&model_store) {
+                if linked.as_deref() == Some(revision.as_str()) {
+                    continue;
+                }
+                candidates.push(Candidate {
+                    bytes: dir_bytes(&model_store.join(&revision)),
+                    what: Reclaim::Revision(name.clone(), revision),
+                    last_used,
+                    pinned: false,
+                    busy: taken,
+                });
+            }
+            if let Some(revision) = linked.filter(|_| &name != for_model) {
+                candidates.push(Candidate {
+                    bytes: dir_bytes(&model_store.join(revision)),
+                    what: Reclaim::Model(name),
+                    last_used,
+                    pinned,
+                    busy: taken,
+                });
+            }
+        }
+        Snapshot {
+            limit,
+            used,
+            reserved,
+            needed,
+            candidates,
+        }
+    }
+
+    /// Removes one thing the budget chose, holding its model's lock (`for_model`'s is already
+    /// held by the caller).
+    fn reclaim(&self, for_model: &ModelName, item: &Reclaim) -> Result<Removed, PrefetchError> {
+        let name = item.model();
+        let _held = if name == for_model {
+            None
+        } else {
+            match try_lock(&self.layout, name, "modelcache agent, making room")? {
+                TryLock::Held(lock) => Some(lock),
+                TryLock::Busy(_) => return Ok(Removed::Busy),
+            }
+        };
+        if name != for_model
+            && self
+                .lock()
+                .get(name.as_str())
+                .is_some_and(|e| e.job.is_some())
+        {
+            return Ok(Removed::Busy);
+        }
+        match item {
+            Reclaim::Partials(_) => {
+                let dir = self.layout.staging_dir(name);
+                info!(model.name = %name, path = %dir.display(), "removing the partial download of {name} ({}) to make room for {for_model}: no job is finishing it", dir.display());
+                remove_dir(&dir)?;
+            }
+            Reclaim::Revision(_, revision) => {
+                let dir = self.layout.revision_dir(name, revision);
+                info!(model.name = %name, path = %dir.display(), "removing unlinked revision {} to stay within the cache budget", dir.display());
+                remove_dir(&dir)?;
+            }
+            Reclaim::Model(_) => {
+                info!(model.name = %name, "evicting {name} (least recently used, unpinned) to make room for {for_model}");
+                self.remove_model_files(name)?;
+                self.forget_files(name);
+                self.metrics.evicted();
+            }
+        }
+        Ok(Removed::Done)
+    }
+
+    /// Removes a model's link, store and staging; the caller holds its lock.
+    fn remove_model_files(&self, name: &ModelName) -> Result<(), PrefetchError> {
+        let link = self.layout.model_link(name);
+        match std::fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(PrefetchError::local("remove", link, e)),
+        }
+        fsync_dir(&self.layout.root().join("models"))?;
+        remove_dir(&self.layout.root().join("store").join(name.as_str()))?;
+        remove_dir(&self.layout.staging_dir(name))
+    }
+
+    /// Updates the registry after a model's files were removed.
+    fn forget_files(&self, name: &ModelName) {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(name.as_str()) else {
+            return;
+        };
+        match lifecycle::after_removal(entry.facts()) {
+            AfterRemoval::Forget => {
+                entries.remove(name.as_str());
+            }
+            AfterRemoval::Reset => {
+                entry.state = State::Pending;
+                entry.revision = None;
+                entry.verification = None;
+                entry.warm = None;
+            }
+        }
+    }
+
+    /// `DELETE /v1/models/NAME`: removes an unpinned, idle model, holding its lock so no job,
+    /// eviction or `modelcache prefetch` touches its files meanwhile.
+    pub fn evict(&self, name: &str) -> Result<(), ModelError> {
+        let model = ModelName::new(name).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        if let Some(reason) = self.blocked_reason().clone() {
+            return Err(ModelError::Unavailable(format!(
+                "the cache disks are not ready ({reason}); nothing is removed until they are"
+            )));
+        }
+        let check = |models: &Self| -> Result<(), ModelError> {
+            let entries = models.lock();
+            match entries.get(name) {
+                None if !models.layout.model_link(&model).exists() => {
+                    Err(ModelError::NotFound(name.to_string()))
+                }
+                None => Ok(()),
+                Some(entry) => lifecycle::may_remove(entry.facts()).map_err(|keep| match keep {
+                    Keep::Pinned => ModelError::Conflict(format!(
+                        "{name} is pinned and is never evicted (hint: unpin it in the configuration)"
+                    )),
+                    Keep::Busy(job) => ModelError::Conflict(format!(
+                        "{name} has a prefetch in flight (job {job}); try again when it ends"
+                    )),
+                }),
+            }
+        };
+        check(self)?;
+        let _held = match try_lock(&self.layout, &model, "modelcache agent, DELETE")
+            .map_err(|e| ModelError::Internal(error_chain(&e)))?
+        {
+            TryLock::Held(lock) => lock,
+            TryLock::Busy(who) => {
+                return Err(ModelError::Conflict(format!(
+                    "{name} is in use by {who}; try again when it finishes"
+                )));
+            }
+        };
+        // Again under the lock: a job may have started and finished in between.
+        check(self)?;
+        self.remove_model_files(&model)
+            .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        self.forget_files(&model);
+        info!(model.name = %name, "evicted {name}");
+        self.metrics.evicted();
+        Ok(())
+    }
+}
+
+/// The model names of the directories under `dir` (hidden and invalid names skipped).
+fn model_dirs(dir: &Path) -> Vec<ModelName> {
+    visible_entries(dir)
+        .iter()
+        .filter_map(|n| ModelName::new(n).ok())
+        .collect()
+}
+
+/// The names of the directories under `dir` that do not start with `.`, sorted.
+fn visible_entries(dir: &Path) -> Vec<String> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = read
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn name(n: &str) -> ModelName {
+        ModelName::new(n).unwrap()
+    }
+
+    fn model(n: &str, bytes: u64, age: u64) -> Candidate {
+        Candidate {
+            what: Reclaim::Model(name(n)),
+            bytes,
+            last_used: SystemTime::UNIX_EPOCH + Duration::from_secs(1000 - age),
+            pinned: false,
+            busy: false,
+        }
+    }
+
+    fn snapshot(used: u64, reserved: u64, needed: u64, candidates: Vec<Candidate>) -> Snapshot {
+        Snapshot {
+            limit: 100,
+            used,
+            reserved,
+            needed,
+            candidates,
+        }
+    }
+
+    #[test]
+    fn what_fits_removes_nothing() {
+        assert_eq!(
+            decide(&snapshot(40, 0, 60, vec![model("a", 40, 1)])),
+            Decision::Fits
+        );
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_model_goes_first_and_only_as_many_as_needed() {
+        let decision = decide(&snapshot(
+            90,
+            0,
+            30,
+            vec![
+                model("new", 30, 1),
+                model("old", 30, 9),
+                model("mid", 30, 5),
+            ],
+        ));
+        assert_eq!(
+            decision,
+            Decision::Reclaim(vec![Reclaim::Model(name("old"))])
+        );
+    }
+
+    #[test]
+    fn partials_and_old_revisions_go_before_any_published_model() {
+        let partials = Candidate {
+            what: Reclaim::Partials(name("gone")),
+            ..model("gone", 10, 0)
+        };
+        let revision = Candidate {
+            what: Reclaim::Revision(name("b"), "r1".into()),
+            ..model("b", 10, 0)
+        };
+        let decision = decide(&snapshot(
+            100,
+            0,
+            20,
+            vec![model("a", 50, 99), revision, partials],
+        ));
+        assert_eq!(
+            decision,
+            Decision::Reclaim(vec![
+                Reclaim::Partials(name("gone")),
+                Reclaim::Revision(name("b"), "r1".into())
+            ])
+        );
+    }
+
+    #[test]
+    fn pinned_and_busy_models_are_never_chosen_and_nothing_goes_when_it_cannot_fit() {
+        let mut pinned = model("pinned", 50, 9);
+        pinned.pinned = true;
+        let mut busy = model("busy", 40, 9);
+        busy.busy = true;
+        let decision = decide(&snapshot(100, 0, 20, vec![pinned.clone(), busy.clone()]));
+        assert_eq!(
+            decision,
+            Decision::OverBudget {
+                needed: 20,
+                available: 0
+            }
+        );
+        // One idle model is not enough either: nothing is removed for a lost cause.
+        let decision = decide(&snapshot(
+            100,
+            0,
+            30,
+            vec![pinned, busy, model("idle", 10, 1)],
+        ));
+        assert_eq!(
+            decision,
+            Decision::OverBudget {
+                needed: 30,
+                available: 10
+            }
+        );
+    }
+
+    /// Two models that each fit alone, starting together: the second sees the first's
+    /// reservation and is refused instead of both overflowing the budget.
+    #[test]
+    fn a_reservation_counts_like_bytes_on_disk() {
+        assert_eq!(decide(&snapshot(0, 0, 60, Vec::new())), Decision::Fits);
+        assert_eq!(
+            decide(&snapshot(0, 60, 60, Vec::new())),
+            Decision::OverBudget {
+                needed: 60,
+                available: 40
+            }
+        );
+        // And what can be reclaimed is reclaimed for it.
+        assert_eq!(
+            decide(&snapshot(30, 60, 40, vec![model("idle", 30, 1)])),
+            Decision::Reclaim(vec![Reclaim::Model(name("idle"))])
+        );
+    }
+}

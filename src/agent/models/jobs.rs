@@ -1,0 +1,291 @@
+//! Jobs: one per model at a time, started by configuration or a request, retried with backoff
+//! when configured; each runs the prefetch engine under the model's file lock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::lifecycle::{self, OnRequest, Outcome};
+use super::{Entry, Job, ModelError, Models, PrefetchOverride, millis};
+use crate::config::agent::ModelSpec;
+use crate::config::human_bytes;
+use crate::fetch::progress::Progress;
+use crate::fetch::{ErrorKind, PrefetchError, PrefetchRequest, error_chain, prefetch};
+use crate::source::{self, SourceOptions, redact_url};
+use crate::store::ModelName;
+
+impl Models {
+    /// Starts a prefetch, or joins the one in flight: returns the job id and whether it joined.
+    ///
+    /// Recording the model and starting its job happen under one lock, so concurrent requests
+    /// for a new model see either no entry or an entry that already has its job: exactly one
+    /// of them starts it, the others join.
+    pub fn request_prefetch(
+        self: &Arc<Self>,
+        name: &str,
+        request: PrefetchOverride,
+    ) -> Result<(u64, bool), ModelError> {
+        let model = ModelName::new(name).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        // Disks only ever go from blocked to settled, so a request that passes this check
+        // writes onto the settled cache filesystem, never onto the OS disk beneath it.
+        if let Some(reason) = self.blocked_reason().clone() {
+            return Err(ModelError::Unavailable(format!(
+                "the cache disks are not ready ({reason}); no model can be fetched until they are (see GET /v1/disk)"
+            )));
+        }
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(name) {
+            match lifecycle::on_request(entry.facts()) {
+                OnRequest::Join(id) => {
+                    // A model waiting out a backoff tries again now.
+                    if let Some(job) = &entry.job {
+                        job.wake.notify_one();
+                    }
+                    entry.last_used = SystemTime::now();
+                    return Ok((id, true));
+                }
+                OnRequest::Start => {}
+            }
+            entry.spec = self.merged_spec(&model, Some(&entry.spec), request)?;
+            entry.last_used = SystemTime::now();
+        } else {
+            let spec = self.merged_spec(&model, None, request)?;
+            entries.insert(name.to_string(), Entry::new(spec, false));
+        }
+        let id = self.spawn_job_locked(&mut entries, name);
+        Ok((id, false))
+    }
+
+    fn merged_spec(
+        &self,
+        name: &ModelName,
+        base: Option<&ModelSpec>,
+        o: PrefetchOverride,
+    ) -> Result<ModelSpec, ModelError> {
+        let source = match (o.source, base) {
+            (Some(s), _) => s,
+            (None, Some(b)) => b.source.clone(),
+            (None, None) => {
+                return Err(ModelError::Invalid(format!(
+                    "model {name} is not configured: the request body must name a source"
+                )));
+            }
+        };
+        let selection = match (o.include, o.exclude, base) {
+            (None, None, Some(b)) => b.selection.clone(),
+            (include, exclude, _) => crate::config::Selection::new(
+                &include.unwrap_or_default(),
+                &exclude.unwrap_or_default(),
+                true,
+            )
+            .map_err(|e| ModelError::Invalid(e.to_string()))?,
+        };
+        let account = o.account.or_else(|| base.and_then(|b| b.account.clone()));
+        // A source that cannot even be opened (bad URL, no account) is the caller's mistake:
+        // say so now, not as a failed model later.
+        source::open(
+            &source,
+            &self.env,
+            &SourceOptions {
+                account: account.clone(),
+            },
+        )
+        .map_err(|e| ModelError::Invalid(error_chain(&e)))?;
+        Ok(ModelSpec {
+            name: name.clone(),
+            account,
+            selection,
+            pin: o.pin.unwrap_or(base.is_some_and(|b| b.pin)),
+            require_manifest: o
+                .require_manifest
+                .unwrap_or(base.is_some_and(|b| b.require_manifest)),
+            source,
+        })
+    }
+
+    /// Starts the job of `name` and records it in its entry, both while the caller holds the
+    /// registry lock: no one can see the entry without its job in between. The task itself
+    /// only touches the registry once the caller releases the lock.
+    pub(super) fn spawn_job_locked(
+        self: &Arc<Self>,
+        entries: &mut BTreeMap<String, Entry>,
+        name: &str,
+    ) -> u64 {
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let wake = Arc::new(Notify::new());
+        let models = Arc::clone(self);
+        let (n, c, w) = (name.to_string(), cancel.clone(), Arc::clone(&wake));
+        let handle = tokio::spawn(async move { models.run_job(n, id, c, w).await });
+        if let Some(entry) = entries.get_mut(name) {
+            entry.job = Some(Job {
+                id,
+                cancel,
+                wake,
+                handle,
+            });
+        }
+        id
+    }
+
+    async fn run_job(
+        self: Arc<Self>,
+        name: String,
+        id: u64,
+        cancel: CancellationToken,
+        wake: Arc<Notify>,
+    ) {
+        let mut delay = self.config.failed_retry_delay;
+        loop {
+            let Some((spec, progress)) = self.begin_attempt(&name) else {
+                return;
+            };
+            let started = Instant::now();
+            info!(model.name = %name, job = id, state = "downloading", "{name}: prefetch started (job {id})");
+            let result = self
+                .prefetch_once(&spec, id, Arc::clone(&progress), cancel.clone())
+                .await;
+            self.release_reservation(&spec.name);
+            self.metrics.record_run(&name, &progress);
+            let outcome = match &result {
+                Ok(_) => Outcome::Published,
+                Err(PrefetchError::Cancelled) => Outcome::Cancelled,
+                Err(_) => Outcome::Failed,
+            };
+            let published = match result {
+                Ok(summary) => {
+                    info!(
+                        model.name = %name, job = id, state = "ready", duration_ms = millis(started.elapsed()),
+                        bytes_fetched = summary.bytes_fetched, bytes_reused = summary.bytes_reused,
+                        "{name}: ready, revision {} ({} fetched, {} reused) in {:.1} s",
+                        summary.revision, human_bytes(summary.bytes_fetched), human_bytes(summary.bytes_reused),
+                        started.elapsed().as_secs_f64()
+                    );
+                    Some(summary)
+                }
+                Err(PrefetchError::Cancelled) => {
+                    info!(model.name = %name, job = id, "{name}: stopped by shutdown; finished ranges are journaled");
+                    None
+                }
+                Err(e) => {
+                    let line = error_chain(&e);
+                    error!(model.name = %name, job = id, state = "failed", duration_ms = millis(started.elapsed()), "{name}: prefetch failed: {line}");
+                    if e.kind() == ErrorKind::VerifyFailed {
+                        self.metrics.verification_failed();
+                    }
+                    if let Some(entry) = self.lock().get_mut(&name) {
+                        entry.last_error = Some(line);
+                    }
+                    None
+                }
+            };
+            let next = {
+                let mut entries = self.lock();
+                let Some(entry) = entries.get_mut(&name) else {
+                    return;
+                };
+                let next = lifecycle::after_attempt(entry.facts(), outcome);
+                entry.state = next.state;
+                if let Some(summary) = &published {
+                    entry.revision = Some(summary.revision.clone());
+                    entry.verification = Some(summary.verification);
+                    entry.last_error = None;
+                    entry.last_used = SystemTime::now();
+                }
+                if next.retry {
+                    entry.in_backoff = true;
+                } else {
+                    entry.job = None;
+                }
+                next
+            };
+            if let Some(summary) = published {
+                self.warm(&spec.name, &summary.revision, summary.bytes_total)
+                    .await;
+                return;
+            }
+            if !next.retry {
+                return;
+            }
+            warn!(model.name = %name, delay_ms = millis(delay), "{name}: trying again in {}s", delay.as_secs());
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    if let Some(e) = self.lock().get_mut(&name) { e.job = None; e.in_backoff = false; }
+                    return;
+                }
+                () = wake.notified() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(600));
+        }
+    }
+
+    fn begin_attempt(&self, name: &str) -> Option<(ModelSpec, Arc<Progress>)> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(name)?;
+        entry.progress = Arc::new(Progress::new());
+        entry.started = Some(Instant::now());
+        entry.in_backoff = false;
+        Some((entry.spec.clone(), Arc::clone(&entry.progress)))
+    }
+
+    async fn prefetch_once(
+        self: &Arc<Self>,
+        spec: &ModelSpec,
+        job: u64,
+        progress: Arc<Progress>,
+        cancel: CancellationToken,
+    ) -> Result<crate::fetch::Summary, PrefetchError> {
+        let source = source::open(
+            &spec.source,
+            &self.env,
+            &SourceOptions {
+                account: spec.account.clone(),
+            },
+        )
+        .map_err(|source| PrefetchError::Source {
+            url: redact_url(&spec.source),
+            source,
+        })?;
+        let models = Arc::clone(self);
+        let for_model = spec.name.clone();
+        let request = PrefetchRequest {
+            model: spec.name.clone(),
+            selection: spec.selection.clone(),
+            options: self.config.fetch.clone(),
+            require_manifest: spec.require_manifest,
+            owner: format!("modelcache agent, job {job}"),
+            cancel,
+            make_room: Some(Arc::new(move |needed| models.make_room(&for_model, needed))),
+        };
+        prefetch(source, &self.layout, &request, progress).await
+    }
+
+    /// Cancels every job and waits (bounded) for them to checkpoint and stop.
+    pub async fn shutdown(&self, limit: Duration) {
+        let handles: Vec<tokio::task::JoinHandle<()>> = {
+            let mut entries = self.lock();
+            entries
+                .values_mut()
+                .filter_map(|e| {
+                    e.job.take().map(|j| {
+                        j.cancel.cancel();
+                        j.handle
+                    })
+                })
+                .collect()
+        };
+        let all = futures::future::join_all(handles);
+        if tokio::time::timeout(limit, all).await.is_err() {
+            warn!(
+                "some prefetch jobs did not stop within {}s",
+                limit.as_secs()
+            );
+        }
+    }
+}

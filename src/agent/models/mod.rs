@@ -1,0 +1,612 @@
+//! The agent's models: the registry of their state (this module), the one job that may run per
+//! model ([`jobs`]), the decisions of its lifecycle ([`lifecycle`]), the disk budget and
+//! eviction ([`budget`]), and page-cache warming after publish ([`warm`]).
+//!
+//! A model's state is derived, not stored twice: a running job reports `downloading` or
+//! `verifying` from its live progress; otherwise the entry says `pending`, `ready` or `failed`.
+//! Every change to a model's files happens under its file lock ([`crate::store::lock`]).
+
+mod budget;
+mod jobs;
+mod lifecycle;
+mod warm;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::metrics::Metrics;
+use crate::config::Environment;
+use crate::config::agent::{AgentConfig, ModelSpec};
+use crate::fetch::progress::{Phase, Progress};
+use crate::fetch::{PrefetchError, error_chain};
+use crate::source::redact_url;
+use crate::store::{Layout, ModelName, ReadyMarker, Verification, lock};
+
+/// A model's state, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Known, not started (or stopped by shutdown).
+    Pending,
+    /// Listing and downloading.
+    Downloading,
+    /// Checking hashes and structure, publishing.
+    Verifying,
+    /// Published and intact.
+    Ready,
+    /// The last attempt failed; configured models are retried with backoff.
+    Failed,
+}
+
+impl State {
+    /// Every state, for metrics.
+    pub const ALL: [State; 5] = [
+        State::Pending,
+        State::Downloading,
+        State::Verifying,
+        State::Ready,
+        State::Failed,
+    ];
+
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Downloading => "downloading",
+            State::Verifying => "verifying",
+            State::Ready => "ready",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// Page-cache warming of a published model.
+#[derive(Debug, Clone, Serialize)]
+pub struct WarmReport {
+    /// Bytes read into the page cache.
+    pub bytes: u64,
+    /// Time taken.
+    pub seconds: f64,
+}
+
+/// A model as `GET /v1/models/NAME` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: State,
+    /// Source, secrets redacted.
+    pub source: String,
+    /// Pinned models are never evicted and gate `/readyz`.
+    pub pinned: bool,
+    /// Published revision, if any.
+    pub revision: Option<String>,
+    /// How the published revision was verified.
+    pub verification: Option<Verification>,
+    /// Bytes present (fetched + reused) in the current or last run.
+    pub bytes_done: u64,
+    /// Bytes in the model (0 until listed).
+    pub bytes_total: u64,
+    /// Bytes fetched in the current or last run.
+    pub bytes_fetched: u64,
+    /// Bytes reused in the current or last run.
+    pub bytes_reused: u64,
+    /// Fetch rate of the current run.
+    pub rate_bytes_per_second: f64,
+    /// Estimated seconds left.
+    pub eta_seconds: Option<f64>,
+    /// The job currently working on the model.
+    pub job: Option<u64>,
+    /// The last error, on one line.
+    pub last_error: Option<String>,
+    /// Page-cache warming after publish.
+    pub page_cache: Option<WarmReport>,
+}
+
+/// What a prefetch request asked for, when it is not the configured spec.
+#[derive(Debug, Clone, Default)]
+pub struct PrefetchOverride {
+    /// Source URL.
+    pub source: Option<String>,
+    /// Storage account.
+    pub account: Option<String>,
+    /// Include globs.
+    pub include: Option<Vec<String>>,
+    /// Exclude globs.
+    pub exclude: Option<Vec<String>>,
+    /// Pin.
+    pub pin: Option<bool>,
+    /// Require a manifest.
+    pub require_manifest: Option<bool>,
+}
+
+/// Why a request about a model was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// No such model.
+    #[error("no model named {0} is known to this agent")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model is pinned or busy.
+    #[error("{0}")]
+    Conflict(String),
+    /// The cache failed.
+    #[error("{0}")]
+    Internal(String),
+    /// The agent cannot do it yet (its disks are not set up).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+struct Job {
+    id: u64,
+    cancel: CancellationToken,
+    wake: Arc<Notify>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+struct Entry {
+    spec: ModelSpec,
+    configured: bool,
+    state: State,
+    in_backoff: bool,
+    job: Option<Job>,
+    progress: Arc<Progress>,
+    started: Option<Instant>,
+    revision: Option<String>,
+    verification: Option<Verification>,
+    last_error: Option<String>,
+    last_used: SystemTime,
+    warm: Option<WarmReport>,
+}
+
+impl Entry {
+    fn new(spec: ModelSpec, configured: bool) -> Self {
+        Self {
+            spec,
+            configured,
+            state: State::Pending,
+            in_backoff: false,
+            job: None,
+            progress: Arc::new(Progress::new()),
+            started: None,
+            revision: None,
+            verification: None,
+            last_error: None,
+            last_used: SystemTime::now(),
+            warm: None,
+        }
+    }
+
+    fn facts(&self) -> lifecycle::Facts {
+        lifecycle::Facts {
+            configured: self.configured,
+            state: self.state,
+            serving: self.revision.is_some(),
+            job: self.job.as_ref().map(|j| j.id),
+            pinned: self.spec.pin,
+        }
+    }
+
+    fn state(&self) -> State {
+        // A published revision keeps serving while a refresh runs, and after one fails: the
+        // link still points at verified files, so readers are told the truth, `ready`. The
+        // refresh shows in `job`, the byte counts and `last_error`.
+        if self.state == State::Ready && self.revision.is_some() {
+            return State::Ready;
+        }
+        if self.job.is_some() && !self.in_backoff {
+            return match self.progress.phase() {
+                Phase::Listing | Phase::Downloading => State::Downloading,
+                Phase::Verifying | Phase::Publishing => State::Verifying,
+                Phase::Done => State::Verifying,
+            };
+        }
+        self.state
+    }
+
+    fn status(&self) -> ModelStatus {
+        let p = &self.progress;
+        let total = p.total();
+        let done = (p.fetched() + p.reused()).min(total);
+        let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        #[expect(clippy::cast_precision_loss, reason = "rates for display")]
+        let rate = if secs > 0.0 && self.job.is_some() {
+            p.fetched() as f64 / secs
+        } else {
+            0.0
+        };
+        #[expect(clippy::cast_precision_loss, reason = "rates for display")]
+        let eta = (rate > 0.0).then(|| (total - done) as f64 / rate);
+        ModelStatus {
+            name: self.spec.name.to_string(),
+            state: self.state(),
+            source: redact_url(&self.spec.source),
+            pinned: self.spec.pin,
+            revision: self.revision.clone(),
+            verification: self.verification,
+            bytes_done: done,
+            bytes_total: total,
+            bytes_fetched: p.fetched(),
+            bytes_reused: p.reused(),
+            rate_bytes_per_second: rate,
+            eta_seconds: eta,
+            job: self.job.as_ref().map(|j| j.id),
+            last_error: self.last_error.clone(),
+            page_cache: self.warm.clone(),
+        }
+    }
+}
+
+/// The agent's model registry: the composition of config, cache layout and jobs.
+pub struct Models {
+    config: Arc<AgentConfig>,
+    env: Environment,
+    layout: Layout,
+    entries: Mutex<BTreeMap<String, Entry>>,
+    /// Why no job may write to the cache root yet (its disks are being set up, or failed);
+    /// `None` once they are settled.
+    blocked: Mutex<Option<String>>,
+    next_job: AtomicU64,
+    /// Held while the budget decides and removes, so two decisions never interleave.
+    budget: Mutex<()>,
+    /// What running jobs reserved and have not written yet.
+    reservations: Mutex<BTreeMap<ModelName, budget::Reservation>>,
+    /// Metrics, updated as jobs finish and on scrape.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Models")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Models {
+    /// Builds the registry: configured models already published and intact are ready at once
+    /// (no network, no re-hash: sizes and modification times against the ready marker); the
+    /// others get a job.
+    ///
+    /// `blocked` (the disk setup's error) keeps every model pending with that error and writes
+    /// nothing: without its disks the cache root is on the OS disk.
+    pub fn start(
+        config: Arc<AgentConfig>,
+        env: Environment,
+        blocked: Option<String>,
+    ) -> Result<Arc<Self>, ModelError> {
+        let models = Self::waiting(config, env, "setting up");
+        models.activate(blocked)?;
+        Ok(models)
+    }
+
+    /// Builds the registry with every configured model pending, touching nothing on disk:
+    /// the state while the cache disks are being set up (`why` says so in each model's status).
+    pub fn waiting(config: Arc<AgentConfig>, env: Environment, why: &str) -> Arc<Self> {
+        let models = Arc::new(Self {
+            layout: Layout::new(&config.cache_root),
+            env,
+            entries: Mutex::new(BTreeMap::new()),
+            blocked: Mutex::new(Some(why.to_string())),
+            next_job: AtomicU64::new(1),
+            budget: Mutex::new(()),
+            reservations: Mutex::new(BTreeMap::new()),
+            metrics: Metrics::new(),
+            config: Arc::clone(&config),
+        });
+        {
+            let mut entries = models.lock();
+            for spec in &config.models {
+                let mut entry = Entry::new(spec.clone(), true);
+                entry.last_error = Some(format!("waiting for the cache disks: {why}"));
+                entries.insert(spec.name.to_string(), entry);
+            }
+        }
+        models
+    }
+
+    /// Starts work once the cache disks are settled: `blocked` (the disk setup's error) keeps
+    /// every model pending with that error and writes nothing, since without its disks the
+    /// cache root is on the OS disk. Otherwise ready models are marked so and the others get
+    /// a job.
+    pub fn activate(self: &Arc<Self>, blocked: Option<String>) -> Result<(), ModelError> {
+        if let Some(reason) = &blocked {
+            for entry in self.lock().values_mut() {
+                entry.last_error = Some(format!("waiting for the cache disks: {reason}"));
+            }
+            *self.blocked_reason() = blocked;
+            return Ok(());
+        }
+        self.layout
+            .ensure()
+            .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        // Before any budget decision counts them: what killed publishes and abandoned
+        // downloads left.
+        self.clean_leftovers();
+        *self.blocked_reason() = None;
+        for spec in &self.config.models {
+            let published = self
+                .intact(&spec.name)
+                .filter(|(_, marker)| marker.source == redact_url(&spec.source));
+            let last_used = self.link_mtime(&spec.name);
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(spec.name.as_str()) else {
+                continue;
+            };
+            entry.last_error = None;
+            if let Some((revision, marker)) = published {
+                info!(model.name = %spec.name, revision = %revision, state = "ready", "{} revision {revision} is published and intact: ready", spec.name);
+                entry.state = State::Ready;
+                entry.revision = Some(revision);
+                entry.verification = Some(marker.verification);
+                entry.last_used = last_used;
+            } else if entry.job.is_none() {
+                self.spawn_job_locked(&mut entries, spec.name.as_str());
+            }
+        }
+        self.adopt_published();
+        Ok(())
+    }
+
+    /// Recovers what interrupted publishes left (their files go back to staging, see
+    /// [`crate::store::recover_publish_leftovers`]) and removes the partial downloads of models
+    /// no one asks for any more (not configured: requested before a restart, whose requests
+    /// died with it). Each under the model's lock; a model someone holds is left alone.
+    fn clean_leftovers(&self) {
+        let root = self.layout.root();
+        let mut names: Vec<ModelName> = Vec::new();
+        for dir in [root.join("store"), root.join("staging")] {
+            let Ok(read) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            names.extend(
+                read.flatten()
+                    .filter_map(|e| ModelName::new(&e.file_name().to_string_lossy()).ok()),
+            );
+        }
+        names.sort();
+        names.dedup();
+        for name in names {
+            let held = match lock::try_lock(&self.layout, &name, "modelcache agent, cleaning up") {
+                Ok(lock::TryLock::Held(held)) => held,
+                Ok(lock::TryLock::Busy(who)) => {
+                    info!(model.name = %name, "{name} is in use by {who}: its leftovers are not checked now");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(model.name = %name, "{}", error_chain(&e));
+                    continue;
+                }
+            };
+            match crate::store::recover_publish_leftovers(&self.layout, &held) {
+                Ok(removed) => {
+                    for path in removed {
+                        info!(model.name = %name, path = %path.display(), "recovered the files of an interrupted publish of {name} from {}", path.display());
+                    }
+                }
+                Err(e) => {
+                    warn!(model.name = %name, "could not recover what an interrupted publish of {name} left: {}", error_chain(&e))
+                }
+            }
+            let configured = self.config.models.iter().any(|m| m.name == name);
+            let staging = self.layout.staging_dir(&name);
+            if !configured && staging.exists() {
+                match remove_dir(&staging) {
+                    Ok(()) => {
+                        info!(model.name = %name, path = %staging.display(), "removed {} (a download of {name}, which is not configured, left by an earlier run)", staging.display())
+                    }
+                    Err(e) => warn!(model.name = %name, "{}", error_chain(&e)),
+                }
+            }
+        }
+    }
+
+    /// Registers models published earlier but not configured (by `modelcache prefetch`, or a
+    /// `POST` before a restart) as ready and unpinned, so the API reports them and the budget
+    /// can evict them.
+    fn adopt_published(&self) {
+        let Ok(links) = std::fs::read_dir(self.layout.root().join("models")) else {
+            return;
+        };
+        for link in links.flatten() {
+            let Ok(name) = ModelName::new(&link.file_name().to_string_lossy()) else {
+                continue;
+            };
+            if self.lock().contains_key(name.as_str()) {
+                continue;
+            }
+            let Some((revision, marker)) = self.intact(&name) else {
+                continue;
+            };
+            let spec = ModelSpec {
+                name: name.clone(),
+                source: marker.source.clone(),
+                account: None,
+                selection: crate::config::Selection::vllm_default(),
+                pin: false,
+                require_manifest: false,
+            };
+            let mut entry = Entry::new(spec, false);
+            entry.state = State::Ready;
+            entry.revision = Some(revision.clone());
+            entry.verification = Some(marker.verification);
+            entry.last_used = self.link_mtime(&name);
+            info!(model.name = %name, revision = %revision, "{name} revision {revision} was published earlier: ready (unpinned)");
+            self.lock().insert(name.to_string(), entry);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn blocked_reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.blocked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cache layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The published revision and marker of a model, if its files are intact.
+    fn intact(&self, name: &ModelName) -> Option<(String, ReadyMarker)> {
+        let revision = self.layout.published_revision(name)?;
+        let dir = self.layout.revision_dir(name, &revision);
+        let marker = ReadyMarker::read(&dir).ok()?;
+        marker.files_present(&dir).then_some((revision, marker))
+    }
+
+    fn link_mtime(&self, name: &ModelName) -> SystemTime {
+        std::fs::symlink_metadata(self.layout.model_link(name))
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// Every model's status.
+    pub fn list(&self) -> Vec<ModelStatus> {
+        self.lock().values().map(Entry::status).collect()
+    }
+
+    /// One model's status.
+    pub fn get(&self, name: &str) -> Option<ModelStatus> {
+        self.lock().get(name).map(Entry::status)
+    }
+
+    /// Marks a model as used now (its LRU position for eviction).
+    pub fn touch(&self, name: &str) {
+        if let Some(e) = self.lock().get_mut(name) {
+            e.last_used = SystemTime::now();
+        }
+    }
+
+    /// Whether every pinned model is ready.
+    pub fn pinned_ready(&self) -> (bool, BTreeMap<String, State>) {
+        let entries = self.lock();
+        let states: BTreeMap<String, State> = entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.state()))
+            .collect();
+        let ready = entries
+            .values()
+            .filter(|e| e.spec.pin)
+            .all(|e| e.state() == State::Ready);
+        (ready, states)
+    }
+
+    /// Counters and gauges for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let entries = self.lock();
+        let live: Vec<(String, State, Arc<Progress>)> = entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.state(), Arc::clone(&e.progress)))
+            .collect();
+        drop(entries);
+        let stat = nix::sys::statvfs::statvfs(self.layout.root()).ok();
+        #[expect(
+            clippy::useless_conversion,
+            reason = "statvfs field types vary by platform"
+        )]
+        let free = stat.map_or(0, |s| {
+            u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
+        });
+        let root = self.layout.root();
+        let used = dir_bytes(&root.join("store")) + dir_bytes(&root.join("staging"));
+        self.metrics.render(&live, free, used)
+    }
+}
+
+/// Milliseconds for logs.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Total bytes of regular files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    read.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn remove_dir(dir: &Path) -> Result<(), PrefetchError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(PrefetchError::local("remove", dir.to_path_buf(), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Six simultaneous requests for a new model start exactly one job (issue: two jobs for one
+    /// model). The runtime is not driven while they race, so no job can finish and make room for
+    /// a legitimate second one: the only way to get two is the race itself.
+    #[test]
+    fn concurrent_requests_for_a_new_model_start_exactly_one_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        std::fs::create_dir(&source).unwrap();
+        let toml = format!(
+            "cache_root = \"{}\"\n[disk]\nenabled = false\n",
+            dir.path().join("cache").display()
+        );
+        let env = Environment::from_pairs(Vec::new());
+        let config = Arc::new(AgentConfig::from_toml(&toml, "test", &env, &[]).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let models = {
+            let _in_runtime = rt.enter();
+            Models::start(config, env, None).unwrap()
+        };
+        let url = format!("file://{}", source.display());
+        for round in 0..100 {
+            let name = format!("m{round}");
+            let start = std::sync::Barrier::new(6);
+            let answers: Vec<(u64, bool)> = std::thread::scope(|s| {
+                let posts: Vec<_> = (0..6)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let _in_runtime = rt.enter();
+                            start.wait();
+                            let request = PrefetchOverride {
+                                source: Some(url.clone()),
+                                ..PrefetchOverride::default()
+                            };
+                            models.request_prefetch(&name, request).unwrap()
+                        })
+                    })
+                    .collect();
+                posts.into_iter().map(|p| p.join().unwrap()).collect()
+            });
+            let started = answers.iter().filter(|(_, joined)| !joined).count();
+            assert_eq!(started, 1, "round {round}: {answers:?}");
+            assert!(
+                answers.iter().all(|(id, _)| *id == answers[0].0),
+                "round {round}: {answers:?}"
+            );
+        }
+    }
+}

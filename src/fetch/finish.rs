@@ -1,0 +1,117 @@
+//! The last phases: the structure of every safetensors header and index, then the ready marker
+//! and the atomic publish, then the staging directory goes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tracing::warn;
+
+use super::PrefetchError;
+use super::pieces::Engine;
+use super::plan::Plan;
+use crate::config::FetchOptions;
+use crate::store::{Layout, ModelName, ReadyFile, ReadyMarker, StagedModel, Verification, publish};
+use crate::verify::VerifyError;
+use crate::verify::hash::combine;
+use crate::verify::structure::{
+    ShardTensors, check_index, check_safetensors, is_index, is_safetensors,
+};
+
+/// Checks every staged safetensors header, then every index against those headers.
+pub(super) async fn check_structure(
+    layout: &Layout,
+    name: &ModelName,
+    plan: &Plan,
+) -> Result<(), PrefetchError> {
+    let files: Vec<(String, PathBuf)> = plan
+        .files
+        .iter()
+        .filter(|f| is_safetensors(&f.path) || is_index(&f.path))
+        .map(|f| (f.path.clone(), layout.partial_path(name, &f.path)))
+        .collect();
+    tokio::task::spawn_blocking(move || check_files(&files))
+        .await
+        .map_err(|e| PrefetchError::Internal(e.to_string()))??;
+    Ok(())
+}
+
+fn check_files(files: &[(String, PathBuf)]) -> Result<(), VerifyError> {
+    let mut shards: HashMap<String, ShardTensors> = HashMap::new();
+    for (rel, path) in files.iter().filter(|(rel, _)| is_safetensors(rel)) {
+        shards.insert(rel.clone(), check_safetensors(path, rel)?);
+    }
+    for (rel, path) in files.iter().filter(|(rel, _)| is_index(rel)) {
+        let bytes = std::fs::read(path).map_err(|source| VerifyError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        check_index(rel, &bytes, &shards)?;
+    }
+    Ok(())
+}
+
+/// Writes the ready marker, publishes the staged files as the plan's revision and removes the
+/// staging directory.
+pub(super) async fn publish_staged(
+    layout: &Layout,
+    name: &ModelName,
+    plan: &Plan,
+    engine: &Engine,
+    options: &FetchOptions,
+    source: String,
+    verification: Verification,
+) -> Result<(), PrefetchError> {
+    let files: Vec<ReadyFile> = engine
+        .files
+        .iter()
+        .map(|s| ReadyFile {
+            path: s.remote.path.clone(),
+            size: s.remote.size,
+            blake3: options.hash.then(|| {
+                let digests: Vec<_> = s.digests().into_iter().flatten().collect();
+                combine(&digests).to_hex().to_string()
+            }),
+            mtime_ns: None,
+        })
+        .collect();
+    let marker = ReadyMarker {
+        name: name.to_string(),
+        source,
+        revision: plan.revision.clone(),
+        files,
+        bytes: plan.files.iter().map(|f| f.size).sum(),
+        verification,
+        verified_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    let manifest_bytes = plan.manifest.as_ref().map(|(_, b)| b.to_vec());
+    let staged_layout = layout.clone();
+    let staged_name = name.clone();
+    let revision = plan.revision.clone();
+    tokio::task::spawn_blocking(move || {
+        publish(
+            &staged_layout,
+            &StagedModel {
+                name: &staged_name,
+                revision: &revision,
+                marker: &marker,
+                manifest: manifest_bytes.as_deref(),
+            },
+        )
+    })
+    .await
+    .map_err(|e| PrefetchError::Internal(e.to_string()))??;
+    remove_staging(layout, name);
+    Ok(())
+}
+
+/// Removes `staging/NAME` once its files are published (a leftover journal and progress file).
+pub(super) fn remove_staging(layout: &Layout, name: &ModelName) {
+    let staging = layout.staging_dir(name);
+    match std::fs::remove_dir_all(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(path = %staging.display(), "could not remove the staging directory {}: {e}", staging.display());
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The listing phase: what the source holds, which of its files are the model, what its
+//! manifest says, and the revision that names that exact content.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::{PrefetchError, PrefetchRequest, error_chain};
+use crate::config::{FetchOptions, Selection};
+use crate::source::{MANIFEST_NAME, RemoteFile, RetryCause, Source, SourceError, validate_name};
+use crate::verify::VerifyError;
+use crate::verify::manifest::Manifest;
+
+/// What the listing and manifest say the model is.
+pub(super) struct Plan {
+    pub(super) files: Vec<RemoteFile>,
+    pub(super) manifest: Option<(Manifest, bytes::Bytes)>,
+    pub(super) revision: String,
+}
+
+/// Lists the source, selects the model's files and reads the manifest, checking the two agree.
+pub(super) async fn plan(
+    source: &Arc<dyn Source>,
+    request: &PrefetchRequest,
+) -> Result<Plan, PrefetchError> {
+    let url = source.describe();
+    let files = list_selected(
+        source,
+        &request.selection,
+        &request.options,
+        &request.cancel,
+    )
+    .await?;
+    let manifest = match retried(
+        &url,
+        &request.options,
+        &request.cancel,
+        MANIFEST_NAME,
+        || source.read_small(MANIFEST_NAME),
+    )
+    .await?
+    {
+        Some(bytes) => {
+            let m = Manifest::parse(&bytes, &format!("{url}/{MANIFEST_NAME}"))?;
+            Some((m, bytes))
+        }
+        None if request.require_manifest => return Err(VerifyError::ManifestRequired.into()),
+        None => None,
+    };
+    if let Some((m, _)) = &manifest {
+        check_against_manifest(&files, m, &request.selection)?;
+    }
+    let revision = revision_of(&files, manifest.as_ref().map(|(m, _)| m));
+    Ok(Plan {
+        files,
+        manifest,
+        revision,
+    })
+}
+
+/// Lists the source and keeps the selected files, refusing unsafe names and an empty selection.
+pub(super) async fn list_selected(
+    source: &Arc<dyn Source>,
+    selection: &Selection,
+    options: &FetchOptions,
+    cancel: &CancellationToken,
+) -> Result<Vec<RemoteFile>, PrefetchError> {
+    let url = source.describe();
+    let listed = retried(&url, options, cancel, "listing", || source.list()).await?;
+    if listed.is_empty() {
+        return Err(PrefetchError::Source {
+            url: url.clone(),
+            source: SourceError::NotFound { path: url },
+        });
+    }
+    let listed_count = listed.len();
+    let files: Vec<RemoteFile> = listed
+        .into_iter()
+        .filter(|f| f.path != MANIFEST_NAME && selection.is_selected(&f.path))
+        .collect();
+    for f in &files {
+        validate_name(&f.path).map_err(PrefetchError::UnsafeName)?;
+    }
+    if files.is_empty() {
+        let (include, exclude) = selection.patterns();
+        return Err(PrefetchError::NothingSelected {
+            url,
+            include: include.to_vec(),
+            exclude: exclude.to_vec(),
+            listed: listed_count,
+        });
+    }
+    Ok(files)
+}
+
+fn check_against_manifest(
+    files: &[RemoteFile],
+    manifest: &Manifest,
+    selection: &Selection,
+) -> Result<(), VerifyError> {
+    for f in files {
+        let entry = manifest
+            .get(&f.path)
+            .ok_or_else(|| VerifyError::NotInManifest {
+                path: f.path.clone(),
+            })?;
+        if entry.size != f.size {
+            return Err(VerifyError::SizeMismatch {
+                path: f.path.clone(),
+                expected: entry.size,
+                actual: f.size,
+            });
+        }
+    }
+    for entry in manifest.entries() {
+        let listed = files.iter().any(|f| f.path == entry.path);
+        if !listed && selection.is_selected(&entry.path) {
+            return Err(VerifyError::MissingFromSource {
+                path: entry.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Calls the source for a whole object (a listing, the manifest) like a range is fetched:
+/// a call not answered within the stall timeout (a server or identity endpoint that accepts
+/// and never answers) and transient failures are retried up to `max_attempts`, honouring
+/// `Retry-After`; `cancel` stops the call and the wait between attempts at once.
+pub(super) async fn retried<T, F, Fut>(
+    url: &str,
+    options: &FetchOptions,
+    cancel: &CancellationToken,
+    what: &str,
+    mut call: F,
+) -> Result<T, PrefetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SourceError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let answer = tokio::select! {
+            () = cancel.cancelled() => return Err(PrefetchError::Cancelled),
+            answer = tokio::time::timeout(options.stall_timeout, call()) => answer,
+        };
+        let result = answer.unwrap_or_else(|_| {
+            Err(SourceError::transient(
+                what,
+                RetryCause::Stalled,
+                format!("no answer within {}s", options.stall_timeout.as_secs_f32()),
+            ))
+        });
+        match result {
+            Err(e) if e.retry_cause().is_some() && attempt < options.max_attempts => {
+                let delay = options.backoff(attempt, e.retry_after());
+                warn!(
+                    attempt,
+                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "retrying {what} after: {}",
+                    error_chain(&e)
+                );
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(PrefetchError::Cancelled),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            other => {
+                return other.map_err(|source| PrefetchError::Source {
+                    url: url.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// A revision names the exact content: with a manifest, the files' hashes; without, their ETags.
+fn revision_of(files: &[RemoteFile], manifest: Option<&Manifest>) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for f in files {
+        let id = manifest
+            .and_then(|m| m.get(&f.path))
+            .map_or(f.etag.as_str(), |e| e.blake3.as_str());
+        hasher.update(format!("{}\t{}\t{}\n", f.path, f.size, id).as_bytes());
+    }
+    hasher.finalize().to_hex()[..16].to_string()
+}

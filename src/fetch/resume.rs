@@ -1,0 +1,79 @@
+//! The resume phase: which ranges earlier runs already made durable, so they are never read
+//! again, and how many bytes are still to be written.
+
+use std::sync::{Arc, Mutex};
+
+use super::PrefetchError;
+use super::journal::{Journal, JournalLine, index_lines};
+use super::pieces::{FileSlot, Sink};
+use super::plan::Plan;
+use crate::config::FetchOptions;
+use crate::store::{Layout, ModelName};
+
+/// The files of a plan with what is already done, and the journal that records the rest.
+pub(super) struct Resumed {
+    pub(super) slots: Vec<FileSlot>,
+    pub(super) journal: Arc<Mutex<Journal>>,
+    /// Bytes of ranges kept from earlier runs.
+    pub(super) reused: u64,
+    /// Bytes of files that have no full-size partial yet: what the disk must still hold.
+    pub(super) needed_space: u64,
+}
+
+/// Keeps the journal lines that match this plan (same file, size, ETag and chunk size) and whose
+/// partial file has its full size, and rewrites the journal to exactly those.
+pub(super) fn resume(
+    layout: &Layout,
+    name: &ModelName,
+    plan: &Plan,
+    options: &FetchOptions,
+) -> Result<Resumed, PrefetchError> {
+    let journal_path = layout.journal_path(name);
+    let lines = Journal::load(&journal_path)?;
+    let by_file = index_lines(&lines);
+    let chunk = options.chunk_size;
+    let mut kept: Vec<JournalLine> = Vec::new();
+    let mut slots = Vec::with_capacity(plan.files.len());
+    let mut needed_space: u64 = 0;
+    for f in &plan.files {
+        let partial = layout.partial_path(name, &f.path);
+        let partial_len = std::fs::metadata(&partial).map(|m| m.len()).ok();
+        let slot = FileSlot::new(f.clone(), Some(Sink::new(partial)), chunk);
+        if partial_len == Some(f.size) {
+            if let Some(done) = by_file.get(&(f.path.clone(), f.size, f.etag.clone(), chunk)) {
+                let mut digests = slot.digests.lock().unwrap_or_else(|p| p.into_inner());
+                for line in done {
+                    let digest = if options.hash {
+                        line.digest_bytes()
+                    } else {
+                        Some([0; 32])
+                    };
+                    let Some(digest) = digest else { continue };
+                    if let Some(d) = usize::try_from(line.index)
+                        .ok()
+                        .and_then(|i| digests.get_mut(i))
+                    {
+                        if d.is_none() {
+                            *d = Some(digest);
+                            kept.push(line.clone());
+                        }
+                    }
+                }
+            }
+        } else {
+            needed_space += f.size;
+        }
+        slots.push(slot);
+    }
+    let reused: u64 = kept
+        .iter()
+        .map(|l| (l.index * chunk + chunk).min(l.size) - l.index * chunk)
+        .sum();
+    let journal = Arc::new(Mutex::new(Journal::rewrite(&journal_path, &kept)?));
+    Ok(Resumed {
+        slots,
+        journal,
+        reused,
+        needed_space,
+    })
+}
