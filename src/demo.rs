@@ -234,7 +234,8 @@ mod tests {
         }
         assert_eq!(shard_name(0, 15), "model-00000-of-00014.safetensors");
         let index = std::fs::read(dir.path().join("model.safetensors.index.json")).unwrap();
-        check_index("model.safetensors.index.json", &index, &shards).unwrap();
+        let warnings = check_index("model.safetensors.index.json", &index, &shards).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
         assert!(
             dir.path()
                 .join("original/model--00001-of-00001.safetensors")

@@ -112,6 +112,12 @@ pub fn summary_line(s: &Summary) -> String {
             s.refetched_files.len()
         ));
     }
+    if !s.warnings.is_empty() {
+        extra.push_str(&format!(
+            ", {} warnings (logged above and kept in ready.json)",
+            s.warnings.len()
+        ));
+    }
     format!(
         "{}{} revision {}: {} files, {} ({} bytes) fetched, {} ({} bytes) reused, {:.1} s, {:.2} GB/s, verified {}{} -> {}",
         if s.already_published {
@@ -262,6 +268,9 @@ pub async fn run_verify(args: VerifyArgs) -> Result<ExitCode, CommandError> {
             report.verification,
             report.dir.display()
         );
+        for warning in &report.warnings {
+            println!("warning: {warning}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,26 +17,31 @@ use crate::verify::structure::{
     ShardTensors, check_index, check_safetensors, is_index, is_safetensors,
 };
 
-/// Checks every staged safetensors header, then every index against those headers.
+/// Checks every staged safetensors header, then every index against those headers; returns
+/// what is odd but loads (see [`check_index`]), each also logged.
 pub(super) async fn check_structure(
     layout: &Layout,
     name: &ModelName,
     plan: &Plan,
-) -> Result<(), PrefetchError> {
+) -> Result<Vec<String>, PrefetchError> {
     let files: Vec<(String, PathBuf)> = plan
         .files
         .iter()
         .filter(|f| is_safetensors(&f.path) || is_index(&f.path))
         .map(|f| (f.path.clone(), layout.partial_path(name, &f.path)))
         .collect();
-    tokio::task::spawn_blocking(move || check_files(&files))
+    let warnings = tokio::task::spawn_blocking(move || check_files(&files))
         .await
         .map_err(|e| PrefetchError::Internal(e.to_string()))??;
-    Ok(())
+    for warning in &warnings {
+        warn!(model.name = %name, "{name}: {warning}");
+    }
+    Ok(warnings)
 }
 
-fn check_files(files: &[(String, PathBuf)]) -> Result<(), VerifyError> {
+fn check_files(files: &[(String, PathBuf)]) -> Result<Vec<String>, VerifyError> {
     let mut shards: HashMap<String, ShardTensors> = HashMap::new();
+    let mut warnings = Vec::new();
     for (rel, path) in files.iter().filter(|(rel, _)| is_safetensors(rel)) {
         shards.insert(rel.clone(), check_safetensors(path, rel)?);
     }
@@ -45,9 +50,9 @@ fn check_files(files: &[(String, PathBuf)]) -> Result<(), VerifyError> {
             path: path.clone(),
             source,
         })?;
-        check_index(rel, &bytes, &shards)?;
+        warnings.extend(check_index(rel, &bytes, &shards)?);
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Writes the ready marker, publishes the staged files as the plan's revision and removes the
@@ -60,6 +65,7 @@ pub(super) async fn publish_staged(
     options: &FetchOptions,
     source: String,
     verification: Verification,
+    warnings: Vec<String>,
 ) -> Result<(), PrefetchError> {
     let files: Vec<ReadyFile> = engine
         .files
@@ -82,6 +88,7 @@ pub(super) async fn publish_staged(
         bytes: plan.files.iter().map(|f| f.size).sum(),
         verification,
         verified_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        warnings,
     };
     let manifest_bytes = plan.manifest.as_ref().map(|(_, b)| b.to_vec());
     let staged_layout = layout.clone();

@@ -286,6 +286,8 @@ pub struct Summary {
     pub source_restarts: u32,
     /// Files fetched a second time after a hash mismatch.
     pub refetched_files: Vec<String>,
+    /// What the structure checks found odd but vLLM loads anyway (also in `ready.json`).
+    pub warnings: Vec<String>,
 }
 
 /// Fills the cache with a model from `source`, resuming earlier work, and publishes it at
@@ -379,18 +381,25 @@ async fn attempt(
             .collect(),
         source_restarts: restarts,
         refetched_files: refetched,
+        warnings: Vec::new(),
     };
 
     // Already published and intact: link it (again), drop what a publish killed after its
     // link swap left in staging, and stop.
     let revision_dir = layout.revision_dir(name, &plan.revision);
-    if ReadyMarker::read(&revision_dir).is_ok_and(|m| m.files_present(&revision_dir)) {
+    let published = ReadyMarker::read(&revision_dir)
+        .ok()
+        .filter(|m| m.files_present(&revision_dir));
+    if let Some(marker) = published {
         link_revision(layout, name, &plan.revision)?;
         finish::remove_staging(layout, name);
         progress.add_reused(total.saturating_sub(progress.reused()));
         enter_phase(progress, name, Phase::Done);
         info!(model.name = %name, revision = %plan.revision, "{name} revision {} is already published", plan.revision);
-        return Ok(summary(true, Vec::new()));
+        return Ok(Summary {
+            warnings: marker.warnings,
+            ..summary(true, Vec::new())
+        });
     }
 
     let resumed = resume::resume(layout, name, &plan, options)?;
@@ -406,6 +415,7 @@ async fn attempt(
         files: resumed.slots,
         pending: Mutex::new(Vec::new()),
         cancel: request.cancel.clone(),
+        writes: tokio_util::task::TaskTracker::new(),
     });
     info!(
         model.name = %name,
@@ -422,7 +432,7 @@ async fn attempt(
     enter_phase(progress, name, Phase::Downloading);
     let refetched =
         download::download_verified(&engine, &resumed.journal, &plan, layout, name).await?;
-    finish::check_structure(layout, name, &plan).await?;
+    let warnings = finish::check_structure(layout, name, &plan).await?;
     if request.cancel.is_cancelled() {
         return Err(PrefetchError::Cancelled);
     }
@@ -435,11 +445,15 @@ async fn attempt(
         options,
         source.describe(),
         verification,
+        warnings.clone(),
     )
     .await?;
     enter_phase(progress, name, Phase::Done);
     info!(model.name = %name, revision = %plan.revision, "published {name} revision {}", plan.revision);
-    Ok(summary(false, refetched))
+    Ok(Summary {
+        warnings,
+        ..summary(false, refetched)
+    })
 }
 
 /// Gigabytes per second, for display.
@@ -491,6 +505,7 @@ pub async fn compute_manifest(
             .collect(),
         pending: Mutex::new(Vec::new()),
         cancel,
+        writes: tokio_util::task::TaskTracker::new(),
     });
     let jobs: Vec<(usize, u64)> = engine
         .files

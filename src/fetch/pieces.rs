@@ -148,6 +148,11 @@ pub(crate) struct Engine {
     pub(crate) pending: Mutex<Vec<Finished>>,
     /// Cancelled by the caller (shutdown): stop launching ranges and abandon those in flight.
     pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// Every write to a partial file runs on a blocking thread that aborting its range does not
+    /// stop; [`Engine::run`] waits for all of them before it returns, so no write of an abandoned
+    /// range can land after the next run (a retry after a changed blob, a resume) wrote and
+    /// hashed the same bytes.
+    pub(crate) writes: tokio_util::task::TaskTracker,
 }
 
 impl Engine {
@@ -157,6 +162,14 @@ impl Engine {
         self: &Arc<Self>,
         jobs: Vec<(usize, u64)>,
     ) -> Result<(), PrefetchError> {
+        let result = self.run_ranges(jobs).await;
+        self.writes.close();
+        self.writes.wait().await;
+        self.writes.reopen();
+        result
+    }
+
+    async fn run_ranges(self: &Arc<Self>, jobs: Vec<(usize, u64)>) -> Result<(), PrefetchError> {
         let mut queue = jobs.into_iter();
         let mut set = JoinSet::new();
         loop {
@@ -224,6 +237,7 @@ impl Engine {
             buf: Vec::with_capacity(WRITE_BUFFER.min(usize::try_from(end - start).unwrap_or(0))),
             pos: start,
             sink_path: slot.sink.as_ref().map(|s| s.path.clone()),
+            writes: self.writes.clone(),
         };
         let began = Instant::now();
         let mut attempts: u32 = 0;
@@ -405,6 +419,7 @@ struct RangeWriter {
     buf: Vec<u8>,
     pos: u64,
     sink_path: Option<PathBuf>,
+    writes: tokio_util::task::TaskTracker,
 }
 
 impl RangeWriter {
@@ -428,19 +443,21 @@ impl RangeWriter {
         let mut hasher = self.hasher.take();
         let handle = self.handle.clone();
         let pos = self.pos;
-        let (data, hasher, written) = tokio::task::spawn_blocking(move || {
-            let bytes = data.as_ref();
-            if let Some(h) = hasher.as_mut() {
-                h.update(bytes);
-            }
-            let written = match &handle {
-                Some(f) => f.write_all_at(bytes, pos),
-                None => Ok(()),
-            };
-            (data, hasher, written)
-        })
-        .await
-        .map_err(|e| PrefetchError::Internal(e.to_string()))?;
+        let (data, hasher, written) = self
+            .writes
+            .spawn_blocking(move || {
+                let bytes = data.as_ref();
+                if let Some(h) = hasher.as_mut() {
+                    h.update(bytes);
+                }
+                let written = match &handle {
+                    Some(f) => f.write_all_at(bytes, pos),
+                    None => Ok(()),
+                };
+                (data, hasher, written)
+            })
+            .await
+            .map_err(|e| PrefetchError::Internal(e.to_string()))?;
         if let Err(e) = written {
             let path = self.sink_path.clone().unwrap_or_default();
             return Err(PrefetchError::local("write", path, e));

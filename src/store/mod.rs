@@ -240,6 +240,10 @@ pub struct ReadyMarker {
     pub verification: Verification,
     /// When, RFC 3339.
     pub verified_at: String,
+    /// What the checks found odd but vLLM loads anyway (an index mapping a tensor its shard
+    /// does not hold, a `total_size` computed another way).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl ReadyMarker {
@@ -563,6 +567,7 @@ mod tests {
                 bytes: 2,
                 verification: Verification::Structural,
                 verified_at: "now".into(),
+                warnings: Vec::new(),
             };
             let staged = StagedModel {
                 name: &name,

@@ -26,6 +26,8 @@ pub struct CachedReport {
     pub bytes: u64,
     /// `blake3` when every file was hashed against a recorded hash.
     pub verification: Verification,
+    /// What the index checks found odd but vLLM loads anyway.
+    pub warnings: Vec<String>,
 }
 
 /// Re-verifies a published revision directory, hashing on `threads` threads with pieces of
@@ -93,10 +95,11 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
             shards.insert(file.path.clone(), check_safetensors(&path, &file.path)?);
         }
     }
+    let mut warnings = Vec::new();
     for file in marker.files.iter().filter(|f| is_index(&f.path)) {
         let path = dir.join(&file.path);
         let data = std::fs::read(&path).map_err(|source| VerifyError::Io { path, source })?;
-        check_index(&file.path, &data, &shards)?;
+        warnings.extend(check_index(&file.path, &data, &shards)?);
     }
     Ok(CachedReport {
         dir,
@@ -109,5 +112,6 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
         } else {
             Verification::Structural
         },
+        warnings,
     })
 }

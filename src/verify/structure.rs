@@ -89,14 +89,20 @@ struct IndexMetadata {
 }
 
 /// Checks an index (`index_path` relative to the model, `bytes` its contents) against the
-/// checked shards, keyed by their paths relative to the model: every shard it names is present,
-/// every tensor it maps is in that shard's header, and `metadata.total_size` equals the bytes of
-/// the mapped tensors.
+/// checked shards, keyed by their paths relative to the model.
+///
+/// Refused, because vLLM would fail on them: an index that is not valid JSON of that shape, and
+/// a shard it names that is unsafe as a path or not in the model (vLLM loads exactly the shards
+/// the index names). Returned as warnings, because real published repositories have them and
+/// vLLM loads those repositories anyway (it reads tensors from the shards' own headers and
+/// ignores `total_size`): a tensor mapped to a shard whose header does not hold it, and a
+/// `metadata.total_size` that differs from the bytes of the mapped tensors (tools compute it
+/// in different ways).
 pub fn check_index(
     index_path: &str,
     bytes: &[u8],
     shards: &HashMap<String, ShardTensors>,
-) -> Result<(), VerifyError> {
+) -> Result<Vec<String>, VerifyError> {
     let fail = |reason: String| VerifyError::Index {
         path: index_path.to_string(),
         reason,
@@ -108,6 +114,7 @@ pub fn check_index(
         None => String::new(),
     };
     let mut mapped_bytes: u64 = 0;
+    let mut unheld: Vec<(&str, &str)> = Vec::new();
     for (tensor, shard) in &index.weight_map {
         validate_name(shard).map_err(|e| fail(e.to_string()))?;
         let full = format!("{dir}{shard}");
@@ -116,21 +123,29 @@ pub fn check_index(
                 "tensor {tensor} is mapped to shard {shard}, which is not in the model"
             )));
         };
-        let Some(size) = info.tensors.get(tensor) else {
-            return Err(fail(format!(
-                "tensor {tensor} is mapped to shard {shard}, whose header has no such tensor"
-            )));
+        match info.tensors.get(tensor) {
+            Some(size) => mapped_bytes = mapped_bytes.saturating_add(*size),
+            None => unheld.push((tensor, shard)),
+        }
+    }
+    let mut warnings = Vec::new();
+    if let Some((tensor, shard)) = unheld.first() {
+        let more = match unheld.len() - 1 {
+            0 => String::new(),
+            n => format!(" (and {n} more)"),
         };
-        mapped_bytes = mapped_bytes.saturating_add(*size);
+        warnings.push(format!(
+            "{index_path}: tensor {tensor} is mapped to shard {shard}, whose header has no such tensor{more}; vLLM reads tensors from the shards' headers, so this is harmless unless the model needs that tensor"
+        ));
     }
     if let Some(total) = index.metadata.and_then(|m| m.total_size) {
         if total != mapped_bytes {
-            return Err(fail(format!(
-                "metadata.total_size is {total} but the mapped tensors hold {mapped_bytes} bytes"
-            )));
+            warnings.push(format!(
+                "{index_path}: metadata.total_size is {total} but the mapped tensors hold {mapped_bytes} bytes; vLLM ignores total_size"
+            ));
         }
     }
-    Ok(())
+    Ok(warnings)
 }
 
 #[cfg(test)]
@@ -200,11 +215,39 @@ mod tests {
         let err =
             check_index("m/model.safetensors.index.json", missing_shard, &shards).unwrap_err();
         assert!(err.to_string().contains("s2.safetensors"), "{err}");
-        let missing_tensor = br#"{"weight_map":{"zz":"s1.safetensors"}}"#;
-        assert!(check_index("m/i.safetensors.index.json", missing_tensor, &shards).is_err());
-        let wrong_total = br#"{"metadata":{"total_size":41},"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#;
-        assert!(check_index("m/i.safetensors.index.json", wrong_total, &shards).is_err());
         let escape = br#"{"weight_map":{"a":"../s1.safetensors"}}"#;
         assert!(check_index("m/i.safetensors.index.json", escape, &shards).is_err());
+        let not_json = br#"{"weight_map":["a"]}"#;
+        assert!(check_index("m/i.safetensors.index.json", not_json, &shards).is_err());
+    }
+
+    /// What real repositories have and vLLM loads anyway is a warning, not a refusal.
+    #[test]
+    fn inconsistent_index_metadata_is_a_warning() {
+        let mut shards = HashMap::new();
+        shards.insert(
+            "s1.safetensors".to_string(),
+            ShardTensors {
+                tensors: [("a".to_string(), 32u64), ("b".to_string(), 8)].into(),
+            },
+        );
+        let good = br#"{"metadata":{"total_size":40},"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#;
+        assert!(
+            check_index("i.safetensors.index.json", good, &shards)
+                .unwrap()
+                .is_empty()
+        );
+        let missing_tensor =
+            br#"{"weight_map":{"a":"s1.safetensors","y":"s1.safetensors","zz":"s1.safetensors"}}"#;
+        let warnings = check_index("i.safetensors.index.json", missing_tensor, &shards).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("tensor y") && warnings[0].contains("(and 1 more)"),
+            "{warnings:?}"
+        );
+        // File bytes instead of tensor bytes, as some tools compute it.
+        let file_bytes = br#"{"metadata":{"total_size":1234},"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#;
+        let warnings = check_index("i.safetensors.index.json", file_bytes, &shards).unwrap();
+        assert!(warnings[0].contains("total_size is 1234"), "{warnings:?}");
     }
 }

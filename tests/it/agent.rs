@@ -989,7 +989,12 @@ fn six_concurrent_requests_for_a_new_model_start_one_job_a_hundred_times() {
     let source = small_model(2_000, 3);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let agent = Agent::start(dir.path(), &config(&cache, "", ""), "http://127.0.0.1:9", &[]);
+    let agent = Agent::start(
+        dir.path(),
+        &config(&cache, "", ""),
+        "http://127.0.0.1:9",
+        &[],
+    );
     let layout = modelcache::store::Layout::new(&cache);
     let body = body_with_source(&format!("file://{}", source.path().display()));
     let mut held = Vec::new();
@@ -1038,9 +1043,12 @@ fn six_concurrent_requests_for_a_new_model_start_one_job_a_hundred_times() {
     assert_eq!(status, 204, "{text}");
     drop(first);
     agent.until_ready("m0");
-    let TryLock::Held(again) =
-        try_lock(&layout, &modelcache::store::ModelName::new("m0").unwrap(), "the test").unwrap()
-    else {
+    let TryLock::Held(again) = try_lock(
+        &layout,
+        &modelcache::store::ModelName::new("m0").unwrap(),
+        "the test",
+    )
+    .unwrap() else {
         panic!("m0 is idle once ready");
     };
     let (status, text) = http(&agent.admin, "DELETE", "/v1/models/m0", &[], "");

@@ -327,3 +327,40 @@ fn a_prefetch_waits_for_whoever_holds_the_model_then_finishes() {
     assert!(out.status.success(), "{seen}{}", rest.join("\n"));
     assert_published_identical(source.path(), &cache.path().join("models/gpt-oss-120b"));
 }
+
+/// Real repositories whose index maps a tensor no shard holds, or counts `total_size` in file
+/// bytes, load in vLLM: they are published with warnings (summary, `ready.json`, `verify`).
+/// An index naming a shard that is not in the model would make vLLM fail: refused.
+#[test]
+fn inconsistent_index_metadata_is_published_with_warnings_a_missing_shard_is_refused() {
+    let source = small_model(30_000, 8);
+    let index_path = source.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["metadata"]["total_size"] = serde_json::json!(123_456_789);
+    index["weight_map"]["model.layers.99.phantom.weight"] =
+        serde_json::json!("model-00001-of-00014.safetensors");
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let s = summary(&prefetch_file(source.path(), cache.path(), &[]));
+    let warnings = s["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{s}");
+    assert!(warnings[0].as_str().unwrap().contains("phantom"), "{s}");
+    assert!(warnings[1].as_str().unwrap().contains("123456789"), "{s}");
+    let link = cache.path().join("models/gpt-oss-120b");
+    assert_published_identical(source.path(), &link);
+    let marker = std::fs::read_to_string(link.join(".modelcache/ready.json")).unwrap();
+    assert!(marker.contains("phantom"), "{marker}");
+    let verified = verify_model(cache.path());
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    assert!(stdout(&verified).contains("warning: model.safetensors.index.json"));
+
+    index["weight_map"]["model.layers.99.phantom.weight"] =
+        serde_json::json!("model-00099-of-00099.safetensors");
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), fresh.path(), &[]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("model-00099-of-00099.safetensors"));
+    assert!(!fresh.path().join("models/gpt-oss-120b").exists());
+}

@@ -176,3 +176,65 @@ fn a_range_whose_response_headers_never_come_is_retried_after_the_stall_timeout(
         "retried after the stall timeout, not after the server gave up"
     );
 }
+
+/// A listing or manifest request that is accepted and never answered (a server, or an
+/// identity endpoint, that hangs) is retried after the stall timeout, not waited on forever.
+#[test]
+fn a_listing_or_manifest_that_never_answers_is_retried_after_the_stall_timeout() {
+    let Some((s, proxy, elapsed)) = fetch_through_faults(&["--stall-timeout", "2s"], |proxy| {
+        let silent = Fault::SilentBeforeHeaders(Duration::from_secs(120));
+        proxy.add("comp=list", silent, Some(1));
+        proxy.add("modelcache.manifest.json", silent, Some(1));
+    }) else {
+        return;
+    };
+    assert_eq!(proxy.fired(), 2, "both faults fired");
+    assert_eq!(s["verification"], "blake3", "{s}");
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "each retried after 2 s, not after the server gave up: {elapsed:?}"
+    );
+}
+
+/// SIGINT while the listing hangs stops the prefetch at once (exit 130), as it does mid-download.
+#[test]
+fn sigint_while_the_listing_hangs_stops_at_once() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 10_000, true));
+    let proxy = FaultProxy::start(az.port);
+    proxy.add(
+        "comp=list",
+        Fault::SilentBeforeHeaders(Duration::from_secs(120)),
+        None,
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = prefetch_cmd(
+        Some(&proxy.endpoint()),
+        &model.url(),
+        cache.path(),
+        &["--stall-timeout", "60s"],
+    );
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listing request reached the proxy: the prefetch is now waiting on it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.fired() == 0 {
+        assert!(Instant::now() < deadline, "the listing never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = wait_with_limit(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+}

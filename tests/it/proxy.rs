@@ -189,8 +189,10 @@ async fn handle(
                 if rule.remaining == Some(0) || !request_line.contains(&rule.path_contains) {
                     continue;
                 }
-                // Rules match ranged GETs, or listings when they name `comp=list`.
-                if !is_ranged_get && !rule.path_contains.contains("comp=list") {
+                // Rules match ranged GETs, or listings and the manifest when they name them.
+                let whole_object = rule.path_contains.contains("comp=list")
+                    || rule.path_contains.contains("modelcache.manifest.json");
+                if !is_ranged_get && !whole_object {
                     continue;
                 }
                 if let Some(n) = rule.remaining.as_mut() {

@@ -194,6 +194,7 @@ impl Models {
                 if let Some(summary) = &published {
                     entry.revision = Some(summary.revision.clone());
                     entry.verification = Some(summary.verification);
+                    entry.warnings.clone_from(&summary.warnings);
                     entry.last_error = None;
                     entry.last_used = SystemTime::now();
                 }

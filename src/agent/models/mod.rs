@@ -108,6 +108,8 @@ pub struct ModelStatus {
     pub job: Option<u64>,
     /// The last error, on one line.
     pub last_error: Option<String>,
+    /// What verification found odd in the published revision but vLLM loads anyway.
+    pub warnings: Vec<String>,
     /// Page-cache warming after publish.
     pub page_cache: Option<WarmReport>,
 }
@@ -167,6 +169,7 @@ struct Entry {
     revision: Option<String>,
     verification: Option<Verification>,
     last_error: Option<String>,
+    warnings: Vec<String>,
     last_used: SystemTime,
     warm: Option<WarmReport>,
 }
@@ -184,6 +187,7 @@ impl Entry {
             revision: None,
             verification: None,
             last_error: None,
+            warnings: Vec::new(),
             last_used: SystemTime::now(),
             warm: None,
         }
@@ -244,6 +248,7 @@ impl Entry {
             eta_seconds: eta,
             job: self.job.as_ref().map(|j| j.id),
             last_error: self.last_error.clone(),
+            warnings: self.warnings.clone(),
             page_cache: self.warm.clone(),
         }
     }
@@ -351,6 +356,7 @@ impl Models {
                 entry.state = State::Ready;
                 entry.revision = Some(revision);
                 entry.verification = Some(marker.verification);
+                entry.warnings = marker.warnings;
                 entry.last_used = last_used;
             } else if entry.job.is_none() {
                 self.spawn_job_locked(&mut entries, spec.name.as_str());
@@ -442,6 +448,7 @@ impl Models {
             entry.state = State::Ready;
             entry.revision = Some(revision.clone());
             entry.verification = Some(marker.verification);
+            entry.warnings = marker.warnings;
             entry.last_used = self.link_mtime(&name);
             info!(model.name = %name, revision = %revision, "{name} revision {revision} was published earlier: ready (unpinned)");
             self.lock().insert(name.to_string(), entry);
