@@ -9,7 +9,6 @@ use tracing::warn;
 use super::PrefetchError;
 use super::pieces::Engine;
 use super::plan::Plan;
-use crate::config::FetchOptions;
 use crate::store::{Layout, ModelName, ReadyFile, ReadyMarker, StagedModel, Verification, publish};
 use crate::verify::VerifyError;
 use crate::verify::hash::combine;
@@ -62,7 +61,6 @@ pub(super) async fn publish_staged(
     name: &ModelName,
     plan: &Plan,
     engine: &Engine,
-    options: &FetchOptions,
     source: String,
     verification: Verification,
     warnings: Vec<String>,
@@ -73,7 +71,7 @@ pub(super) async fn publish_staged(
         .map(|s| ReadyFile {
             path: s.remote.path.clone(),
             size: s.remote.size,
-            blake3: options.hash.then(|| {
+            blake3: engine.options.hash.then(|| {
                 let digests: Vec<_> = s.digests().into_iter().flatten().collect();
                 combine(&digests).to_hex().to_string()
             }),

@@ -442,7 +442,6 @@ async fn attempt(
         name,
         &plan,
         &engine,
-        options,
         source.describe(),
         verification,
         warnings.clone(),
