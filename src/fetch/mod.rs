@@ -356,12 +356,7 @@ async fn attempt(
     let plan = plan::plan(source, request).await?;
     let total: u64 = plan.files.iter().map(|f| f.size).sum();
     progress.set_total(total);
-    let verification = if plan.manifest.is_some() && options.hash {
-        Verification::Blake3
-    } else {
-        Verification::Structural
-    };
-    let summary = |already: bool, refetched: Vec<String>| Summary {
+    let summary = |already: bool, verification: Verification, refetched: Vec<String>| Summary {
         model: name.to_string(),
         revision: plan.revision.clone(),
         path: layout.model_link(name),
@@ -398,7 +393,7 @@ async fn attempt(
         info!(model.name = %name, revision = %plan.revision, "{name} revision {} is already published", plan.revision);
         return Ok(Summary {
             warnings: marker.warnings,
-            ..summary(true, Vec::new())
+            ..summary(true, marker.verification, Vec::new())
         });
     }
 
@@ -416,6 +411,9 @@ async fn attempt(
         pending: Mutex::new(Vec::new()),
         cancel: request.cancel.clone(),
         writes: tokio_util::task::TaskTracker::new(),
+        // Without a manifest nothing catches a bit flipped in transit afterwards: check each
+        // range against the server's checksum as it arrives.
+        check_transfers: plan.manifest.is_none(),
     });
     info!(
         model.name = %name,
@@ -433,6 +431,13 @@ async fn attempt(
     let refetched =
         download::download_verified(&engine, &resumed.journal, &plan, layout, name).await?;
     let warnings = finish::check_structure(layout, name, &plan).await?;
+    let verification = if plan.manifest.is_some() && options.hash {
+        Verification::Blake3
+    } else if source.transfers_checked() {
+        Verification::Md5
+    } else {
+        Verification::Structural
+    };
     if request.cancel.is_cancelled() {
         return Err(PrefetchError::Cancelled);
     }
@@ -451,7 +456,7 @@ async fn attempt(
     info!(model.name = %name, revision = %plan.revision, "published {name} revision {}", plan.revision);
     Ok(Summary {
         warnings,
-        ..summary(false, refetched)
+        ..summary(false, verification, refetched)
     })
 }
 
@@ -505,6 +510,7 @@ pub async fn compute_manifest(
         pending: Mutex::new(Vec::new()),
         cancel,
         writes: tokio_util::task::TaskTracker::new(),
+        check_transfers: true,
     });
     let jobs: Vec<(usize, u64)> = engine
         .files

@@ -153,6 +153,8 @@ pub(crate) struct Engine {
     /// range can land after the next run (a retry after a changed blob, a resume) wrote and
     /// hashed the same bytes.
     pub(crate) writes: tokio_util::task::TaskTracker,
+    /// Read ranges with [`Source::read_range_checked`] (each checked in transit).
+    pub(crate) check_transfers: bool,
 }
 
 impl Engine {
@@ -321,11 +323,15 @@ impl Engine {
         }
         // The stall timeout covers the wait for the response headers too: a connection that is
         // accepted but never answers is retried, not waited on forever.
-        let answer = tokio::time::timeout(
-            self.options.stall_timeout,
-            self.source.read_range(file, writer.pos..end),
-        )
-        .await;
+        let range = writer.pos..end;
+        let read = async {
+            if self.check_transfers {
+                self.source.read_range_checked(file, range).await
+            } else {
+                self.source.read_range(file, range).await
+            }
+        };
+        let answer = tokio::time::timeout(self.options.stall_timeout, read).await;
         let stalled = |waiting_for: &str| {
             RangeFailure::Source(SourceError::transient(
                 &file.path,

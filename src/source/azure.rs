@@ -7,9 +7,19 @@
 //! into an error that carries the status, the Azure error code and the delay.
 //! `object_store`'s whole-request timeout is disabled: a 64 MiB range on a busy link takes longer
 //! than any fixed limit, so stalls are caught per read by the fetcher instead.
+//!
+//! Checked reads ([`Source::read_range_checked`], used when a model has no manifest) ask Blob for
+//! a transactional MD5 (`x-ms-range-get-content-md5`, ranges of at most 4 MiB) and the same
+//! service checks each answer's bytes against it before passing any on. Shared Key requests
+//! cannot ask: their signature covers every `x-ms-` header and is made before the service sees
+//! the request, so an added header would void it. With an account key, reads stay unchecked
+//! and the marker says `structural`.
 
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,10 +28,12 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::client::{
     ClientOptions, HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
-    HttpService, ReqwestConnector,
+    HttpResponseBody, HttpService, ReqwestConnector,
 };
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use md5::{Digest, Md5};
 
 use super::{
     BoxError, ByteStream, RemoteFile, RetryCause, Source, SourceError, SourceOptions, redact_url,
@@ -31,12 +43,19 @@ use crate::config::Environment;
 /// Largest manifest accepted, so a hostile source cannot exhaust memory.
 const MAX_SMALL_FILE: u64 = 64 << 20;
 
+/// The largest range Blob returns a transactional MD5 for.
+const MD5_RANGE_LIMIT: u64 = 4 << 20;
+
 /// A container prefix in an Azure storage account.
 #[derive(Debug)]
 pub struct AzureSource {
     store: Arc<MicrosoftAzure>,
     prefix: Option<Path>,
     display: String,
+    /// Checked reads whose answer came without a checked MD5.
+    unchecked: Arc<AtomicU64>,
+    /// Checked reads made.
+    checked_reads: Arc<AtomicU64>,
 }
 
 impl AzureSource {
@@ -125,6 +144,8 @@ impl AzureSource {
             store: Arc::new(store),
             prefix,
             display,
+            unchecked: Arc::new(AtomicU64::new(0)),
+            checked_reads: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -168,38 +189,47 @@ impl Source for AzureSource {
         file: &RemoteFile,
         range: Range<u64>,
     ) -> Result<ByteStream, SourceError> {
-        let options = GetOptions {
-            if_match: (!file.etag.is_empty()).then(|| file.etag.clone()),
-            range: Some(GetRange::Bounded(range.clone())),
-            ..GetOptions::default()
+        get_range(&self.store, &self.location(&file.path), file, range, None).await
+    }
+
+    async fn read_range_checked(
+        &self,
+        file: &RemoteFile,
+        range: Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        // Blob sends an MD5 for ranges of at most 4 MiB: read the range as consecutive pieces
+        // of that size. The first is requested now, so its errors (412, 404, 403) are this
+        // call's; the others as the stream is read.
+        let mut pieces = (range.start..range.end)
+            .step_by(usize::try_from(MD5_RANGE_LIMIT).unwrap_or(usize::MAX))
+            .map(move |start| start..(start + MD5_RANGE_LIMIT).min(range.end));
+        let Some(first) = pieces.next() else {
+            return Ok(futures::stream::empty().boxed());
+        };
+        let counters = Counters {
+            unchecked: Arc::clone(&self.unchecked),
+            reads: Arc::clone(&self.checked_reads),
         };
         let location = self.location(&file.path);
-        let result = self.store.get_opts(&location, options).await.map_err(|e| {
-            match map_error(&file.path, e) {
-                // Not a status, a transport failure, auth, 404 or 412: object_store refused the
-                // answer itself (a 200 to a ranged GET, a missing or unparsable Content-Range).
-                // Worth the same bounded retries as a 503.
-                SourceError::Other { path, source } => SourceError::Transient {
-                    path,
-                    cause: RetryCause::BadRange,
-                    retry_after: None,
-                    source,
-                },
-                other => other,
-            }
-        })?;
-        if result.range != range {
-            return Err(SourceError::UnexpectedRange {
-                path: file.path.clone(),
-                want: range,
-                got: result.range,
-            });
-        }
-        let path = file.path.clone();
-        Ok(result
-            .into_stream()
-            .map_err(move |e| map_error(&path, e))
-            .boxed())
+        let head = get_range(&self.store, &location, file, first, Some(&counters)).await?;
+        let (store, file) = (Arc::clone(&self.store), file.clone());
+        let rest = futures::stream::iter(pieces)
+            .then(move |piece| {
+                let (store, location, file, counters) = (
+                    Arc::clone(&store),
+                    location.clone(),
+                    file.clone(),
+                    counters.clone(),
+                );
+                async move { get_range(&store, &location, &file, piece, Some(&counters)).await }
+            })
+            .try_flatten();
+        Ok(head.chain(rest).boxed())
+    }
+
+    fn transfers_checked(&self) -> bool {
+        self.checked_reads.load(Ordering::Relaxed) > 0
+            && self.unchecked.load(Ordering::Relaxed) == 0
     }
 
     async fn read_small(&self, path: &str) -> Result<Option<Bytes>, SourceError> {
@@ -233,6 +263,72 @@ impl Source for AzureSource {
             .map(|_| ())
             .map_err(|e| map_error(path, e))
     }
+}
+
+/// Counts checked reads and those answered without a checked MD5.
+#[derive(Debug, Clone)]
+struct Counters {
+    unchecked: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
+}
+
+/// Marks a GET whose answer must carry a transactional MD5 that [`StatusAwareService`] checks.
+#[derive(Debug, Clone, Copy)]
+struct AskTransferMd5;
+
+/// Marks an answer whose bytes [`StatusAwareService`] checks against its transactional MD5.
+#[derive(Debug, Clone, Copy)]
+struct TransferMd5Checked;
+
+/// One ranged GET pinned to the listed ETag; with `checked`, asking for and checking the
+/// transactional MD5 (`range` must then be at most 4 MiB).
+async fn get_range(
+    store: &MicrosoftAzure,
+    location: &Path,
+    file: &RemoteFile,
+    range: Range<u64>,
+    checked: Option<&Counters>,
+) -> Result<ByteStream, SourceError> {
+    let mut options = GetOptions {
+        if_match: (!file.etag.is_empty()).then(|| file.etag.clone()),
+        range: Some(GetRange::Bounded(range.clone())),
+        ..GetOptions::default()
+    };
+    if checked.is_some() {
+        options.extensions.insert(AskTransferMd5);
+    }
+    let result = store.get_opts(location, options).await.map_err(|e| {
+        match map_error(&file.path, e) {
+            // Not a status, a transport failure, auth, 404 or 412: object_store refused the
+            // answer itself (a 200 to a ranged GET, a missing or unparsable Content-Range).
+            // Worth the same bounded retries as a 503.
+            SourceError::Other { path, source } => SourceError::Transient {
+                path,
+                cause: RetryCause::BadRange,
+                retry_after: None,
+                source,
+            },
+            other => other,
+        }
+    })?;
+    if let Some(counters) = checked {
+        counters.reads.fetch_add(1, Ordering::Relaxed);
+        if result.extensions.get::<TransferMd5Checked>().is_none() {
+            counters.unchecked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if result.range != range {
+        return Err(SourceError::UnexpectedRange {
+            path: file.path.clone(),
+            want: range,
+            got: result.range,
+        });
+    }
+    let path = file.path.clone();
+    Ok(result
+        .into_stream()
+        .map_err(move |e| map_error(&path, e))
+        .boxed())
 }
 
 /// Picks the credential in the documented order: workload identity, SAS, account key, and
@@ -289,6 +385,14 @@ fn map_error(path: &str, err: object_store::Error) -> SourceError {
                     e.source()
                 })
             };
+            if chain().any(|e| e.downcast_ref::<TransferCorrupt>().is_some()) {
+                return SourceError::Transient {
+                    path,
+                    cause: RetryCause::Corrupt,
+                    retry_after: None,
+                    source: Box::new(other),
+                };
+            }
             let answered = chain().find_map(|e| e.downcast_ref::<ServerAnswered>());
             let transport = chain().find_map(|e| e.downcast_ref::<HttpError>());
             let (cause, retry_after) = match (answered, transport) {
@@ -374,7 +478,15 @@ struct StatusAwareService {
 
 #[async_trait]
 impl HttpService for StatusAwareService {
-    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+    async fn call(&self, mut req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let ask_md5 =
+            req.extensions().get::<AskTransferMd5>().is_some() && !signed_with_shared_key(&req);
+        if ask_md5 {
+            req.headers_mut().insert(
+                "x-ms-range-get-content-md5",
+                http::HeaderValue::from_static("true"),
+            );
+        }
         let response = self.inner.execute(req).await?;
         let status = response.status().as_u16();
         if status >= 500 || status == 429 || status == 408 {
@@ -392,7 +504,119 @@ impl HttpService for StatusAwareService {
             };
             return Err(HttpError::new(HttpErrorKind::Unknown, answered));
         }
-        Ok(response)
+        let expected = response
+            .headers()
+            .get("content-md5")
+            .and_then(|v| v.to_str().ok())
+            .and_then(decode_md5);
+        match expected {
+            Some(expected) if ask_md5 && status == 206 => {
+                let (mut parts, body) = response.into_parts();
+                parts.extensions.insert(TransferMd5Checked);
+                let body = Md5CheckedBody {
+                    inner: body,
+                    hasher: Md5::new(),
+                    held: bytes::BytesMut::new(),
+                    expected,
+                    done: false,
+                };
+                Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+            }
+            _ => Ok(response),
+        }
+    }
+}
+
+/// Whether a request is signed with the account key: its signature covers every `x-ms-`
+/// header, so none may be added.
+fn signed_with_shared_key(req: &HttpRequest) -> bool {
+    req.headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("SharedKey"))
+}
+
+/// A `Content-MD5` header value: base64 of 16 bytes.
+fn decode_md5(value: &str) -> Option<[u8; 16]> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .ok()?;
+    bytes.try_into().ok()
+}
+
+/// A range's bytes did not match the MD5 the server sent with them.
+#[derive(Debug)]
+struct TransferCorrupt {
+    expected: [u8; 16],
+    actual: [u8; 16],
+}
+
+impl std::fmt::Display for TransferCorrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = |b: &[u8; 16]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        write!(
+            f,
+            "the range's MD5 is {} but the server sent {} (bytes changed in transit)",
+            hex(&self.actual),
+            hex(&self.expected)
+        )
+    }
+}
+
+impl std::error::Error for TransferCorrupt {}
+
+/// A response body checked against its transactional MD5 before any of it is passed on: the
+/// fetcher keeps every byte it receives (a retry resumes after them), so bytes that turn out
+/// bad must never reach it. While holding, an empty frame goes out per frame received, so
+/// the fetcher's stall timer sees the data flowing. Holds at most one range (4 MiB).
+struct Md5CheckedBody {
+    inner: HttpResponseBody,
+    hasher: Md5,
+    held: bytes::BytesMut,
+    expected: [u8; 16],
+    done: bool,
+}
+
+impl http_body::Body for Md5CheckedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, HttpError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.hasher.update(data);
+                    this.held.extend_from_slice(data);
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::new()))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                let actual: [u8; 16] = this.hasher.finalize_reset().into();
+                if actual == this.expected {
+                    Poll::Ready(Some(Ok(http_body::Frame::data(this.held.split().freeze()))))
+                } else {
+                    let corrupt = TransferCorrupt {
+                        expected: this.expected,
+                        actual,
+                    };
+                    Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Decode, corrupt))))
+                }
+            }
+        }
     }
 }
 

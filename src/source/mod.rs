@@ -152,11 +152,14 @@ pub enum RetryCause {
     /// The server answered a ranged GET with something else: another byte range, a whole-blob
     /// 200, a missing or unreadable `Content-Range` (a misbehaving proxy or a server hiccup).
     BadRange,
+    /// The bytes received do not match the checksum the server sent with them (a bit flipped
+    /// in transit).
+    Corrupt,
 }
 
 impl RetryCause {
     /// Every cause, for reports.
-    pub const ALL: [RetryCause; 7] = [
+    pub const ALL: [RetryCause; 8] = [
         RetryCause::Throttled,
         RetryCause::ServerError,
         RetryCause::Connection,
@@ -164,6 +167,7 @@ impl RetryCause {
         RetryCause::ShortBody,
         RetryCause::Stalled,
         RetryCause::BadRange,
+        RetryCause::Corrupt,
     ];
 
     /// A short snake_case name.
@@ -176,6 +180,7 @@ impl RetryCause {
             RetryCause::ShortBody => "short_body",
             RetryCause::Stalled => "stalled",
             RetryCause::BadRange => "bad_range",
+            RetryCause::Corrupt => "corrupt",
         }
     }
 }
@@ -190,6 +195,7 @@ impl std::fmt::Display for RetryCause {
             RetryCause::ShortBody => "body ended early",
             RetryCause::Stalled => "no data within the stall timeout",
             RetryCause::BadRange => "an answer that was not the requested range",
+            RetryCause::Corrupt => "bytes that do not match the checksum sent with them",
         })
     }
 }
@@ -243,6 +249,24 @@ pub trait Source: std::fmt::Debug + Send + Sync {
         file: &RemoteFile,
         range: Range<u64>,
     ) -> Result<ByteStream, SourceError>;
+
+    /// Like [`Source::read_range`], but each byte is checked in transit with a checksum the
+    /// server sends (Blob's transactional MD5): a mismatch is a transient error with
+    /// [`RetryCause::Corrupt`] and none of the bad bytes are yielded. Used when there is no
+    /// manifest to catch a flipped bit afterwards. A source without such checksums reads
+    /// unchecked, and says so in [`Source::transfers_checked`].
+    async fn read_range_checked(
+        &self,
+        file: &RemoteFile,
+        range: Range<u64>,
+    ) -> Result<ByteStream, SourceError> {
+        self.read_range(file, range).await
+    }
+
+    /// Whether every [`Source::read_range_checked`] so far was really checked in transit.
+    fn transfers_checked(&self) -> bool {
+        false
+    }
 
     /// Reads a small whole file (the manifest); `None` when it does not exist.
     async fn read_small(&self, path: &str) -> Result<Option<Bytes>, SourceError>;

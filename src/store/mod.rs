@@ -183,6 +183,9 @@ impl Layout {
 pub enum Verification {
     /// Every file's BLAKE3 matched the manifest, and the structure checked.
     Blake3,
+    /// No manifest, but every range arrived with a transactional MD5 from the server that
+    /// matched (no bit flipped in transit), and the structure checked.
+    Md5,
     /// No manifest: sizes, ETags and safetensors/index structure were checked.
     Structural,
 }
@@ -191,6 +194,7 @@ impl std::fmt::Display for Verification {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Verification::Blake3 => "blake3",
+            Verification::Md5 => "md5",
             Verification::Structural => "structural",
         })
     }

@@ -107,10 +107,12 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
         revision: marker.revision,
         files: marker.files.len(),
         bytes,
-        verification: if hashed_all && manifest.is_some() {
-            Verification::Blake3
-        } else {
-            Verification::Structural
+        // Without a manifest, the hashes recorded at download prove the files are unchanged
+        // since; how they were checked against the source stays what the marker says.
+        verification: match (hashed_all, manifest.is_some(), marker.verification) {
+            (true, true, _) => Verification::Blake3,
+            (true, false, Verification::Md5) => Verification::Md5,
+            _ => Verification::Structural,
         },
         warnings,
     })

@@ -238,3 +238,50 @@ fn sigint_while_the_listing_hangs_stops_at_once() {
         sent.elapsed()
     );
 }
+
+/// Without a manifest nothing checks the bytes afterwards, so each range is checked in transit
+/// against Blob's transactional MD5: a flipped bit is retried, never published, and the model
+/// is marked `md5`. Ranges larger than the 4 MiB Blob sums are read as 4 MiB pieces. With an
+/// account key the MD5 cannot be asked for (the signature covers every `x-ms-` header), and the
+/// model says `structural`, not more.
+#[test]
+fn without_a_manifest_a_bit_flipped_in_transit_is_caught_by_the_transactional_md5() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 5_000_000, false));
+    let proxy = FaultProxy::start(az.port);
+    for shard in ["model-00001", "model-00004", "model-00009"] {
+        proxy.add(shard, Fault::FlipBit, Some(1));
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = prefetch_cmd(
+        Some(&proxy.endpoint()),
+        &model.url(),
+        cache.path(),
+        &["--chunk-size", "8MiB", "--concurrency", "4"],
+    );
+    cmd.env("AZURE_STORAGE_SAS_KEY", account_sas());
+    let s = summary(&run(&mut cmd, Duration::from_secs(180)));
+    assert_eq!(proxy.fired(), 3, "every fault fired");
+    assert_eq!(s["retries"]["corrupt"], 3, "{s}");
+    assert_eq!(s["verification"], "md5", "{s}");
+    assert_published_identical(
+        model.source.path(),
+        &cache.path().join("models/gpt-oss-120b"),
+    );
+    let ready = std::fs::read_to_string(
+        cache
+            .path()
+            .join("models/gpt-oss-120b/.modelcache/ready.json"),
+    )
+    .unwrap();
+    assert!(ready.contains("\"verification\": \"md5\""), "{ready}");
+
+    let shared_key = tempfile::tempdir().unwrap();
+    let s = summary(&run(
+        &mut prefetch_cmd(Some(&az.endpoint()), &model.url(), shared_key.path(), &[]),
+        Duration::from_secs(180),
+    ));
+    assert_eq!(s["verification"], "structural", "{s}");
+}

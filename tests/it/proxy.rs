@@ -33,6 +33,8 @@ pub enum Fault {
     WrongRange,
     /// Accept the request and send nothing, not even the response headers, for this long.
     SilentBeforeHeaders(Duration),
+    /// Forward, but flip one bit in the middle of the body (headers, checksum included, kept).
+    FlipBit,
 }
 
 /// A hook run once, before forwarding the first matching request.
@@ -287,6 +289,13 @@ async fn handle(
         Some(Fault::Truncate) => {
             client.write_all(resp_head).await?;
             client.write_all(&resp_body[..half]).await?;
+            client.shutdown().await?;
+        }
+        Some(Fault::FlipBit) if !resp_body.is_empty() => {
+            let mut flipped = resp_body.to_vec();
+            flipped[half] ^= 0x10;
+            client.write_all(resp_head).await?;
+            client.write_all(&flipped).await?;
             client.shutdown().await?;
         }
         Some(Fault::Stall(d)) => {

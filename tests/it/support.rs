@@ -567,3 +567,23 @@ pub fn verify_model(cache: &Path) -> Output {
         .arg(cache);
     run(&mut verify, Duration::from_secs(60))
 }
+
+/// An account SAS for Azurite's account (read and list on blobs), in the form
+/// `AZURE_STORAGE_SAS_KEY` takes. Requests authorised by it carry no Shared Key signature, as
+/// with workload identity in production, so the prefetcher may ask for transactional MD5s.
+pub fn account_sas() -> String {
+    let (version, permissions, expiry) = ("2019-12-12", "rl", "2099-01-01T00:00:00Z");
+    let string_to_sign =
+        format!("{ACCOUNT}\n{permissions}\nb\nsco\n\n{expiry}\n\nhttps,http\n{version}\n");
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(KEY)
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(string_to_sign.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let sig = sig
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    format!("sv={version}&ss=b&srt=sco&sp={permissions}&se={expiry}&spr=https,http&sig={sig}")
+}
