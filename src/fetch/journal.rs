@@ -32,6 +32,10 @@ pub struct JournalLine {
     pub index: u64,
     /// BLAKE3 digest of the range, hex; empty when hashing was off.
     pub digest: String,
+    /// Its bytes were checked in transit against the server's checksum (absent in journals of
+    /// older versions: unchecked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checked: bool,
 }
 
 impl JournalLine {
@@ -148,6 +152,7 @@ mod tests {
 
     fn line(index: u64) -> JournalLine {
         JournalLine {
+            checked: false,
             path: "a".into(),
             size: 10,
             etag: "e".into(),

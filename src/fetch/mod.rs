@@ -433,7 +433,7 @@ async fn attempt(
     let warnings = finish::check_structure(layout, name, &plan).await?;
     let verification = if plan.manifest.is_some() && options.hash {
         Verification::Blake3
-    } else if source.transfers_checked() {
+    } else if every_range_checked(&plan, layout, name, options.chunk_size)? {
         Verification::Md5
     } else {
         Verification::Structural
@@ -458,6 +458,26 @@ async fn attempt(
         warnings,
         ..summary(false, verification, refetched)
     })
+}
+
+/// Whether the journal holds a range checked in transit for every range of every file, this
+/// run's and those resumed from earlier ones alike.
+fn every_range_checked(
+    plan: &plan::Plan,
+    layout: &Layout,
+    name: &ModelName,
+    chunk: u64,
+) -> Result<bool, PrefetchError> {
+    let lines = journal::Journal::load(&layout.journal_path(name))?;
+    let checked: std::collections::HashSet<(&str, &str, u64)> = lines
+        .iter()
+        .filter(|l| l.checked && l.chunk == chunk)
+        .map(|l| (l.path.as_str(), l.etag.as_str(), l.index))
+        .collect();
+    Ok(plan.files.iter().all(|f| {
+        (0..f.size.div_ceil(chunk))
+            .all(|i| checked.contains(&(f.path.as_str(), f.etag.as_str(), i)))
+    }))
 }
 
 /// Gigabytes per second, for display.

@@ -294,6 +294,7 @@ impl Engine {
         }
         if let Some(file) = handle {
             let line = JournalLine {
+                checked: self.check_transfers && self.source.transfers_checked(),
                 path: slot.remote.path.clone(),
                 size,
                 etag: slot.remote.etag.clone(),

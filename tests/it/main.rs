@@ -3,6 +3,7 @@
 
 mod agent;
 mod azure;
+mod chaos;
 mod cli;
 mod deploy;
 mod disk;

@@ -35,6 +35,41 @@ pub enum Fault {
     SilentBeforeHeaders(Duration),
     /// Forward, but flip one bit in the middle of the body (headers, checksum included, kept).
     FlipBit,
+    /// Answer 429 Too Many Requests with `Retry-After: secs`.
+    TooMany { retry_after_secs: u32 },
+    /// Close the connection with a reset before answering anything.
+    ResetBeforeHeaders,
+}
+
+impl Fault {
+    /// A short name, for counts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Busy { .. } => "503",
+            Fault::ServerError => "500",
+            Fault::ResetMidBody => "reset_mid_body",
+            Fault::Truncate => "truncated",
+            Fault::Stall(_) => "stall_mid_body",
+            Fault::Delay(_) => "delay",
+            Fault::NotPartial => "200_to_range",
+            Fault::WrongRange => "wrong_content_range",
+            Fault::SilentBeforeHeaders(_) => "stall_before_headers",
+            Fault::FlipBit => "flipped_bit",
+            Fault::TooMany { .. } => "429",
+            Fault::ResetBeforeHeaders => "reset_before_headers",
+        }
+    }
+}
+
+/// Random faults on every GET (ranges, listings, the manifest) that no rule claimed.
+pub struct Chaos {
+    pub rng: fastrand::Rng,
+    /// Chance that a request gets a fault.
+    pub probability: f64,
+    /// The faults to pick from, uniformly.
+    pub faults: Vec<Fault>,
+    /// Faults fired, by name.
+    pub counts: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// A hook run once, before forwarding the first matching request.
@@ -55,6 +90,8 @@ pub struct FaultProxy {
     pub fired: Arc<Mutex<usize>>,
     /// How many requests arrived.
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// Random faults, when set.
+    pub chaos: Arc<Mutex<Option<Chaos>>>,
 }
 
 impl FaultProxy {
@@ -64,10 +101,12 @@ impl FaultProxy {
         let fired: Arc<Mutex<usize>> = Arc::default();
         let (tx, rx) = std::sync::mpsc::channel();
         let requests: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
-        let (r, f, n) = (
+        let chaos: Arc<Mutex<Option<Chaos>>> = Arc::default();
+        let (r, f, n, c) = (
             Arc::clone(&rules),
             Arc::clone(&fired),
             Arc::clone(&requests),
+            Arc::clone(&chaos),
         );
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -83,9 +122,9 @@ impl FaultProxy {
                         continue;
                     };
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let (r, f) = (Arc::clone(&r), Arc::clone(&f));
+                    let (r, f, c) = (Arc::clone(&r), Arc::clone(&f), Arc::clone(&c));
                     tokio::spawn(async move {
-                        let _ = handle(client, upstream, r, f).await;
+                        let _ = handle(client, upstream, r, f, c).await;
                     });
                 }
             });
@@ -95,6 +134,7 @@ impl FaultProxy {
             rules,
             fired,
             requests,
+            chaos,
         }
     }
 
@@ -169,6 +209,7 @@ async fn handle(
     upstream: u16,
     rules: Arc<Mutex<Vec<Rule>>>,
     fired: Arc<Mutex<usize>>,
+    chaos: Arc<Mutex<Option<Chaos>>>,
 ) -> std::io::Result<()> {
     let Some(head) = read_head(&mut client).await? else {
         return Ok(());
@@ -204,6 +245,22 @@ async fn handle(
                 break;
             }
         }
+        let unclaimed_get =
+            chosen.0.is_none() && chosen.1.is_none() && request_line.starts_with("GET ");
+        if unclaimed_get {
+            if let Some(chaos) = chaos.lock().unwrap().as_mut() {
+                if chaos.rng.f64() < chaos.probability && !chaos.faults.is_empty() {
+                    let mut fault = chaos.faults[chaos.rng.usize(..chaos.faults.len())];
+                    // Bits flip in blob bytes; a listing with a flipped bit models nothing a
+                    // TLS connection would let through.
+                    if matches!(fault, Fault::FlipBit) && !is_ranged_get {
+                        fault = Fault::ServerError;
+                    }
+                    *chaos.counts.entry(fault.name()).or_default() += 1;
+                    chosen.0 = Some(fault);
+                }
+            }
+        }
         chosen
     };
     if let Some(hook) = hook {
@@ -224,6 +281,18 @@ async fn handle(
             let resp = "HTTP/1.1 500 Operation could not be completed within the specified time.\r\nx-ms-error-code: OperationTimedOut\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
             client.write_all(resp.as_bytes()).await?;
             return client.shutdown().await;
+        }
+        Some(Fault::TooMany { retry_after_secs }) => {
+            let resp = format!(
+                "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {retry_after_secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            client.write_all(resp.as_bytes()).await?;
+            return client.shutdown().await;
+        }
+        Some(Fault::ResetBeforeHeaders) => {
+            client.set_zero_linger()?;
+            drop(client);
+            return Ok(());
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::SilentBeforeHeaders(d)) => {

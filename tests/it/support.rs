@@ -145,6 +145,13 @@ pub fn files_under(dir: &Path) -> Vec<String> {
 
 /// Asserts the published model holds exactly the selected source files, byte for byte.
 pub fn assert_published_identical(source: &Path, model: &Path) {
+    if let Some(difference) = published_difference(source, model) {
+        panic!("{difference}");
+    }
+}
+
+/// How the published model differs from the selected source files, if it does.
+pub fn published_difference(source: &Path, model: &Path) -> Option<String> {
     let expected: Vec<String> = files_under(source)
         .into_iter()
         .filter(|f| {
@@ -157,12 +164,16 @@ pub fn assert_published_identical(source: &Path, model: &Path) {
         .into_iter()
         .filter(|f| !f.starts_with(".modelcache/"))
         .collect();
-    assert_eq!(got, expected, "published file set");
-    for f in &expected {
-        let a = std::fs::read(source.join(f)).unwrap();
-        let b = std::fs::read(model.join(f)).unwrap();
-        assert!(a == b, "{f} differs after prefetch");
+    if got != expected {
+        return Some(format!(
+            "published file set {got:?} is not the source's {expected:?}"
+        ));
     }
+    expected.iter().find_map(|f| {
+        let a = std::fs::read(source.join(f)).ok();
+        let b = std::fs::read(model.join(f)).ok();
+        (a.is_none() || a != b).then(|| format!("{f} differs after prefetch"))
+    })
 }
 
 /// A running Azurite, shared by the tests of this binary.
