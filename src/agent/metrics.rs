@@ -67,6 +67,8 @@ pub struct Metrics {
     throttled: Counter,
     verify_failures: Counter,
     evictions: Counter,
+    scrubbed: Counter,
+    scrub_mismatches: Counter,
     state: Family<StateLabel, Gauge>,
     phases: Family<PhaseLabel, Histogram>,
     free: Gauge,
@@ -91,6 +93,8 @@ impl Metrics {
         let throttled = Counter::default();
         let verify_failures = Counter::default();
         let evictions = Counter::default();
+        let scrubbed = Counter::default();
+        let scrub_mismatches = Counter::default();
         let state = Family::<StateLabel, Gauge>::default();
         // 1 s to about 2.3 hours: a cold 65 GB fill on a slow link takes tens of minutes.
         let phases = Family::<PhaseLabel, Histogram>::new_with_constructor(
@@ -129,6 +133,16 @@ impl Metrics {
             evictions.clone(),
         );
         registry.register(
+            "modelcache_scrubbed_bytes",
+            "Bytes of published models re-hashed by the background scrub",
+            scrubbed.clone(),
+        );
+        registry.register(
+            "modelcache_scrub_mismatches",
+            "Published files the scrub found changed since publish (each re-fetched)",
+            scrub_mismatches.clone(),
+        );
+        registry.register(
             "modelcache_model_state",
             "1 for the state each model is in",
             state.clone(),
@@ -156,6 +170,8 @@ impl Metrics {
             throttled,
             verify_failures,
             evictions,
+            scrubbed,
+            scrub_mismatches,
             state,
             phases,
             free,
@@ -192,6 +208,16 @@ impl Metrics {
     /// Counts a verification failure.
     pub fn verification_failed(&self) {
         self.verify_failures.inc();
+    }
+
+    /// Counts bytes the scrub re-hashed.
+    pub fn scrubbed(&self, bytes: u64) {
+        self.scrubbed.inc_by(bytes);
+    }
+
+    /// Counts files the scrub found changed.
+    pub fn scrub_mismatches(&self, files: u64) {
+        self.scrub_mismatches.inc_by(files);
     }
 
     /// Counts an eviction.

@@ -129,7 +129,12 @@ pub async fn serve(
     let mut servers = tokio::spawn(async move {
         tokio::try_join!(read_server.into_future(), admin_server.into_future())
     });
-    let setup = settle_disks(Arc::clone(&config), Arc::clone(&disk), Arc::clone(&models));
+    let setup = settle_disks(
+        Arc::clone(&config),
+        Arc::clone(&disk),
+        Arc::clone(&models),
+        stop.clone(),
+    );
     tokio::pin!(setup);
     let mut setup_done = false;
     loop {
@@ -165,11 +170,13 @@ pub async fn serve(
 }
 
 /// Sets up the cache disks (when enabled), records the outcome for the API, then lets the
-/// models start: on failure they stay pending and nothing is written to the cache root.
+/// models start (and the background scrub, when on): on failure they stay pending and nothing
+/// is written to the cache root.
 async fn settle_disks(
     config: Arc<AgentConfig>,
     disk: Arc<std::sync::RwLock<DiskStatus>>,
     models: Arc<Models>,
+    stop: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut blocked = None;
     let mut status = None;
@@ -211,6 +218,14 @@ async fn settle_disks(
     // Published after the models are activated: whoever sees the disk settled can prefetch.
     if let Some(status) = status {
         *disk.write().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+    if let (true, Some(policy)) = (accepting, config.scrub) {
+        info!(
+            "background scrub: every {} at up to {}/s",
+            humantime::format_duration(policy.interval),
+            crate::config::human_bytes(policy.rate)
+        );
+        tokio::spawn(Arc::clone(&models).scrub(policy, stop));
     }
     info!(
         "cache settled: {}",

@@ -33,6 +33,8 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("cache.warm_page_cache", Kind::Text),
     ("cache.warm_max_ram_fraction", Kind::Float),
     ("cache.proc_root", Kind::Text),
+    ("cache.scrub_rate", Kind::Text),
+    ("cache.scrub_interval", Kind::Text),
     ("disk.enabled", Kind::Bool),
     ("disk.models", Kind::List),
     ("disk.devices", Kind::List),
@@ -229,6 +231,10 @@ struct CacheFile {
     warm_max_ram_fraction: f64,
     #[serde(default = "default_proc_root")]
     proc_root: PathBuf,
+    #[serde(default)]
+    scrub_rate: Option<String>,
+    #[serde(default)]
+    scrub_interval: Option<String>,
 }
 
 impl Default for CacheFile {
@@ -238,6 +244,8 @@ impl Default for CacheFile {
             warm_page_cache: default_warm(),
             warm_max_ram_fraction: default_warm_fraction(),
             proc_root: default_proc_root(),
+            scrub_rate: None,
+            scrub_interval: None,
         }
     }
 }
@@ -301,6 +309,15 @@ pub enum WarmPolicy {
     Auto(f64),
 }
 
+/// Background re-hashing of published models against their recorded hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrubPolicy {
+    /// Bytes read per second, at most.
+    pub rate: u64,
+    /// Time from the start of one pass to the start of the next; the first starts at once.
+    pub interval: Duration,
+}
+
 /// One model the agent keeps published.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -355,6 +372,8 @@ pub struct AgentConfig {
     pub budget: Budget,
     /// Page-cache warming.
     pub warm: WarmPolicy,
+    /// Background scrub; `None` when off.
+    pub scrub: Option<ScrubPolicy>,
     /// Where `/proc` is (for `meminfo` and `mountinfo`).
     pub proc_root: PathBuf,
     /// Disk setup.
@@ -529,6 +548,26 @@ impl AgentConfig {
                 .into());
             }
         };
+        let scrub = match file.cache.scrub_rate.as_deref().map(str::trim) {
+            Some("off") => None,
+            rate => Some(ScrubPolicy {
+                rate: match rate {
+                    None => 50 << 20,
+                    Some(raw) => parse_size(raw).ok().filter(|r| *r > 0).ok_or_else(|| {
+                        InvalidValue::new(
+                            "cache.scrub_rate",
+                            raw,
+                            "expected bytes per second such as 50MiB, or off",
+                        )
+                    })?,
+                },
+                interval: duration(
+                    "cache.scrub_interval",
+                    &file.cache.scrub_interval,
+                    Duration::from_secs(24 * 3600),
+                )?,
+            }),
+        };
         let mut models: Vec<ModelSpec> = Vec::new();
         for (i, m) in file.models.into_iter().enumerate() {
             let key = format!("models[{i}]");
@@ -574,6 +613,7 @@ impl AgentConfig {
             failed_retry_delay,
             budget,
             warm,
+            scrub,
             proc_root: file.cache.proc_root,
             models,
         })

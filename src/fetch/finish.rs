@@ -55,7 +55,7 @@ fn check_files(files: &[(String, PathBuf)]) -> Result<Vec<String>, VerifyError> 
 }
 
 /// Writes the ready marker, publishes the staged files as the plan's revision and removes the
-/// staging directory.
+/// staging directory; returns the revision directory linked.
 pub(super) async fn publish_staged(
     layout: &Layout,
     name: &ModelName,
@@ -64,7 +64,7 @@ pub(super) async fn publish_staged(
     source: String,
     verification: Verification,
     warnings: Vec<String>,
-) -> Result<(), PrefetchError> {
+) -> Result<String, PrefetchError> {
     let files: Vec<ReadyFile> = engine
         .files
         .iter()
@@ -76,6 +76,7 @@ pub(super) async fn publish_staged(
                 combine(&digests).to_hex().to_string()
             }),
             mtime_ns: None,
+            etag: Some(s.remote.etag.clone()).filter(|e| !e.is_empty()),
         })
         .collect();
     let marker = ReadyMarker {
@@ -87,12 +88,13 @@ pub(super) async fn publish_staged(
         verification,
         verified_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         warnings,
+        damaged: Vec::new(),
     };
     let manifest_bytes = plan.manifest.as_ref().map(|(_, b)| b.to_vec());
     let staged_layout = layout.clone();
     let staged_name = name.clone();
     let revision = plan.revision.clone();
-    tokio::task::spawn_blocking(move || {
+    let linked = tokio::task::spawn_blocking(move || {
         publish(
             &staged_layout,
             &StagedModel {
@@ -106,7 +108,7 @@ pub(super) async fn publish_staged(
     .await
     .map_err(|e| PrefetchError::Internal(e.to_string()))??;
     remove_staging(layout, name);
-    Ok(())
+    Ok(linked)
 }
 
 /// Removes `staging/NAME` once its files are published (a leftover journal and progress file).

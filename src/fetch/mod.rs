@@ -25,8 +25,7 @@ use tracing::{info, warn};
 use crate::config::{FetchOptions, Selection, human_bytes};
 use crate::source::{Source, SourceError};
 use crate::store::{
-    Layout, ModelName, ReadyMarker, StoreError, Verification, link_revision, lock,
-    recover_publish_leftovers,
+    Layout, ModelName, StoreError, Verification, link_revision, lock, recover_publish_leftovers,
 };
 use crate::verify::VerifyError;
 use crate::verify::hash::combine;
@@ -381,18 +380,15 @@ async fn attempt(
 
     // Already published and intact: link it (again), drop what a publish killed after its
     // link swap left in staging, and stop.
-    let revision_dir = layout.revision_dir(name, &plan.revision);
-    let published = ReadyMarker::read(&revision_dir)
-        .ok()
-        .filter(|m| m.files_present(&revision_dir));
-    if let Some(marker) = published {
-        link_revision(layout, name, &plan.revision)?;
+    if let Some((dir_name, marker)) = layout.intact_revision(name, &plan.revision) {
+        link_revision(layout, name, &dir_name)?;
         finish::remove_staging(layout, name);
         progress.add_reused(total.saturating_sub(progress.reused()));
         enter_phase(progress, name, Phase::Done);
         info!(model.name = %name, revision = %plan.revision, "{name} revision {} is already published", plan.revision);
         return Ok(Summary {
             warnings: marker.warnings,
+            revision: dir_name,
             ..summary(true, marker.verification, Vec::new())
         });
     }
@@ -442,7 +438,7 @@ async fn attempt(
         return Err(PrefetchError::Cancelled);
     }
     enter_phase(progress, name, Phase::Publishing);
-    finish::publish_staged(
+    let linked = finish::publish_staged(
         layout,
         name,
         &plan,
@@ -456,6 +452,7 @@ async fn attempt(
     info!(model.name = %name, revision = %plan.revision, "published {name} revision {}", plan.revision);
     Ok(Summary {
         warnings,
+        revision: linked,
         ..summary(false, verification, refetched)
     })
 }

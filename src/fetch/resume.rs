@@ -1,6 +1,7 @@
 //! The resume phase: which ranges earlier runs already made durable, so they are never read
 //! again, and how many bytes are still to be written.
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use super::PrefetchError;
@@ -37,8 +38,10 @@ pub(super) fn resume(
     let mut needed_space: u64 = 0;
     for f in &plan.files {
         let partial = layout.partial_path(name, &f.path);
-        let partial_len = std::fs::metadata(&partial).map(|m| m.len()).ok();
-        let slot = FileSlot::new(f.clone(), Some(Sink::new(partial)), chunk);
+        let meta = std::fs::metadata(&partial).ok();
+        let partial_len = meta.as_ref().map(std::fs::Metadata::len);
+        let kept_before = kept.len();
+        let slot = FileSlot::new(f.clone(), Some(Sink::new(partial.clone())), chunk);
         if partial_len == Some(f.size) {
             if let Some(done) = by_file.get(&(f.path.clone(), f.size, f.etag.clone(), chunk)) {
                 let mut digests = slot.digests.lock().unwrap_or_else(|p| p.into_inner());
@@ -62,6 +65,24 @@ pub(super) fn resume(
             }
         } else {
             needed_space += f.size;
+        }
+        // A repair links the intact files of the published revision into staging. Such a
+        // partial shares its inode with a published file, so it is never written: unless every
+        // range of it is kept, it goes, with its lines, and the file is fetched afresh.
+        let shared = meta.as_ref().is_some_and(|m| m.nlink() > 1);
+        let complete = u64::try_from(kept.len() - kept_before).ok() == Some(f.size.div_ceil(chunk));
+        if shared && !complete {
+            kept.truncate(kept_before);
+            slot.digests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter_mut()
+                .for_each(|d| *d = None);
+            std::fs::remove_file(&partial)
+                .map_err(|e| PrefetchError::local("remove", partial.clone(), e))?;
+            if partial_len == Some(f.size) {
+                needed_space += f.size;
+            }
         }
         slots.push(slot);
     }

@@ -170,6 +170,26 @@ impl Layout {
         Ok(())
     }
 
+    /// The directory (under `store/NAME/`) and marker of `revision` when a copy of it is
+    /// published and intact: the linked one first (it may be a repaired `REVISION-N`), then
+    /// `REVISION` itself.
+    pub fn intact_revision(
+        &self,
+        name: &ModelName,
+        revision: &str,
+    ) -> Option<(String, ReadyMarker)> {
+        let linked = self.published_revision(name);
+        linked
+            .into_iter()
+            .chain(std::iter::once(revision.to_string()))
+            .find_map(|dir_name| {
+                let dir = self.revision_dir(name, &dir_name);
+                let marker = ReadyMarker::read(&dir).ok()?;
+                (marker.revision == revision && marker.files_present(&dir))
+                    .then_some((dir_name, marker))
+            })
+    }
+
     /// The revision `models/NAME` links to, if any.
     pub fn published_revision(&self, name: &ModelName) -> Option<String> {
         let target = std::fs::read_link(self.model_link(name)).ok()?;
@@ -215,6 +235,9 @@ pub struct ReadyFile {
     /// longer matches, without re-hashing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<u64>,
+    /// The source's ETag of the file, so a repair can journal the intact files it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> Option<u64> {
@@ -234,7 +257,8 @@ pub struct ReadyMarker {
     pub name: String,
     /// The source, secrets redacted.
     pub source: String,
-    /// The revision directory name.
+    /// The revision: the content's identity. Its directory is named after it, with a `-N`
+    /// suffix when a repaired copy replaced a damaged one.
     pub revision: String,
     /// Every file, sorted by path.
     pub files: Vec<ReadyFile>,
@@ -248,6 +272,10 @@ pub struct ReadyMarker {
     /// does not hold, a `total_size` computed another way).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Files a scrub found changed since publish: the revision is no longer intact and is
+    /// being repaired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<String>,
 }
 
 impl ReadyMarker {
@@ -258,18 +286,33 @@ impl ReadyMarker {
         serde_json::from_slice(&bytes).map_err(|source| StoreError::Marker { path, source })
     }
 
+    /// Replaces the marker of a revision directory atomically (a new file renamed over it).
+    pub fn write(&self, revision_dir: &Path) -> Result<(), StoreError> {
+        let records = revision_dir.join(RECORDS_DIR);
+        let path = records.join(READY_FILE);
+        let json = serde_json::to_vec_pretty(self).map_err(|source| StoreError::Marker {
+            path: path.clone(),
+            source,
+        })?;
+        let tmp = records.join(format!(".{READY_FILE}.tmp-{}", std::process::id()));
+        write_synced(&tmp, &json)?;
+        std::fs::rename(&tmp, &path).map_err(StoreError::io("rename", &tmp))?;
+        fsync_dir(&records)
+    }
+
     /// Whether every file the marker lists exists in `revision_dir` with its recorded size and
     /// modification time: the cheap check that a published model is intact (no re-hash).
     pub fn files_present(&self, revision_dir: &Path) -> bool {
-        self.files.iter().all(|f| {
-            std::fs::metadata(revision_dir.join(&f.path))
-                .map(|m| {
-                    m.is_file()
-                        && m.len() == f.size
-                        && (f.mtime_ns.is_none() || f.mtime_ns == mtime_ns(&m))
-                })
-                .unwrap_or(false)
-        })
+        self.damaged.is_empty()
+            && self.files.iter().all(|f| {
+                std::fs::metadata(revision_dir.join(&f.path))
+                    .map(|m| {
+                        m.is_file()
+                            && m.len() == f.size
+                            && (f.mtime_ns.is_none() || f.mtime_ns == mtime_ns(&m))
+                    })
+                    .unwrap_or(false)
+            })
     }
 }
 
@@ -286,36 +329,45 @@ pub struct StagedModel<'a> {
     pub manifest: Option<&'a [u8]>,
 }
 
-/// Publishes a staged model: the only code that makes a model visible.
+/// Publishes a staged model: the only code that makes a model visible. Returns the name of the
+/// revision directory it linked.
 ///
 /// Steps, each for a reason: (1) fsync every staged file, so the data is durable before any
 /// name points at it; (2) move each into a fresh temporary revision directory on the same
 /// filesystem (a rename, never a copy) and write the records; (3) fsync every directory touched;
 /// (4) rename the temporary directory to `store/NAME/REVISION`; (5) point a new link at it and
 /// rename the link over `models/NAME`, then fsync `models/`. A crash before (5) leaves the previous
-/// revision linked; staged files already moved are fetched again on the next run.
-pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, StoreError> {
+/// revision linked; staged files already moved are recovered by the next run (see
+/// [`recover_publish_leftovers`]).
+///
+/// The same revision already on disk and intact is linked as it is. A damaged copy (a file
+/// changed since it was published, or marked damaged by a scrub: the very reason it was fetched
+/// again) is never linked again: the new copy goes to `REVISION-N`, the link swaps to it
+/// atomically, and only then is the damaged copy removed (readers that opened its files keep
+/// them; no reader ever finds the link dangling).
+pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, StoreError> {
     let name = staged.name;
-    let final_dir = layout.revision_dir(name, staged.revision);
     let model_store = layout.root().join("store").join(name.as_str());
     std::fs::create_dir_all(&model_store).map_err(StoreError::io("create", &model_store))?;
 
-    // The same revision already on disk is reused only when intact. A damaged copy (a file
-    // changed or missing since it was published: the very reason this model was fetched again)
-    // is moved aside and removed, never linked again; readers that opened its files keep them.
-    let intact = ReadyMarker::read(&final_dir).is_ok_and(|m| m.files_present(&final_dir));
-    if final_dir.exists() && !intact {
-        let aside = model_store.join(format!(
-            ".{}.damaged-{}",
-            staged.revision,
-            std::process::id()
-        ));
-        std::fs::rename(&final_dir, &aside).map_err(StoreError::io("rename", &final_dir))?;
-        fsync_dir(&model_store)?;
-        std::fs::remove_dir_all(&aside).map_err(StoreError::io("remove", &aside))?;
+    if let Some((intact, _)) = layout.intact_revision(name, staged.revision) {
+        link_revision(layout, name, &intact)?;
+        return Ok(intact);
     }
+    let mut dir_name = staged.revision.to_string();
+    let mut n = 2;
+    while model_store.join(&dir_name).exists() {
+        dir_name = format!("{}-{n}", staged.revision);
+        n += 1;
+    }
+    let final_dir = model_store.join(&dir_name);
+    let damaged: Vec<PathBuf> = std::iter::once(staged.revision.to_string())
+        .chain((2..n).map(|i| format!("{}-{i}", staged.revision)))
+        .map(|d| model_store.join(d))
+        .filter(|d| d.exists())
+        .collect();
 
-    if !final_dir.exists() {
+    {
         let tmp = model_store.join(format!(".{}.tmp-{}", staged.revision, std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(StoreError::io("remove", &tmp))?;
@@ -362,8 +414,20 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<PathBuf, Sto
         std::fs::rename(&tmp, &final_dir).map_err(StoreError::io("rename", &tmp))?;
         fsync_dir(&model_store)?;
     }
-    link_revision(layout, name, staged.revision)?;
-    Ok(layout.model_link(name))
+    link_revision(layout, name, &dir_name)?;
+    for dir in damaged {
+        let aside = model_store.join(format!(
+            ".{}.damaged-{}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        std::fs::rename(&dir, &aside).map_err(StoreError::io("rename", &dir))?;
+        fsync_dir(&model_store)?;
+        std::fs::remove_dir_all(&aside).map_err(StoreError::io("remove", &aside))?;
+    }
+    Ok(dir_name)
 }
 
 /// Points `models/NAME` at `store/NAME/REVISION` with an atomic rename of a fresh link.
@@ -567,11 +631,13 @@ mod tests {
                     size: 2,
                     blake3: None,
                     mtime_ns: None,
+                    etag: None,
                 }],
                 bytes: 2,
                 verification: Verification::Structural,
                 verified_at: "now".into(),
                 warnings: Vec::new(),
+                damaged: Vec::new(),
             };
             let staged = StagedModel {
                 name: &name,
@@ -579,9 +645,9 @@ mod tests {
                 marker: &marker,
                 manifest: None,
             };
-            let link = publish(&layout, &staged).unwrap();
+            assert_eq!(publish(&layout, &staged).unwrap(), rev);
             assert_eq!(
-                std::fs::read_to_string(link.join("sub/a.bin")).unwrap(),
+                std::fs::read_to_string(layout.model_link(&name).join("sub/a.bin")).unwrap(),
                 rev
             );
             assert_eq!(layout.published_revision(&name).as_deref(), Some(rev));
@@ -601,5 +667,34 @@ mod tests {
         // The link is relative, so it resolves the same inside a container's mount.
         let target = std::fs::read_link(layout.model_link(&name)).unwrap();
         assert!(target.is_relative());
+
+        // The linked revision marked damaged (a scrub found a changed file): the repaired copy
+        // goes to a new directory, the link swaps to it, and the damaged one is removed.
+        let r2 = layout.revision_dir(&name, "r2");
+        let mut damaged = ReadyMarker::read(&r2).unwrap();
+        damaged.damaged = vec!["sub/a.bin".into()];
+        damaged.write(&r2).unwrap();
+        assert!(layout.intact_revision(&name, "r2").is_none());
+        let partial = layout.partial_path(&name, "sub/a.bin");
+        std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+        std::fs::write(&partial, "r2").unwrap();
+        let mut marker = damaged.clone();
+        marker.damaged.clear();
+        let staged = StagedModel {
+            name: &name,
+            revision: "r2",
+            marker: &marker,
+            manifest: None,
+        };
+        assert_eq!(publish(&layout, &staged).unwrap(), "r2-2");
+        assert_eq!(layout.published_revision(&name).as_deref(), Some("r2-2"));
+        assert!(!r2.exists());
+        assert_eq!(
+            layout
+                .intact_revision(&name, "r2")
+                .map(|(dir, _)| dir)
+                .as_deref(),
+            Some("r2-2")
+        );
     }
 }

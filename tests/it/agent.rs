@@ -1060,3 +1060,68 @@ fn six_concurrent_requests_for_a_new_model_start_one_job_a_hundred_times() {
     assert_eq!(status, 204, "{text}");
     assert!(!cache.join("models/m0").exists() && !cache.join("store/m0").exists());
 }
+
+/// A byte flipped in a published shard with its modification time kept passes every cheap
+/// check; the background scrub re-hashes it, takes the model out of `ready`, fetches just that
+/// shard again (the intact files are linked, not fetched) and publishes a new revision
+/// directory, byte-identical to the source.
+#[test]
+fn the_scrub_finds_a_flipped_byte_and_refetches_just_that_file() {
+    use std::os::unix::fs::FileExt;
+    let source = small_model(100_000, 13);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", source.path().display());
+    let agent = Agent::start(
+        dir.path(),
+        &config(
+            &cache,
+            &model_entry("m", &url, true),
+            "scrub_rate = \"1GiB\"\nscrub_interval = \"1s\"\n",
+        ),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    let first = agent.until_ready("m");
+    let revision = first["revision"].as_str().unwrap().to_string();
+    let shard = "model-00005-of-00014.safetensors";
+    let published = cache.join("models/m").join(shard);
+    let size = std::fs::metadata(&published).unwrap().len();
+    let mtime = std::fs::metadata(&published).unwrap().modified().unwrap();
+    {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&published)
+            .unwrap();
+        let mut byte = [0u8; 1];
+        file.read_at(&mut byte, size - 10).unwrap();
+        file.write_at(&[byte[0] ^ 0x01], size - 10).unwrap();
+        file.set_modified(mtime).unwrap();
+    }
+    let repaired = agent.until("/v1/models/m", Duration::from_secs(60), |_, j| {
+        j["state"] == "ready" && j["revision"].as_str() != Some(revision.as_str())
+    });
+    assert_eq!(
+        repaired["revision"],
+        format!("{revision}-2"),
+        "a new revision directory: {repaired}"
+    );
+    assert_eq!(
+        repaired["bytes_fetched"], size,
+        "only the damaged shard is fetched again: {repaired}"
+    );
+    assert_published_identical(source.path(), &cache.join("models/m"));
+    assert!(!cache.join("store/m").join(&revision).exists());
+    let (_, text) = http(&agent.read, "GET", "/metrics", &[], "");
+    assert_eq!(
+        metric(&text, "modelcache_scrub_mismatches_total", None),
+        1.0
+    );
+    assert!(metric(&text, "modelcache_scrubbed_bytes_total", None) > 0.0);
+    let log = agent.log();
+    assert!(
+        log.contains("changed since publish (model-00005-of-00014.safetensors)"),
+        "{log}"
+    );
+}

@@ -9,6 +9,7 @@
 mod budget;
 mod jobs;
 mod lifecycle;
+mod scrub;
 mod warm;
 
 use std::collections::BTreeMap;
