@@ -352,7 +352,7 @@ async fn attempt(
     let name = &request.model;
     let options = &request.options;
     enter_phase(progress, name, Phase::Listing);
-    let plan = plan::plan(source, request).await?;
+    let plan = plan::plan(source, request, progress).await?;
     let total: u64 = plan.files.iter().map(|f| f.size).sum();
     progress.set_total(total);
     let summary = |already: bool, verification: Verification, refetched: Vec<String>| Summary {
@@ -510,7 +510,7 @@ pub async fn compute_manifest(
     progress: Arc<Progress>,
 ) -> Result<Manifest, PrefetchError> {
     let cancel = tokio_util::sync::CancellationToken::new();
-    let files = plan::list_selected(&source, selection, options, &cancel).await?;
+    let files = plan::list_selected(&source, selection, options, &cancel, &progress).await?;
     progress.set_total(files.iter().map(|f| f.size).sum());
     let _ = progress.set_phase(Phase::Downloading);
     let mut options = options.clone();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::progress::Progress;
 use super::{PrefetchError, PrefetchRequest, error_chain};
 use crate::config::{FetchOptions, Selection};
 use crate::source::{MANIFEST_NAME, RemoteFile, RetryCause, Source, SourceError, validate_name};
@@ -23,6 +24,7 @@ pub(super) struct Plan {
 pub(super) async fn plan(
     source: &Arc<dyn Source>,
     request: &PrefetchRequest,
+    progress: &Progress,
 ) -> Result<Plan, PrefetchError> {
     let url = source.describe();
     let files = list_selected(
@@ -30,12 +32,14 @@ pub(super) async fn plan(
         &request.selection,
         &request.options,
         &request.cancel,
+        progress,
     )
     .await?;
     let manifest = match retried(
         &url,
         &request.options,
         &request.cancel,
+        progress,
         MANIFEST_NAME,
         || source.read_small(MANIFEST_NAME),
     )
@@ -65,9 +69,10 @@ pub(super) async fn list_selected(
     selection: &Selection,
     options: &FetchOptions,
     cancel: &CancellationToken,
+    progress: &Progress,
 ) -> Result<Vec<RemoteFile>, PrefetchError> {
     let url = source.describe();
-    let listed = retried(&url, options, cancel, "listing", || source.list()).await?;
+    let listed = retried(&url, options, cancel, progress, "listing", || source.list()).await?;
     if listed.is_empty() {
         return Err(PrefetchError::Source {
             url: url.clone(),
@@ -127,11 +132,13 @@ fn check_against_manifest(
 /// Calls the source for a whole object (a listing, the manifest) like a range is fetched:
 /// a call not answered within the stall timeout (a server or identity endpoint that accepts
 /// and never answers) and transient failures are retried up to `max_attempts`, honouring
-/// `Retry-After`; `cancel` stops the call and the wait between attempts at once.
+/// `Retry-After`, and counted with the ranges' retries; `cancel` stops the call and the wait
+/// between attempts at once.
 pub(super) async fn retried<T, F, Fut>(
     url: &str,
     options: &FetchOptions,
     cancel: &CancellationToken,
+    progress: &Progress,
     what: &str,
     mut call: F,
 ) -> Result<T, PrefetchError>
@@ -155,6 +162,9 @@ where
         });
         match result {
             Err(e) if e.retry_cause().is_some() && attempt < options.max_attempts => {
+                if let Some(cause) = e.retry_cause() {
+                    progress.retried(cause);
+                }
                 let delay = options.backoff(attempt, e.retry_after());
                 warn!(
                     attempt,

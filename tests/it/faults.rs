@@ -62,7 +62,8 @@ fn throttling_resets_truncation_and_stalls_all_end_in_a_verified_model() {
     );
     assert_eq!(s["verification"], "blake3");
     let retries = &s["retries"];
-    assert_eq!(retries["throttled"], 2, "{s}");
+    // Two 503s on a range and two on the listing: all counted.
+    assert_eq!(retries["throttled"], 4, "{s}");
     assert_eq!(retries["stalled"], 1, "{s}");
     assert_eq!(retries["server_error"], 1, "{s}");
     // Resets and truncations surface as connection failures or short bodies.
@@ -189,6 +190,7 @@ fn a_listing_or_manifest_that_never_answers_is_retried_after_the_stall_timeout()
         return;
     };
     assert_eq!(proxy.fired(), 2, "both faults fired");
+    assert_eq!(s["retries"]["stalled"], 2, "both counted as retries: {s}");
     assert_eq!(s["verification"], "blake3", "{s}");
     assert!(
         elapsed < Duration::from_secs(60),
