@@ -39,12 +39,7 @@ pub(super) async fn download_verified(
         .unwrap_or_default();
 
     for pass in 0..2 {
-        let jobs: Vec<(usize, u64)> = engine
-            .files
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.missing().into_iter().map(move |r| (i, r)))
-            .collect();
+        let jobs = engine.missing_ranges();
         run_with_checkpoints(engine, jobs, journal, &layout.progress_path(name)).await?;
 
         // Every range is in: combine each file's digests and compare with the manifest.

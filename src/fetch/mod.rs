@@ -529,13 +529,7 @@ pub async fn compute_manifest(
         writes: tokio_util::task::TaskTracker::new(),
         check_transfers: true,
     });
-    let jobs: Vec<(usize, u64)> = engine
-        .files
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| s.missing().into_iter().map(move |r| (i, r)))
-        .collect();
-    engine.run(jobs).await?;
+    engine.run(engine.missing_ranges()).await?;
     let _ = progress.set_phase(Phase::Done);
     let entries = engine
         .files

@@ -212,6 +212,15 @@ impl Engine {
         }
     }
 
+    /// Every (file, range) not finished yet.
+    pub(crate) fn missing_ranges(&self) -> Vec<(usize, u64)> {
+        self.files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.missing().into_iter().map(move |r| (i, r)))
+            .collect()
+    }
+
     /// Takes the ranges finished since the last call.
     pub(crate) fn take_finished(&self) -> Vec<Finished> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))

@@ -315,12 +315,7 @@ pub fn signed_request(
     let string_to_sign = format!(
         "{method}\n\n\n{content_length}\n\n\n\n\n\n\n\n\n{canonical_headers}/{ACCOUNT}/{ACCOUNT}{path}{canonical_query}"
     );
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(KEY)
-        .unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(string_to_sign.as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let sig = sign(&string_to_sign);
     let query_string: String = query
         .iter()
         .enumerate()
@@ -346,6 +341,16 @@ pub fn signed_request(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, text)
+}
+
+/// Base64 of the HMAC-SHA256 of `string_to_sign` under Azurite's account key.
+fn sign(string_to_sign: &str) -> String {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(KEY)
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(string_to_sign.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
 /// Creates a container.
@@ -586,13 +591,7 @@ pub fn account_sas() -> String {
     let (version, permissions, expiry) = ("2019-12-12", "rl", "2099-01-01T00:00:00Z");
     let string_to_sign =
         format!("{ACCOUNT}\n{permissions}\nb\nsco\n\n{expiry}\n\nhttps,http\n{version}\n");
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(KEY)
-        .unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(string_to_sign.as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let sig = sig
+    let sig = sign(&string_to_sign)
         .replace('+', "%2B")
         .replace('/', "%2F")
         .replace('=', "%3D");
