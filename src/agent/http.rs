@@ -80,6 +80,7 @@ impl From<ModelError> for ApiError {
             ModelError::NotFound(name) => ApiError::model_not_found(&name),
             ModelError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m),
             ModelError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ModelError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
             ModelError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             }

@@ -6,6 +6,7 @@
 pub mod http;
 pub mod metrics;
 pub mod models;
+pub mod sources;
 
 use std::sync::Arc;
 use std::time::Duration;

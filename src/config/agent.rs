@@ -35,6 +35,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("cache.proc_root", Kind::Text),
     ("cache.scrub_rate", Kind::Text),
     ("cache.scrub_interval", Kind::Text),
+    ("api.allowed_sources", Kind::List),
     ("disk.enabled", Kind::Bool),
     ("disk.models", Kind::List),
     ("disk.devices", Kind::List),
@@ -107,7 +108,16 @@ struct FileConfig {
     #[serde(default)]
     disk: DiskFile,
     #[serde(default)]
+    api: ApiFile,
+    #[serde(default)]
     models: Vec<ModelFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiFile {
+    #[serde(default)]
+    allowed_sources: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +384,8 @@ pub struct AgentConfig {
     pub warm: WarmPolicy,
     /// Background scrub; `None` when off.
     pub scrub: Option<ScrubPolicy>,
+    /// Source prefixes an API request may name for a model that is not configured.
+    pub allowed_sources: Vec<String>,
     /// Where `/proc` is (for `meminfo` and `mountinfo`).
     pub proc_root: PathBuf,
     /// Disk setup.
@@ -614,6 +626,7 @@ impl AgentConfig {
             budget,
             warm,
             scrub,
+            allowed_sources: file.api.allowed_sources,
             proc_root: file.cache.proc_root,
             models,
         })

@@ -208,9 +208,17 @@ fn dechunk(body: &str) -> String {
     out
 }
 
+/// The agent's configuration for a test: loopback listeners on free ports, small ranges, and,
+/// unless `extra` sets its own `[api]`, requests allowed to name any `file://` or `az://`
+/// source (the tests of other things POST sources of their own).
 fn config(cache: &Path, models: &str, extra: &str) -> String {
+    let api = if extra.contains("[api]") {
+        ""
+    } else {
+        "\n[api]\nallowed_sources = [\"file:///\", \"az://\"]\n"
+    };
     format!(
-        "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[fetch]\nchunk_size = \"64KiB\"\nconcurrency = 4\nfailed_retry_delay = \"1s\"\n[cache]\nwarm_page_cache = \"off\"\n{extra}\n{models}",
+        "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[fetch]\nchunk_size = \"64KiB\"\nconcurrency = 4\nfailed_retry_delay = \"1s\"\n[cache]\nwarm_page_cache = \"off\"\n{extra}\n{models}{api}",
         cache.display()
     )
 }
@@ -1124,4 +1132,102 @@ fn the_scrub_finds_a_flipped_byte_and_refetches_just_that_file() {
         log.contains("changed since publish (model-00005-of-00014.safetensors)"),
         "{log}"
     );
+}
+
+/// The agent runs as root: a request naming `file:///etc` or the node's service-account tokens
+/// would copy them into a directory every vLLM pod mounts. Requests may name sources only under
+/// `api.allowed_sources` (none by default) and never repoint a configured model; refusals are
+/// 403 with the envelope, naming the setting, and write nothing.
+#[test]
+fn requests_cannot_copy_host_paths_or_repoint_a_configured_model() {
+    let configured = small_model(20_000, 1);
+    let allowed = tempfile::tempdir().unwrap();
+    let other = small_model(20_000, 2);
+    let allowed_model = allowed.path().join("llama");
+    std::fs::rename(other.path(), &allowed_model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let extra = format!(
+        "[api]\nallowed_sources = [\"file://{}/\"]\n",
+        allowed.path().display()
+    );
+    let agent = Agent::start(
+        dir.path(),
+        &config(
+            &cache,
+            &model_entry(
+                "m",
+                &format!("file://{}", configured.path().display()),
+                true,
+            ),
+            &extra,
+        ),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    agent.until_ready("m");
+    for source in [
+        "file:///etc".to_string(),
+        "file:///var/run/secrets".to_string(),
+        format!("file://{}/../../etc", allowed.path().display()),
+        format!("file://{}-private/x", allowed.path().display()),
+    ] {
+        let (status, body) = http(
+            &agent.admin,
+            "POST",
+            "/v1/models/x/prefetch",
+            &[],
+            &body_with_source(&source),
+        );
+        assert_eq!(status, 403, "{source}: {body}");
+        assert!(body.contains("\"code\":\"forbidden\""), "{body}");
+    }
+    let (_, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/x/prefetch",
+        &[],
+        &body_with_source("file:///etc"),
+    );
+    assert!(
+        body.contains("api.allowed_sources"),
+        "names the setting: {body}"
+    );
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/x/prefetch",
+        &[],
+        &format!(
+            "{{\"source\": \"file://{}\", \"account\": \"elsewhere\"}}",
+            allowed_model.display()
+        ),
+    );
+    assert_eq!(status, 403, "{body}");
+    for path in ["models/x", "staging/x", "store/x"] {
+        assert!(!cache.join(path).exists(), "{path} was written");
+    }
+    // A configured model cannot be repointed, but may be refreshed as configured.
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/m/prefetch",
+        &[],
+        &body_with_source(&format!("file://{}", allowed_model.display())),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("cannot repoint"), "{body}");
+    let (status, body) = http(&agent.admin, "POST", "/v1/models/m/prefetch", &[], "");
+    assert_eq!(status, 202, "{body}");
+    // A source under the allowed prefix is fetched.
+    let (status, body) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/llama/prefetch",
+        &[],
+        &body_with_source(&format!("file://{}", allowed_model.display())),
+    );
+    assert_eq!(status, 202, "{body}");
+    agent.until_ready("llama");
+    assert_published_identical(&allowed_model, &cache.join("models/llama"));
 }

@@ -303,6 +303,7 @@ fn a_prefetch_waits_for_whoever_holds_the_model_then_finishes() {
     };
     let url = format!("file://{}", source.path().display());
     let mut child = prefetch_cmd(None, &url, cache.path(), &[])
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

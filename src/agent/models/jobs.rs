@@ -51,7 +51,8 @@ impl Models {
                 }
                 OnRequest::Start => {}
             }
-            entry.spec = self.merged_spec(&model, Some(&entry.spec), request)?;
+            entry.spec =
+                self.merged_spec(&model, Some((&entry.spec, entry.configured)), request)?;
             entry.last_used = SystemTime::now();
         } else {
             let spec = self.merged_spec(&model, None, request)?;
@@ -61,12 +62,37 @@ impl Models {
         Ok((id, false))
     }
 
+    /// The spec a request asks for: the configured or earlier one, changed by the request.
+    /// A request may not repoint a configured model (source or account), and may name a
+    /// source for any other model only under `api.allowed_sources` (see [`crate::agent::sources`]).
     fn merged_spec(
         &self,
         name: &ModelName,
-        base: Option<&ModelSpec>,
+        base: Option<(&ModelSpec, bool)>,
         o: PrefetchOverride,
     ) -> Result<ModelSpec, ModelError> {
+        let configured = base.is_some_and(|(_, configured)| configured);
+        let base = base.map(|(spec, _)| spec);
+        if let (true, Some(b)) = (configured, base) {
+            let repoints = o.source.as_ref().is_some_and(|s| *s != b.source)
+                || o.account
+                    .as_ref()
+                    .is_some_and(|a| Some(a) != b.account.as_ref());
+            if repoints {
+                return Err(ModelError::Forbidden(
+                    crate::agent::sources::SourceRefused::Repoint {
+                        model: name.to_string(),
+                    }
+                    .to_string(),
+                ));
+            }
+        }
+        let named = o.source.is_some() && !configured;
+        if !configured && o.account.is_some() {
+            return Err(ModelError::Forbidden(
+                crate::agent::sources::SourceRefused::Account.to_string(),
+            ));
+        }
         let source = match (o.source, base) {
             (Some(s), _) => s,
             (None, Some(b)) => b.source.clone(),
@@ -96,6 +122,11 @@ impl Models {
             },
         )
         .map_err(|e| ModelError::Invalid(error_chain(&e)))?;
+        // Checked once the URL is known to be one (a malformed one is a 400, not a 403).
+        if named {
+            crate::agent::sources::check_allowed(&source, &self.config.allowed_sources)
+                .map_err(|e| ModelError::Forbidden(e.to_string()))?;
+        }
         Ok(ModelSpec {
             name: name.clone(),
             account,

@@ -144,6 +144,9 @@ pub enum ModelError {
     /// The model is pinned or busy.
     #[error("{0}")]
     Conflict(String),
+    /// The request is not allowed (a source outside the allowed prefixes).
+    #[error("{0}")]
+    Forbidden(String),
     /// The cache failed.
     #[error("{0}")]
     Internal(String),
@@ -576,8 +579,9 @@ mod tests {
         let source = dir.path().join("source");
         std::fs::create_dir(&source).unwrap();
         let toml = format!(
-            "cache_root = \"{}\"\n[disk]\nenabled = false\n",
-            dir.path().join("cache").display()
+            "cache_root = \"{}\"\n[disk]\nenabled = false\n[api]\nallowed_sources = [\"file://{}/\"]\n",
+            dir.path().join("cache").display(),
+            dir.path().display()
         );
         let env = Environment::from_pairs(Vec::new());
         let config = Arc::new(AgentConfig::from_toml(&toml, "test", &env, &[]).unwrap());
