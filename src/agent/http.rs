@@ -165,10 +165,13 @@ async fn require_token(
         )
         .into_response();
     };
+    // The scheme is case-insensitive in HTTP (RFC 9110, section 11.1).
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials);
     match presented {
         Some(p) if token.matches(p.trim()) => next.run(request).await,
         _ => ApiError::new(
@@ -284,7 +287,8 @@ async fn model_ready(
         .models
         .get(&name)
         .ok_or_else(|| ApiError::model_not_found(&name))?;
-    state.models.touch(&name);
+    // Not a use for eviction: anyone on the node network may ask, and polling must not keep a
+    // model cached ahead of those really used.
     let code = if status.state == super::models::State::Ready {
         StatusCode::OK
     } else {
@@ -315,8 +319,26 @@ struct Accepted {
 async fn prefetch(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    // A body over the limit is answered in the envelope like every other error.
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_request"
+        };
+        ApiError::new(
+            status,
+            code,
+            format!(
+                "{} (bodies are limited to {} bytes)",
+                rejection.body_text(),
+                BODY_LIMIT
+            ),
+        )
+    })?;
     let body: PrefetchBody = if body.iter().all(u8::is_ascii_whitespace) {
         PrefetchBody::default()
     } else {

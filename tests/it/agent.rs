@@ -475,8 +475,9 @@ fn two_concurrent_prefetch_requests_make_one_download() {
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("model_not_found"), "{body}");
     let big = "x".repeat(200_000);
-    let (status, _) = http(&agent.admin, "POST", "/v1/models/z/prefetch", &[], &big);
+    let (status, body) = http(&agent.admin, "POST", "/v1/models/z/prefetch", &[], &big);
     assert_eq!(status, 413);
+    assert!(body.contains("\"code\":\"payload_too_large\""), "{body}");
 }
 
 fn body_with_source(url: &str) -> String {
@@ -525,6 +526,15 @@ fn state_changing_requests_on_the_read_address_need_the_token() {
         "POST",
         "/v1/models/m/prefetch",
         &[("Authorization", "Bearer s3cret")],
+        &body,
+    );
+    assert_eq!(status, 202, "{text}");
+    // The scheme is case-insensitive, as HTTP says.
+    let (status, text) = http(
+        &guarded.read,
+        "POST",
+        "/v1/models/m/prefetch",
+        &[("Authorization", "bearer s3cret")],
         &body,
     );
     assert_eq!(status, 202, "{text}");
