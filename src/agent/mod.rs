@@ -6,6 +6,7 @@
 pub mod http;
 pub mod metrics;
 pub mod models;
+mod serve;
 pub mod sources;
 
 use std::sync::Arc;
@@ -123,13 +124,19 @@ pub async fn serve(
         read: read.local_addr().map_err(AgentError::Serve)?,
         admin: admin.local_addr().map_err(AgentError::Serve)?,
     });
-    let read_server = axum::serve(read, http::read_router(state.clone(), config.token.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let admin_server = axum::serve(admin, http::admin_router(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let mut servers = tokio::spawn(async move {
-        tokio::try_join!(read_server.into_future(), admin_server.into_future())
-    });
+    let read_server = serve::serve(
+        read,
+        http::read_router(state.clone(), config.token.clone()),
+        config.max_connections,
+        stop.clone(),
+    );
+    let admin_server = serve::serve(
+        admin,
+        http::admin_router(state),
+        config.max_connections,
+        stop.clone(),
+    );
+    let mut servers = tokio::spawn(async move { tokio::try_join!(read_server, admin_server) });
     let setup = settle_disks(
         Arc::clone(&config),
         Arc::clone(&disk),

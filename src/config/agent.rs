@@ -23,6 +23,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("listen.read", Kind::Text),
     ("listen.admin", Kind::Text),
     ("listen.token_file", Kind::Text),
+    ("listen.max_connections", Kind::Integer),
     ("fetch.concurrency", Kind::Integer),
     ("fetch.chunk_size", Kind::Text),
     ("fetch.max_attempts", Kind::Integer),
@@ -199,6 +200,8 @@ struct ListenFile {
     admin: String,
     #[serde(default)]
     token_file: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
 }
 
 impl Default for ListenFile {
@@ -207,8 +210,13 @@ impl Default for ListenFile {
             read: default_read(),
             admin: default_admin(),
             token_file: None,
+            max_connections: default_max_connections(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    256
 }
 
 fn default_read() -> String {
@@ -374,6 +382,8 @@ pub struct AgentConfig {
     pub admin_addr: SocketAddr,
     /// Bearer token that also allows state-changing requests on the read address.
     pub token: Option<Token>,
+    /// Connections served at once per listener.
+    pub max_connections: usize,
     /// Download tuning.
     pub fetch: FetchOptions,
     /// First delay before retrying a failed model (doubles up to ten minutes).
@@ -621,6 +631,17 @@ impl AgentConfig {
             read_addr,
             admin_addr,
             token,
+            max_connections: match file.listen.max_connections {
+                0 => {
+                    return Err(InvalidValue::new(
+                        "listen.max_connections",
+                        0,
+                        "expected at least 1",
+                    )
+                    .into());
+                }
+                n => n,
+            },
             fetch,
             failed_retry_delay,
             budget,

@@ -1241,3 +1241,72 @@ fn requests_cannot_copy_host_paths_or_repoint_a_configured_model() {
     agent.until_ready("llama");
     assert_published_identical(&allowed_model, &cache.join("models/llama"));
 }
+
+/// A client that sends its request headers slowly (slow loris) is cut off after a few seconds,
+/// and connections beyond `listen.max_connections` are closed at accept; others are served.
+#[test]
+fn slow_clients_and_connection_floods_are_cut_off() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &config(&dir.path().join("cache"), "", ""),
+        "http://127.0.0.1:9",
+        &[("MODELCACHE_LISTEN_MAX_CONNECTIONS", "4")],
+    );
+    let closed_within = |stream: &mut TcpStream, limit: Duration| {
+        stream.set_read_timeout(Some(limit)).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return started.elapsed(),
+                // A 408 may come first; the connection closes after it.
+                Ok(_) => {}
+            }
+        }
+    };
+
+    let mut slow = TcpStream::connect(&agent.read).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n")
+        .unwrap();
+    let took = closed_within(&mut slow, Duration::from_secs(30));
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+        "cut off after the header timeout, not served: {took:?}"
+    );
+
+    let idle: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&agent.read).unwrap())
+        .collect();
+    let mut fifth = TcpStream::connect(&agent.read).unwrap();
+    fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = fifth.read_to_end(&mut answer);
+    assert!(
+        answer.is_empty(),
+        "the fifth connection is closed unanswered"
+    );
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut s = TcpStream::connect(&agent.read).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "served again once the idle ones left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,65 @@
+//! Serving a router with connection-level limits, which `axum::serve` does not offer: a client
+//! must send its request headers within a few seconds (a slow-loris client otherwise holds a
+//! connection as long as it likes), and each listener serves a bounded number of connections at
+//! once (one more is closed at accept, so a flood cannot exhaust the agent's file descriptors).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// How long a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `stop` fires, then lets requests in flight finish
+/// (briefly). At most `max_connections` connections are served at once.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    max_connections: usize,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut warned = false;
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors or a connection reset before accept: keep serving.
+                Err(e) => {
+                    warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            if !warned {
+                warn!(peer = %peer, "{max_connections} connections are open on {}: closing new ones until some end (listen.max_connections)", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+                warned = true;
+            }
+            drop(stream);
+            continue;
+        };
+        warned = false;
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT);
+        let connection =
+            graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+    Ok(())
+}
