@@ -393,6 +393,14 @@ fn map_error(path: &str, err: object_store::Error) -> SourceError {
                     source: Box::new(other),
                 };
             }
+            if chain().any(|e| e.downcast_ref::<UncheckableAnswer>().is_some()) {
+                return SourceError::Transient {
+                    path,
+                    cause: RetryCause::BadRange,
+                    retry_after: None,
+                    source: Box::new(other),
+                };
+            }
             let answered = chain().find_map(|e| e.downcast_ref::<ServerAnswered>());
             let transport = chain().find_map(|e| e.downcast_ref::<HttpError>());
             let (cause, retry_after) = match (answered, transport) {
@@ -504,6 +512,11 @@ impl HttpService for StatusAwareService {
             };
             return Err(HttpError::new(HttpErrorKind::Unknown, answered));
         }
+        if ask_md5 && status == 200 {
+            // A whole-object answer to a ranged read carries no range MD5 (object_store accepts
+            // one when the range is the whole blob): unverifiable, so retried like a bad range.
+            return Err(HttpError::new(HttpErrorKind::Unknown, UncheckableAnswer));
+        }
         let expected = response
             .headers()
             .get("content-md5")
@@ -544,6 +557,18 @@ fn decode_md5(value: &str) -> Option<[u8; 16]> {
         .ok()?;
     bytes.try_into().ok()
 }
+
+/// A checked read was answered with a whole-object `200`, which carries no range MD5.
+#[derive(Debug)]
+struct UncheckableAnswer;
+
+impl std::fmt::Display for UncheckableAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a 200 answer to a ranged read that asked for a transactional MD5")
+    }
+}
+
+impl std::error::Error for UncheckableAnswer {}
 
 /// A range's bytes did not match the MD5 the server sent with them.
 #[derive(Debug)]

@@ -256,6 +256,9 @@ fn without_a_manifest_a_bit_flipped_in_transit_is_caught_by_the_transactional_md
     for shard in ["model-00001", "model-00004", "model-00009"] {
         proxy.add(shard, Fault::FlipBit, Some(1));
     }
+    // A whole-blob 200 to the one range of a small file carries no range MD5: retried, not
+    // taken unchecked (the chaos campaign found it marking a model `structural`).
+    proxy.add("gpt-oss-120b/config.json", Fault::NotPartial, Some(1));
     let cache = tempfile::tempdir().unwrap();
     let mut cmd = prefetch_cmd(
         Some(&proxy.endpoint()),
@@ -265,8 +268,9 @@ fn without_a_manifest_a_bit_flipped_in_transit_is_caught_by_the_transactional_md
     );
     cmd.env("AZURE_STORAGE_SAS_KEY", account_sas());
     let s = summary(&run(&mut cmd, Duration::from_secs(180)));
-    assert_eq!(proxy.fired(), 3, "every fault fired");
+    assert_eq!(proxy.fired(), 4, "every fault fired");
     assert_eq!(s["retries"]["corrupt"], 3, "{s}");
+    assert_eq!(s["retries"]["bad_range"], 1, "{s}");
     assert_eq!(s["verification"], "md5", "{s}");
     assert_published_identical(
         model.source.path(),
