@@ -9,7 +9,7 @@ use super::{
 use crate::config::agent::{AgentConfig, DEFAULT_CONFIG};
 use crate::config::{Environment, human_bytes};
 use crate::fetch::progress::ProgressSnapshot;
-use crate::store::{Layout, ModelName, ReadyMarker};
+use crate::store::{Layout, ModelName};
 
 /// `modelcache agent`.
 pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, CommandError> {
@@ -133,19 +133,14 @@ async fn warm(layout: &Layout, name: &ModelName) -> Result<(), CommandError> {
 
 /// Ready when the link's revision has a ready marker whose files are intact.
 fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, u64)>) -> Look {
-    if let Some(revision) = layout.published_revision(name) {
-        let dir = layout.revision_dir(name, &revision);
-        if let Ok(marker) = ReadyMarker::read(&dir) {
-            if marker.files_present(&dir) {
-                return Look::Ready(format!(
-                    "{name} is ready: revision {revision}, {} in {} files, verified {} -> {}",
-                    human_bytes(marker.bytes),
-                    marker.files.len(),
-                    marker.verification,
-                    layout.model_link(name).display()
-                ));
-            }
-        }
+    if let Some((revision, marker)) = layout.linked_intact(name) {
+        return Look::Ready(format!(
+            "{name} is ready: revision {revision}, {} in {} files, verified {} -> {}",
+            human_bytes(marker.bytes),
+            marker.files.len(),
+            marker.verification,
+            layout.model_link(name).display()
+        ));
     }
     let snapshot = std::fs::read(layout.progress_path(name))
         .ok()

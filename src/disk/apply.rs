@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::mount::{MsFlags, mount};
 use tracing::info;
@@ -87,13 +88,45 @@ impl ArrayTool for Mdadm {
             "mdadm",
             &mdadm_create_args(&self.dev, name, members, chunk_kib),
         )?;
-        Ok(self.dev.join("md").join(name))
+        device_appears(self.dev.join("md").join(name), ARRAY_DEVICE_WAIT)
     }
 
     fn assemble(&self, name: &str, members: &[PathBuf]) -> Result<PathBuf, DiskError> {
         run("mdadm", &mdadm_assemble_args(&self.dev, name, members))?;
-        Ok(self.dev.join("md").join(name))
+        device_appears(self.dev.join("md").join(name), ARRAY_DEVICE_WAIT)
     }
+}
+
+/// How long a started array's `/dev/md/NAME` may take to appear.
+const ARRAY_DEVICE_WAIT: Duration = Duration::from_secs(30);
+
+/// Returns `device` once it exists. With udev running, mdadm leaves `/dev/md/NAME` to udev,
+/// which makes it asynchronously after mdadm has returned: a busy node was seen to run mkfs on
+/// it before it existed. So every caller of the tool gets a device it can open: `udevadm
+/// settle` when it can reach udev, then a bounded wait for the link (udev may be out of
+/// reach from the container; mdadm makes the link itself when udev is not running at all).
+fn device_appears(device: PathBuf, limit: Duration) -> Result<PathBuf, DiskError> {
+    if device.exists() {
+        return Ok(device);
+    }
+    // Best effort: absent in the image or without the host's /run/udev it just fails.
+    let _ = Command::new("udevadm")
+        .args(["settle", &format!("--timeout={}", limit.as_secs())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let started = Instant::now();
+    while !device.exists() {
+        if started.elapsed() >= limit {
+            return Err(DiskError::DeviceMissing {
+                device,
+                waited: limit,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(device)
 }
 
 /// `mkfs` arguments: our label, stripe alignment over `width` devices of `chunk` bytes, no
@@ -503,5 +536,28 @@ mod tests {
             a.contains(&"nodiscard,stride=128,stripe_width=512".to_string()),
             "{a:?}"
         );
+    }
+
+    /// A device that udev makes a moment after mdadm returns is waited for; one that never
+    /// comes is an error naming it, after the limit.
+    #[test]
+    fn an_array_device_is_waited_for_within_a_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let late = dir.path().join("late");
+        let maker = {
+            let late = late.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::write(&late, b"").unwrap();
+            })
+        };
+        assert_eq!(
+            device_appears(late.clone(), Duration::from_secs(20)).unwrap(),
+            late
+        );
+        maker.join().unwrap();
+        let never = dir.path().join("never");
+        let err = device_appears(never, Duration::from_millis(200)).unwrap_err();
+        assert!(err.to_string().contains("never"), "{err}");
     }
 }

@@ -150,6 +150,17 @@ pub enum DiskError {
         /// Its stderr, trimmed.
         stderr: String,
     },
+    /// An array was started but its device never appeared.
+    #[error(
+        "{device} did not appear within {}s after the array was started (hint: is udev running on the node, and /dev the host's?)",
+        waited.as_secs()
+    )]
+    DeviceMissing {
+        /// The device path mdadm was asked to make.
+        device: PathBuf,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
     /// `mount(2)` failed.
     #[error("failed to mount {device} on {target}")]
     Mount {

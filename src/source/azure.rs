@@ -385,25 +385,12 @@ fn map_error(path: &str, err: object_store::Error) -> SourceError {
                     e.source()
                 })
             };
-            if chain().any(|e| e.downcast_ref::<TransferCorrupt>().is_some()) {
-                return SourceError::Transient {
-                    path,
-                    cause: RetryCause::Corrupt,
-                    retry_after: None,
-                    source: Box::new(other),
-                };
-            }
-            if chain().any(|e| e.downcast_ref::<UncheckableAnswer>().is_some()) {
-                return SourceError::Transient {
-                    path,
-                    cause: RetryCause::BadRange,
-                    retry_after: None,
-                    source: Box::new(other),
-                };
-            }
+            let has = |is: fn(&(dyn std::error::Error + 'static)) -> bool| chain().any(is);
             let answered = chain().find_map(|e| e.downcast_ref::<ServerAnswered>());
             let transport = chain().find_map(|e| e.downcast_ref::<HttpError>());
             let (cause, retry_after) = match (answered, transport) {
+                _ if has(|e| e.is::<TransferCorrupt>()) => (Some(RetryCause::Corrupt), None),
+                _ if has(|e| e.is::<UncheckableAnswer>()) => (Some(RetryCause::BadRange), None),
                 (Some(a), _) => (Some(a.cause()), a.retry_after),
                 (None, Some(h)) if h.kind() == HttpErrorKind::Timeout => {
                     (Some(RetryCause::Timeout), None)

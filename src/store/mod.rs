@@ -178,16 +178,22 @@ impl Layout {
         name: &ModelName,
         revision: &str,
     ) -> Option<(String, ReadyMarker)> {
-        let linked = self.published_revision(name);
-        linked
-            .into_iter()
-            .chain(std::iter::once(revision.to_string()))
-            .find_map(|dir_name| {
-                let dir = self.revision_dir(name, &dir_name);
+        self.linked_intact(name)
+            .filter(|(_, marker)| marker.revision == revision)
+            .or_else(|| {
+                let dir = self.revision_dir(name, revision);
                 let marker = ReadyMarker::read(&dir).ok()?;
                 (marker.revision == revision && marker.files_present(&dir))
-                    .then_some((dir_name, marker))
+                    .then(|| (revision.to_string(), marker))
             })
+    }
+
+    /// The revision directory `models/NAME` links to and its marker, when its files are intact.
+    pub fn linked_intact(&self, name: &ModelName) -> Option<(String, ReadyMarker)> {
+        let revision = self.published_revision(name)?;
+        let dir = self.revision_dir(name, &revision);
+        let marker = ReadyMarker::read(&dir).ok()?;
+        marker.files_present(&dir).then_some((revision, marker))
     }
 
     /// The revision `models/NAME` links to, if any.
@@ -367,53 +373,50 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
         .filter(|d| d.exists())
         .collect();
 
-    {
-        let tmp = model_store.join(format!(".{}.tmp-{}", staged.revision, std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(StoreError::io("remove", &tmp))?;
-        }
-        let mut dirs = vec![tmp.clone()];
-        let mut marker = staged.marker.clone();
-        for file in &mut marker.files {
-            let from = layout.partial_path(name, &file.path);
-            let to = tmp.join(&file.path);
-            if file.size == 0 && !from.exists() {
-                // A zero-byte file has no range to download, so nothing created its partial.
-                if let Some(parent) = from.parent() {
-                    std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
-                }
-                File::create(&from).map_err(StoreError::io("create", &from))?;
-            }
-            let handle = File::open(&from).map_err(StoreError::io("open", &from))?;
-            handle.sync_all().map_err(StoreError::io("fsync", &from))?;
-            file.mtime_ns = handle.metadata().ok().as_ref().and_then(mtime_ns);
-            drop(handle);
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
-                dirs.push(parent.to_path_buf());
-            }
-            std::fs::rename(&from, &to).map_err(StoreError::io("rename", &from))?;
-        }
-        let records = tmp.join(RECORDS_DIR);
-        std::fs::create_dir_all(&records).map_err(StoreError::io("create", &records))?;
-        dirs.push(records.clone());
-        let marker_json =
-            serde_json::to_vec_pretty(&marker).map_err(|source| StoreError::Marker {
-                path: records.join(READY_FILE),
-                source,
-            })?;
-        write_synced(&records.join(READY_FILE), &marker_json)?;
-        if let Some(manifest) = staged.manifest {
-            write_synced(&records.join(MANIFEST_COPY), manifest)?;
-        }
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs.iter().rev() {
-            fsync_dir(dir)?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(StoreError::io("rename", &tmp))?;
-        fsync_dir(&model_store)?;
+    let tmp = model_store.join(format!(".{}.tmp-{}", staged.revision, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(StoreError::io("remove", &tmp))?;
     }
+    let mut dirs = vec![tmp.clone()];
+    let mut marker = staged.marker.clone();
+    for file in &mut marker.files {
+        let from = layout.partial_path(name, &file.path);
+        let to = tmp.join(&file.path);
+        if file.size == 0 && !from.exists() {
+            // A zero-byte file has no range to download, so nothing created its partial.
+            if let Some(parent) = from.parent() {
+                std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+            }
+            File::create(&from).map_err(StoreError::io("create", &from))?;
+        }
+        let handle = File::open(&from).map_err(StoreError::io("open", &from))?;
+        handle.sync_all().map_err(StoreError::io("fsync", &from))?;
+        file.mtime_ns = handle.metadata().ok().as_ref().and_then(mtime_ns);
+        drop(handle);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+            dirs.push(parent.to_path_buf());
+        }
+        std::fs::rename(&from, &to).map_err(StoreError::io("rename", &from))?;
+    }
+    let records = tmp.join(RECORDS_DIR);
+    std::fs::create_dir_all(&records).map_err(StoreError::io("create", &records))?;
+    dirs.push(records.clone());
+    let marker_json = serde_json::to_vec_pretty(&marker).map_err(|source| StoreError::Marker {
+        path: records.join(READY_FILE),
+        source,
+    })?;
+    write_synced(&records.join(READY_FILE), &marker_json)?;
+    if let Some(manifest) = staged.manifest {
+        write_synced(&records.join(MANIFEST_COPY), manifest)?;
+    }
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs.iter().rev() {
+        fsync_dir(dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(StoreError::io("rename", &tmp))?;
+    fsync_dir(&model_store)?;
     link_revision(layout, name, &dir_name)?;
     for dir in damaged {
         let aside = model_store.join(format!(

@@ -9,7 +9,7 @@ use super::VerifyError;
 use super::hash::hash_local_file;
 use super::manifest::Manifest;
 use super::structure::{ShardTensors, check_index, check_safetensors, is_index, is_safetensors};
-use crate::store::{MANIFEST_COPY, RECORDS_DIR, ReadyMarker, Verification};
+use crate::store::{MANIFEST_COPY, RECORDS_DIR, ReadyFile, ReadyMarker, Verification};
 
 /// What a re-verification found.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -30,6 +30,24 @@ pub struct CachedReport {
     pub warnings: Vec<String>,
 }
 
+/// The manifest kept beside a published revision, if it has one.
+pub fn read_manifest_copy(revision_dir: &Path) -> Result<Option<Manifest>, VerifyError> {
+    let path = revision_dir.join(RECORDS_DIR).join(MANIFEST_COPY);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(Manifest::parse(&bytes, &path.display().to_string())?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(VerifyError::Io { path, source }),
+    }
+}
+
+/// The BLAKE3 a published file must have: the manifest's, else the one recorded while it
+/// was downloaded; `None` when neither exists.
+pub fn expected_blake3(manifest: Option<&Manifest>, file: &ReadyFile) -> Option<String> {
+    manifest
+        .and_then(|m| m.get(&file.path).map(|e| e.blake3.clone()))
+        .or_else(|| file.blake3.clone())
+}
+
 /// Re-verifies a published revision directory, hashing on `threads` threads with pieces of
 /// `chunk` bytes.
 pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedReport, VerifyError> {
@@ -41,20 +59,7 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
         path: dir.join(RECORDS_DIR).display().to_string(),
         reason: format!("{e} (is this a published model directory?)"),
     })?;
-    let manifest_path = dir.join(RECORDS_DIR).join(MANIFEST_COPY);
-    let manifest = match std::fs::read(&manifest_path) {
-        Ok(bytes) => Some(Manifest::parse(
-            &bytes,
-            &manifest_path.display().to_string(),
-        )?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => {
-            return Err(VerifyError::Io {
-                path: manifest_path,
-                source,
-            });
-        }
-    };
+    let manifest = read_manifest_copy(&dir)?;
     let mut hashed_all = true;
     let mut bytes = 0;
     let mut shards: HashMap<String, ShardTensors> = HashMap::new();
@@ -67,11 +72,7 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
                 expected: file.size,
             });
         }
-        let expected = manifest
-            .as_ref()
-            .and_then(|m| m.get(&file.path).map(|e| e.blake3.clone()))
-            .or_else(|| file.blake3.clone());
-        match expected {
+        match expected_blake3(manifest.as_ref(), file) {
             Some(expected) => {
                 let actual = hash_local_file(&path, chunk, threads)
                     .map_err(|source| VerifyError::Io {

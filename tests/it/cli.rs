@@ -307,10 +307,22 @@ fn a_prefetch_waits_for_whoever_holds_the_model_then_finishes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Lines arrive on a channel so a prefetch that never says it waits fails the test instead
+    // of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    std::thread::spawn(move || {
+        for line in stderr_lines.map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut seen = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the prefetch never said whom it waits for: {seen}"));
         seen.push_str(&line);
         seen.push('\n');
         if line.contains("waiting for") {
@@ -323,8 +335,8 @@ fn a_prefetch_waits_for_whoever_holds_the_model_then_finishes() {
         "nothing is written while another holds the model"
     );
     drop(held);
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let out = wait_with_limit(child, Duration::from_secs(120));
+    let rest: Vec<String> = rx.try_iter().collect();
     assert!(out.status.success(), "{seen}{}", rest.join("\n"));
     assert_published_identical(source.path(), &cache.path().join("models/gpt-oss-120b"));
 }

@@ -474,10 +474,7 @@ impl Models {
 
     /// The published revision and marker of a model, if its files are intact.
     fn intact(&self, name: &ModelName) -> Option<(String, ReadyMarker)> {
-        let revision = self.layout.published_revision(name)?;
-        let dir = self.layout.revision_dir(name, &revision);
-        let marker = ReadyMarker::read(&dir).ok()?;
-        marker.files_present(&dir).then_some((revision, marker))
+        self.layout.linked_intact(name)
     }
 
     fn link_mtime(&self, name: &ModelName) -> SystemTime {

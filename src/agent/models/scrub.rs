@@ -19,11 +19,9 @@ use crate::config::human_bytes;
 use crate::fetch::error_chain;
 use crate::fetch::journal::{Journal, JournalLine, hex};
 use crate::store::lock::{TryLock, try_lock};
-use crate::store::{
-    Layout, MANIFEST_COPY, ModelName, RECORDS_DIR, ReadyFile, ReadyMarker, StoreError, Verification,
-};
+use crate::store::{Layout, ModelName, ReadyFile, ReadyMarker, StoreError, Verification};
+use crate::verify::cached::{expected_blake3, read_manifest_copy};
 use crate::verify::hash::{PieceDigest, PieceHasher, combine, piece_count};
-use crate::verify::manifest::Manifest;
 
 /// Why one model's scrub stopped.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +34,8 @@ enum ScrubError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the manifest copy {path} is unreadable: {reason}")]
-    Manifest { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
     #[error("stopped")]
     Stopped,
 }
@@ -103,11 +101,7 @@ impl Models {
         let mut intact: Vec<(ReadyFile, Hashed)> = Vec::new();
         let mut bad: Vec<String> = Vec::new();
         for file in &marker.files {
-            let expected = manifest
-                .as_ref()
-                .and_then(|m| m.get(&file.path).map(|e| e.blake3.clone()))
-                .or_else(|| file.blake3.clone());
-            let Some(expected) = expected else {
+            let Some(expected) = expected_blake3(manifest.as_ref(), file) else {
                 continue;
             };
             let path = dir.join(&file.path);
@@ -158,21 +152,6 @@ impl Models {
             }
         }
         Ok(())
-    }
-}
-
-/// The manifest kept beside a published revision, if any.
-fn read_manifest_copy(dir: &Path) -> Result<Option<Manifest>, ScrubError> {
-    let path = dir.join(RECORDS_DIR).join(MANIFEST_COPY);
-    match std::fs::read(&path) {
-        Ok(bytes) => Manifest::parse(&bytes, &path.display().to_string())
-            .map(Some)
-            .map_err(|e| ScrubError::Manifest {
-                path,
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ScrubError::Read { path, source }),
     }
 }
 
