@@ -2,8 +2,8 @@
 //! guard. It knows models and states, not ranges or disks.
 //!
 //! Two routers share the handlers: the read router (may listen on the node address) serves
-//! state-changing routes only behind a configured bearer token; the admin router listens on
-//! loopback only and serves everything. Every request is bounded in body size and time.
+//! state-changing routes only behind a configured bearer token; the admin router is served on a
+//! Unix socket in a root-only directory and serves everything. Every request is bounded in body size and time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,8 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::error;
 
 use super::DiskStatus;
+use super::auth::Bearer;
 use super::models::{ModelError, ModelStatus, Models, PrefetchOverride};
-use crate::config::agent::Token;
 
 /// Largest accepted request body.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -111,7 +111,7 @@ impl IntoResponse for ApiError {
 
 /// The read router, for `listen.read`: state-changing routes need `token`; without one they
 /// are refused here.
-pub fn read_router(state: AppState, token: Option<Token>) -> Router {
+pub fn read_router(state: AppState, token: Option<Bearer>) -> Router {
     let guarded = mutating_routes().route_layer(middleware::from_fn_with_state(
         Arc::new(token),
         require_token,
@@ -119,7 +119,7 @@ pub fn read_router(state: AppState, token: Option<Token>) -> Router {
     bounded(read_routes().merge(guarded).with_state(state))
 }
 
-/// The admin router, for `listen.admin` (loopback only): every route.
+/// The admin router, for `listen.admin` (a root-only Unix socket): every route.
 pub fn admin_router(state: AppState) -> Router {
     bounded(read_routes().merge(mutating_routes()).with_state(state))
 }
@@ -152,7 +152,7 @@ fn mutating_routes() -> Router<AppState> {
 }
 
 async fn require_token(
-    State(token): State<Arc<Option<Token>>>,
+    State(token): State<Arc<Option<Bearer>>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
@@ -161,7 +161,7 @@ async fn require_token(
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "state-changing requests are served on the admin address (listen.admin, loopback) only; set listen.token_file to allow them here with a bearer token",
+            "state-changing requests are served on the admin socket (listen.admin) only; set listen.token_file to allow them here with a bearer token",
         )
         .into_response();
     };
@@ -172,8 +172,15 @@ async fn require_token(
         .and_then(|v| v.trim_start().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, credentials)| credentials);
-    match presented {
-        Some(p) if token.matches(p.trim()) => next.run(request).await,
+    match presented.map(|p| token.allows(p.trim())) {
+        Some(Ok(true)) => next.run(request).await,
+        // The path stays in the agent's log: this client has not shown it may know it.
+        Some(Err(_)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the agent cannot read its token file (listen.token_file; see its log): state-changing requests are refused here until it is fixed",
+        )
+        .into_response(),
         _ => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -300,13 +307,35 @@ async fn model_ready(
 /// Body of `POST /v1/models/NAME/prefetch`; empty for a configured model.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PrefetchBody {
+pub struct PrefetchBody {
     source: Option<String>,
     account: Option<String>,
     include: Option<Vec<String>>,
     exclude: Option<Vec<String>>,
     pin: Option<bool>,
     require_manifest: Option<bool>,
+}
+
+impl PrefetchBody {
+    /// Parses a request body: blank is the empty body; anything else must be this JSON object.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+    }
+
+    /// What the body asks to change, for the registry (which checks it).
+    pub fn into_override(self) -> PrefetchOverride {
+        PrefetchOverride {
+            source: self.source,
+            account: self.account,
+            include: self.include,
+            exclude: self.exclude,
+            pin: self.pin,
+            require_manifest: self.require_manifest,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -339,28 +368,9 @@ async fn prefetch(
             ),
         )
     })?;
-    let body: PrefetchBody = if body.iter().all(u8::is_ascii_whitespace) {
-        PrefetchBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("invalid request body: {e}"),
-            )
-        })?
-    };
-    let (job, joined) = state.models.request_prefetch(
-        &name,
-        PrefetchOverride {
-            source: body.source,
-            account: body.account,
-            include: body.include,
-            exclude: body.exclude,
-            pin: body.pin,
-            require_manifest: body.require_manifest,
-        },
-    )?;
+    let body = PrefetchBody::parse(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?;
+    let (job, joined) = state.models.request_prefetch(&name, body.into_override())?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {

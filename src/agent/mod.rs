@@ -1,12 +1,14 @@
 //! The node agent (`modelcache agent`): the composition root. It builds the model registry from
-//! the configuration, serves the HTTP API on the read and admin addresses, and on SIGTERM or
+//! the configuration, serves the HTTP API on the read address and the admin socket, and on SIGTERM or
 //! SIGINT stops accepting requests, cancels prefetches (their finished ranges are journaled) and
 //! exits within a few seconds.
 
+pub mod auth;
 pub mod http;
 pub mod metrics;
 pub mod models;
 mod serve;
+pub mod socket;
 pub mod sources;
 
 use std::sync::Arc;
@@ -35,6 +37,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The admin socket could not be served.
+    #[error(transparent)]
+    AdminSocket(#[from] socket::SocketError),
     /// The cache could not be prepared.
     #[error("failed to prepare the cache: {0}")]
     Cache(#[from] ModelError),
@@ -43,13 +48,13 @@ pub enum AgentError {
     Serve(#[source] std::io::Error),
 }
 
-/// The addresses the agent listens on (useful when the configuration asked for port 0).
-#[derive(Debug, Clone, Copy)]
+/// Where the agent listens (useful when the configuration asked for port 0).
+#[derive(Debug, Clone)]
 pub struct Listening {
     /// The read address.
     pub read: std::net::SocketAddr,
-    /// The admin address.
-    pub admin: std::net::SocketAddr,
+    /// The admin socket.
+    pub admin: std::path::PathBuf,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -99,7 +104,8 @@ pub async fn serve(
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let read = bind(config.read_addr, "listen.read").await?;
-    let admin = bind(config.admin_addr, "listen.admin").await?;
+    // Removed when the agent returns, whatever the reason.
+    let (admin, _admin_file) = socket::bind(&config.admin_socket)?;
     let disk = Arc::new(std::sync::RwLock::new(if config.disk.enabled {
         DiskStatus::InProgress
     } else {
@@ -110,23 +116,23 @@ pub async fn serve(
         models: Arc::clone(&models),
         disk: Arc::clone(&disk),
     };
+    let read_addr = read.local_addr().map_err(AgentError::Serve)?;
     info!(
-        listen.read = %read.local_addr().map_err(AgentError::Serve)?,
-        listen.admin = %admin.local_addr().map_err(AgentError::Serve)?,
+        listen.read = %read_addr,
+        listen.admin = %config.admin_socket.display(),
         cache_root = %config.cache_root.display(),
         models = config.models.len(),
-        "agent listening on {} (read) and {} (admin), cache {}",
-        read.local_addr().map_err(AgentError::Serve)?,
-        admin.local_addr().map_err(AgentError::Serve)?,
+        "agent listening on {read_addr} (read) and {} (admin), cache {}",
+        config.admin_socket.display(),
         config.cache_root.display()
     );
     listening(Listening {
-        read: read.local_addr().map_err(AgentError::Serve)?,
-        admin: admin.local_addr().map_err(AgentError::Serve)?,
+        read: read_addr,
+        admin: config.admin_socket.clone(),
     });
     let read_server = serve::serve(
         read,
-        http::read_router(state.clone(), config.token.clone()),
+        http::read_router(state.clone(), config.token.clone().map(auth::Bearer::new)),
         config.max_connections,
         stop.clone(),
     );

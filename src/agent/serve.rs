@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -15,10 +16,51 @@ use tracing::warn;
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A listener the server accepts connections from: the TCP read listener or the admin socket.
+pub trait Accept {
+    /// A connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection, and who it is from (for the log).
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+    /// Where this listens (for the log).
+    fn describe(&self) -> String;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, peer) = self.accept().await?;
+        Ok((stream, peer.to_string()))
+    }
+    fn describe(&self) -> String {
+        self.local_addr().map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, _) = self.accept().await?;
+        let peer = stream
+            .peer_cred()
+            .map(|c| format!("pid {} uid {}", c.pid().unwrap_or(0), c.uid()))
+            .unwrap_or_default();
+        Ok((stream, peer))
+    }
+    fn describe(&self) -> String {
+        self.local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .unwrap_or_default()
+    }
+}
+
 /// Serves `router` on `listener` until `stop` fires, then lets requests in flight finish
 /// (briefly). At most `max_connections` connections are served at once.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L: Accept>(
+    listener: L,
     router: Router,
     max_connections: usize,
     stop: CancellationToken,
@@ -29,7 +71,7 @@ pub async fn serve(
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept_one() => match accepted {
                 Ok(accepted) => accepted,
                 // Out of file descriptors or a connection reset before accept: keep serving.
                 Err(e) => {
@@ -41,7 +83,7 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             if !warned {
-                warn!(peer = %peer, "{max_connections} connections are open on {}: closing new ones until some end (listen.max_connections)", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+                warn!(peer = %peer, "{max_connections} connections are open on {}: closing new ones until some end (listen.max_connections)", listener.describe());
                 warned = true;
             }
             drop(stream);

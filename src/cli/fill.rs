@@ -429,9 +429,14 @@ async fn demo_api(
     cache_root: &std::path::Path,
     source_dir: &std::path::Path,
 ) -> Result<(), CommandError> {
+    let socket = cache_root
+        .parent()
+        .unwrap_or(cache_root)
+        .join("run/admin.sock");
     let toml = format!(
-        "cache_root = {:?}\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[cache]\nwarm_page_cache = \"off\"\n[[models]]\nname = \"gpt-oss-120b\"\nsource = \"file://{}\"\n",
+        "cache_root = {:?}\n[listen]\nread = \"127.0.0.1:0\"\nadmin = {:?}\n[cache]\nwarm_page_cache = \"off\"\n[[models]]\nname = \"gpt-oss-120b\"\nsource = \"file://{}\"\n",
         cache_root.display().to_string(),
+        socket.display().to_string(),
         source_dir.display()
     );
     let config = crate::config::agent::AgentConfig::from_toml(

@@ -178,8 +178,9 @@ pub struct WaitArgs {
     /// Watch the published link and ready marker under this cache root (no network needed).
     #[arg(long, value_name = "DIR")]
     pub cache_root: Option<PathBuf>,
-    /// Poll the agent's API at this URL, e.g. http://$(NODE_IP):8080.
-    #[arg(long, value_name = "URL")]
+    /// Poll the agent's API: a URL such as http://$(NODE_IP):8080 (its read listener), or the
+    /// path of its admin socket (/run/modelcache/admin.sock).
+    #[arg(long, value_name = "URL|SOCKET")]
     pub api: Option<String>,
     /// Give up after this long [default: 30m].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -200,12 +201,13 @@ pub struct WaitArgs {
 /// `modelcache status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The agent's API.
+    /// The agent's API: the path of its admin socket, or a URL such as http://NODE_IP:8080
+    /// (its read listener).
     #[arg(
         long,
         env = "MODELCACHE_API",
-        value_name = "URL",
-        default_value = "http://127.0.0.1:8081"
+        value_name = "SOCKET|URL",
+        default_value = crate::config::agent::DEFAULT_ADMIN_SOCKET
     )]
     pub api: String,
     /// Print the agent's JSON instead of a table.

@@ -28,7 +28,7 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
             "configuration OK: cache {}, read {}, admin {}, token {}, models: {}",
             config.cache_root.display(),
             config.read_addr,
-            config.admin_addr,
+            config.admin_socket.display(),
             if config.token.is_some() {
                 "set"
             } else {
@@ -60,17 +60,14 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
     let name = ModelName::new(&args.model).map_err(invalid)?;
     let timeout = args.timeout.unwrap_or(Duration::from_secs(1800));
     let interval = args.interval.unwrap_or(Duration::from_secs(2));
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
+    let api = args.api.as_deref().map(AgentApi::new).transpose()?;
     let started = Instant::now();
     let mut last_line = String::new();
     let mut last_sample: Option<(Instant, u64)> = None;
     loop {
-        let look = match (&args.cache_root, &args.api) {
+        let look = match (&args.cache_root, &api) {
             (Some(root), _) => look_at_cache(&Layout::new(root), &name, &mut last_sample),
-            (None, Some(api)) => look_at_api(&client, api, &name).await,
+            (None, Some(api)) => look_at_api(api, &name).await,
             (None, None) => return Err(invalid("give --cache-root or --api")),
         };
         match look {
@@ -169,10 +166,55 @@ fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, 
     })
 }
 
+/// The agent's API as a client reaches it: an `http://` URL or the admin socket's path.
+#[derive(Debug)]
+pub struct AgentApi {
+    client: reqwest::Client,
+    base: String,
+    /// As the user gave it, for messages.
+    shown: String,
+}
+
+impl AgentApi {
+    /// A client for `api`: a path (or `unix:PATH`) is the admin socket, anything else a URL.
+    pub fn new(api: &str) -> Result<Self, CommandError> {
+        let builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        let socket = api.strip_prefix("unix:").unwrap_or(api);
+        let (builder, base) = if socket.starts_with('/') {
+            // The host part of the URL is ignored on a socket; it only fills the Host header.
+            (builder.unix_socket(socket), "http://localhost".to_string())
+        } else if api.starts_with("http://") || api.starts_with("https://") {
+            (builder, api.trim_end_matches('/').to_string())
+        } else {
+            return Err(invalid(format!(
+                "--api {api}: expected the admin socket's path (e.g. {}) or a URL such as http://NODE_IP:8080",
+                crate::config::agent::DEFAULT_ADMIN_SOCKET
+            )));
+        };
+        Ok(Self {
+            client: builder
+                .build()
+                .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?,
+            base,
+            shown: api.to_string(),
+        })
+    }
+
+    /// `GET path` (which starts with `/`).
+    async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.client.get(format!("{}{path}", self.base)).send().await
+    }
+}
+
+impl std::fmt::Display for AgentApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
 /// Asks the agent.
-async fn look_at_api(client: &reqwest::Client, api: &str, name: &ModelName) -> Look {
-    let url = format!("{}/v1/models/{name}", api.trim_end_matches('/'));
-    let response = match client.get(&url).send().await {
+async fn look_at_api(api: &AgentApi, name: &ModelName) -> Look {
+    let response = match api.get(&format!("/v1/models/{name}")).await {
         Ok(r) => r,
         Err(e) => return Look::Waiting(format!("{name}: waiting for the agent at {api}: {e}")),
     };
@@ -207,22 +249,18 @@ async fn look_at_api(client: &reqwest::Client, api: &str, name: &ModelName) -> L
 
 /// `modelcache status`.
 pub async fn run_status(args: StatusArgs) -> Result<ExitCode, CommandError> {
-    let url = format!("{}/v1/models", args.api.trim_end_matches('/'));
-    let unavailable = |e: &dyn std::fmt::Display| {
+    let api = AgentApi::new(&args.api)?;
+    let unavailable = |e: &reqwest::Error| {
         CommandError::new(
             exit::SOURCE_UNAVAILABLE,
             format!(
-                "cannot reach the agent at {}: {e} (hint: --api or MODELCACHE_API)",
-                args.api
+                "cannot reach the agent at {}: {} (hint: the admin socket is root-only, so run this as root on the node or with `kubectl exec ds/modelcache -- modelcache status`; --api or MODELCACHE_API names another socket or the read listener's URL)",
+                args.api,
+                crate::fetch::error_chain(e)
             ),
         )
     };
-    let response = reqwest::Client::new()
-        .get(&url)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let response = api.get("/v1/models").await.map_err(|e| unavailable(&e))?;
     let models: Vec<serde_json::Value> = response.json().await.map_err(|e| unavailable(&e))?;
     if args.json {
         println!(

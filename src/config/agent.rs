@@ -223,8 +223,11 @@ fn default_read() -> String {
     "0.0.0.0:8080".into()
 }
 
+/// The admin socket's default path; its directory is made root-only by the agent.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/modelcache/admin.sock";
+
 fn default_admin() -> String {
-    "127.0.0.1:8081".into()
+    DEFAULT_ADMIN_SOCKET.into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -371,6 +374,64 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// Where the bearer token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `MODELCACHE_TOKEN`: fixed for the agent's life.
+    Fixed(Token),
+    /// `listen.token_file`: re-read when the file changes (Kubernetes rotates mounted secrets by
+    /// swapping a symlink).
+    File(PathBuf),
+}
+
+/// Reads a token file: its trimmed contents, which must not be empty.
+pub fn read_token_file(path: &Path) -> Result<Token, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(
+            InvalidValue::new("listen.token_file", path.display(), "the file is empty").into(),
+        );
+    }
+    Ok(Token(token.to_string()))
+}
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Validates `listen.admin`: an absolute socket path. An address is refused with the reason: a
+/// TCP port of an agent on the host network is open to every pod on the host network.
+fn admin_socket(raw: &str) -> Result<PathBuf, InvalidValue> {
+    if raw.parse::<SocketAddr>().is_ok() {
+        return Err(InvalidValue::new(
+            "listen.admin",
+            raw,
+            format!(
+                "expected a Unix socket path such as {DEFAULT_ADMIN_SOCKET}: the admin API is no longer served on TCP, where every pod on the host network could reach it (use listen.token_file to allow state-changing requests on listen.read)"
+            ),
+        ));
+    }
+    let path = PathBuf::from(raw);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(InvalidValue::new(
+            "listen.admin",
+            raw,
+            format!("expected an absolute socket path such as {DEFAULT_ADMIN_SOCKET}"),
+        ));
+    }
+    if raw.len() > SOCKET_PATH_MAX || raw.contains('\0') {
+        return Err(InvalidValue::new(
+            "listen.admin",
+            raw,
+            format!("a socket path holds at most {SOCKET_PATH_MAX} bytes and no NUL"),
+        ));
+    }
+    Ok(path)
+}
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -378,10 +439,11 @@ pub struct AgentConfig {
     pub cache_root: PathBuf,
     /// Address for read endpoints (may be the node address).
     pub read_addr: SocketAddr,
-    /// Address for every endpoint, state-changing included; always loopback.
-    pub admin_addr: SocketAddr,
+    /// Unix socket for every endpoint, state-changing included. Its directory is root-only, so
+    /// only the node's root (and the agent's container) can reach it.
+    pub admin_socket: PathBuf,
     /// Bearer token that also allows state-changing requests on the read address.
-    pub token: Option<Token>,
+    pub token: Option<TokenSource>,
     /// Connections served at once per listener.
     pub max_connections: usize,
     /// Download tuning.
@@ -478,32 +540,15 @@ impl AgentConfig {
             })
         };
         let read_addr = addr("listen.read", &file.listen.read)?;
-        let admin_addr = addr("listen.admin", &file.listen.admin)?;
-        if !admin_addr.ip().is_loopback() {
-            return Err(InvalidValue::new(
-                "listen.admin",
-                &file.listen.admin,
-                "expected a loopback address: anything that reaches state-changing endpoints can fill the disk and spend egress (use listen.token_file to allow them on listen.read)",
-            )
-            .into());
-        }
+        let admin_socket = admin_socket(&file.listen.admin)?;
         let token = match (&file.listen.token_file, env.modelcache("MODELCACHE_TOKEN")) {
-            (_, Some(t)) if !t.trim().is_empty() => Some(Token(t.trim().to_string())),
+            (_, Some(t)) if !t.trim().is_empty() => {
+                Some(TokenSource::Fixed(Token(t.trim().to_string())))
+            }
             (Some(path), _) => {
-                let t = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                let t = t.trim().to_string();
-                if t.is_empty() {
-                    return Err(InvalidValue::new(
-                        "listen.token_file",
-                        path.display(),
-                        "the file is empty",
-                    )
-                    .into());
-                }
-                Some(Token(t))
+                // Read once now so a missing or empty file fails at start, not at first use.
+                read_token_file(path)?;
+                Some(TokenSource::File(path.clone()))
             }
             _ => None,
         };
@@ -629,7 +674,7 @@ impl AgentConfig {
             disk,
             cache_root: file.cache_root,
             read_addr,
-            admin_addr,
+            admin_socket,
             token,
             max_connections: match file.listen.max_connections {
                 0 => {
@@ -804,7 +849,7 @@ mod tests {
         assert_eq!(c.fetch.concurrency, 64);
         assert_eq!(c.models.len(), 1);
         assert!(c.models[0].pin);
-        assert!(c.admin_addr.ip().is_loopback());
+        assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
     }
 
     #[test]
@@ -840,14 +885,20 @@ mod tests {
             err.contains("MODELCACHE_FETCH_CONCURRENCY") && err.contains("abc"),
             "{err}"
         );
-        let err =
-            AgentConfig::from_toml("[listen]\nadmin = \"0.0.0.0:8081\"\n", "f", &env(&[]), &[])
+        for (admin, why) in [
+            ("127.0.0.1:8081", "no longer served on TCP"),
+            ("run/admin.sock", "absolute"),
+            ("/", "absolute"),
+        ] {
+            let toml = format!("[listen]\nadmin = \"{admin}\"\n");
+            let err = AgentConfig::from_toml(&toml, "f", &env(&[]), &[])
                 .unwrap_err()
                 .to_string();
-        assert!(
-            err.contains("listen.admin") && err.contains("loopback"),
-            "{err}"
-        );
+            assert!(err.contains("listen.admin") && err.contains(why), "{err}");
+        }
+        let long = format!("[listen]\nadmin = \"/{}\"\n", "s".repeat(120));
+        let err = AgentConfig::from_toml(&long, "f", &env(&[]), &[]).unwrap_err();
+        assert!(err.to_string().contains("at most 107 bytes"), "{err}");
         let err = AgentConfig::from_toml("", "f", &env(&[]), &["nope=1".into()])
             .unwrap_err()
             .to_string();
@@ -898,6 +949,9 @@ mod tests {
         let c =
             AgentConfig::from_toml("", "f", &env(&[("MODELCACHE_TOKEN", "s3cret")]), &[]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
-        assert!(c.token.unwrap().matches("s3cret"));
+        assert_eq!(
+            c.token,
+            Some(TokenSource::Fixed(Token("s3cret".to_string())))
+        );
     }
 }

@@ -47,6 +47,8 @@ impl Agent {
         std::fs::write(&path, config).unwrap();
         let mut cmd = modelcache();
         with_emulator(&mut cmd, endpoint);
+        // Each agent's admin socket in its own directory (the default is the node's).
+        cmd.env("MODELCACHE_LISTEN_ADMIN", dir.join("run/admin.sock"));
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -63,13 +65,12 @@ impl Agent {
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("agent listening on ").nth(1) {
-                    let addrs: Vec<String> = rest
-                        .split_whitespace()
-                        .filter(|w| w.starts_with("127.0.0.1:"))
-                        .map(str::to_string)
-                        .collect();
-                    let _ = tx.send(addrs);
+                // "agent listening on ADDR (read) and PATH (admin), cache DIR"
+                if let Some(rest) = line.split("agent listening on ").nth(1)
+                    && let Some((read, rest)) = rest.split_once(" (read) and ")
+                    && let Some((admin, _)) = rest.split_once(" (admin)")
+                {
+                    let _ = tx.send(vec![read.to_string(), admin.to_string()]);
                 }
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
@@ -157,12 +158,14 @@ pub(crate) fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let mut stream = connect(addr);
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        if addr.starts_with('/') {
+            "localhost"
+        } else {
+            addr
+        },
         body.len()
     );
     if !body.is_empty() {
@@ -194,6 +197,26 @@ pub(crate) fn http(
     (status, body)
 }
 
+/// A connection to a listener: a TCP address, or a Unix socket's path.
+pub(crate) trait Connection: Read + Write {}
+impl<T: Read + Write> Connection for T {}
+
+pub(crate) fn connect(addr: &str) -> Box<dyn Connection> {
+    if addr.starts_with('/') {
+        let stream = std::os::unix::net::UnixStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        Box::new(stream)
+    } else {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        Box::new(stream)
+    }
+}
+
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
@@ -208,7 +231,8 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-/// The agent's configuration for a test: loopback listeners on free ports, small ranges, and,
+/// The agent's configuration for a test: a read listener on a free loopback port (the admin
+/// socket is set by [`Agent::start`]), small ranges, and,
 /// unless `extra` sets its own `[api]`, requests allowed to name any `file://` or `az://`
 /// source (the tests of other things POST sources of their own).
 fn config(cache: &Path, models: &str, extra: &str) -> String {
@@ -218,7 +242,7 @@ fn config(cache: &Path, models: &str, extra: &str) -> String {
         "\n[api]\nallowed_sources = [\"file:///\", \"az://\"]\n"
     };
     format!(
-        "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[fetch]\nchunk_size = \"64KiB\"\nconcurrency = 4\nfailed_retry_delay = \"1s\"\n[cache]\nwarm_page_cache = \"off\"\n{extra}\n{models}{api}",
+        "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\n[fetch]\nchunk_size = \"64KiB\"\nconcurrency = 4\nfailed_retry_delay = \"1s\"\n[cache]\nwarm_page_cache = \"off\"\n{extra}\n{models}{api}",
         cache.display()
     )
 }
@@ -770,7 +794,7 @@ fn models_published_before_the_agent_started_are_listed_ready_and_unpinned() {
 
     // `modelcache status` reads the same thing as a table.
     let mut status = modelcache();
-    status.args(["status", "--api", &format!("http://{}", agent.admin)]);
+    status.args(["status", "--api", &agent.admin]);
     let out = run(&mut status, Duration::from_secs(30));
     assert!(out.status.success(), "{}", stderr(&out));
     let table = stdout(&out);
@@ -1309,4 +1333,99 @@ fn slow_clients_and_connection_floods_are_cut_off() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The admin API is a Unix socket in an owner-only directory: root (and `modelcache status`)
+/// reach it, another user cannot, and it is gone when the agent stops. The read listener's
+/// token file is re-read when Kubernetes rotates the secret (a symlink swap), and a token file
+/// that disappears refuses state-changing requests instead of allowing them.
+#[test]
+fn the_admin_api_is_a_root_only_socket_and_a_rotated_token_takes_effect() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        skip_or_fail("the admin socket test needs root (to try the socket as another user)");
+        return;
+    }
+    let model = small_model(20_000, 3);
+    let dir = tempfile::tempdir().unwrap();
+    // The layout of a mounted Secret: token -> ..data/token, ..data -> ..TIMESTAMP/.
+    let secret = dir.path().join("secret");
+    let rotate = |n: u32, token: &str| {
+        let version = secret.join(format!("..v{n}"));
+        std::fs::create_dir_all(&version).unwrap();
+        std::fs::write(version.join("token"), format!("{token}\n")).unwrap();
+        let tmp = secret.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..v{n}"), &tmp).unwrap();
+        std::fs::rename(&tmp, secret.join("..data")).unwrap();
+    };
+    rotate(1, "first-token");
+    std::os::unix::fs::symlink("..data/token", secret.join("token")).unwrap();
+    let extra = format!(
+        "[api]\nallowed_sources = [\"file://{}\"]\n",
+        model.path().display()
+    );
+    let mut config = config(&dir.path().join("cache"), "", &extra);
+    config = config.replace(
+        "[listen]\n",
+        &format!(
+            "[listen]\ntoken_file = \"{}\"\n",
+            secret.join("token").display()
+        ),
+    );
+    let mut agent = Agent::start(dir.path(), &config, "http://127.0.0.1:9", &[]);
+
+    let socket = PathBuf::from(&agent.admin);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+    let (status, _) = http(&agent.admin, "GET", "/v1/models", &[], "");
+    assert_eq!(status, 200, "root reaches the socket");
+    // Another user is refused by the kernel before any byte is read. (A copy of the binary in
+    // a directory that user may enter: the build tree may be private.)
+    let public = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(public.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = public.path().join("modelcache");
+    std::fs::copy(bin(), &copy).unwrap();
+    let mut as_nobody = std::process::Command::new("setpriv");
+    as_nobody
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&copy)
+        .args(["status", "--api", &agent.admin]);
+    let out = run(&mut as_nobody, Duration::from_secs(30));
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("Permission denied") && stderr(&out).contains("root-only"),
+        "{}",
+        stderr(&out)
+    );
+
+    let body = body_with_source(&format!("file://{}", model.path().display()));
+    let post = |token: &str| {
+        let auth = format!("Bearer {token}");
+        http(
+            &agent.read,
+            "POST",
+            "/v1/models/m/prefetch",
+            &[("Authorization", auth.as_str())],
+            &body,
+        )
+    };
+    assert_eq!(post("first-token").0, 202);
+    rotate(2, "second-token");
+    let (status, text) = post("first-token");
+    assert_eq!(status, 401, "the old token stops working: {text}");
+    let (status, text) = post("second-token");
+    assert_eq!(status, 202, "the new one works at once: {text}");
+    std::fs::remove_file(secret.join("token")).unwrap();
+    let (status, text) = post("second-token");
+    assert_eq!(status, 503, "a missing token file refuses: {text}");
+    assert!(text.contains("listen.token_file"), "{text}");
+    assert!(
+        !agent.log().contains("second-token"),
+        "the token is never logged"
+    );
+
+    let (_, status) = agent.terminate();
+    assert!(status.success());
+    assert!(!socket.exists(), "the socket is removed at exit");
 }

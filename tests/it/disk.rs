@@ -423,7 +423,7 @@ fn the_agent_sets_up_its_disk_at_start_and_reports_it() {
     let endpoint = "http://127.0.0.1:9"; // no source is contacted: no model is configured
     let config = |target: &Path, device: &LoopDevice| {
         format!(
-            "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[disk]\nenabled = true\ndevices = [\"{}\"]\n[[models]]\nname = \"m\"\nsource = \"az://c/m\"\n",
+            "cache_root = \"{}\"\n[listen]\nread = \"127.0.0.1:0\"\n[disk]\nenabled = true\ndevices = [\"{}\"]\n[[models]]\nname = \"m\"\nsource = \"az://c/m\"\n",
             target.display(),
             device.path.display()
         )

@@ -115,7 +115,6 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
         &[
             ("MODELCACHE_CACHE_ROOT", hostpath.path().to_str().unwrap()),
             ("MODELCACHE_LISTEN_READ", "127.0.0.1:0"),
-            ("MODELCACHE_LISTEN_ADMIN", "127.0.0.1:0"),
             ("MODELCACHE_DISK_DEVICES", &nvme_path),
         ],
     );
