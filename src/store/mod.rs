@@ -161,11 +161,19 @@ impl Layout {
         self.staging_dir(name).join("journal.jsonl")
     }
 
-    /// Creates `models/`, `store/`, `staging/` and `locks/`.
+    /// Creates `models/` and `store/` (readable by the pods that mount the cache), `staging/`
+    /// and `locks/` (the writer's own: half-fetched bytes are nobody else's business), and sets
+    /// those modes whatever the umask.
     pub fn ensure(&self) -> Result<(), StoreError> {
-        for dir in ["models", "store", "staging", "locks"] {
+        for (dir, mode) in [
+            ("models", PUBLISHED_DIR_MODE),
+            ("store", PUBLISHED_DIR_MODE),
+            ("staging", PRIVATE_DIR_MODE),
+            ("locks", PRIVATE_DIR_MODE),
+        ] {
             let p = self.root.join(dir);
             std::fs::create_dir_all(&p).map_err(StoreError::io("create", &p))?;
+            set_mode(&p, mode)?;
         }
         Ok(())
     }
@@ -355,6 +363,7 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
     let name = staged.name;
     let model_store = layout.root().join("store").join(name.as_str());
     std::fs::create_dir_all(&model_store).map_err(StoreError::io("create", &model_store))?;
+    set_mode(&model_store, PUBLISHED_DIR_MODE)?;
 
     if let Some((intact, _)) = layout.intact_revision(name, staged.revision) {
         link_revision(layout, name, &intact)?;
@@ -390,12 +399,24 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
             File::create(&from).map_err(StoreError::io("create", &from))?;
         }
         let handle = File::open(&from).map_err(StoreError::io("open", &from))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            handle
+                .set_permissions(std::fs::Permissions::from_mode(PUBLISHED_FILE_MODE))
+                .map_err(StoreError::io("chmod", &from))?;
+        }
         handle.sync_all().map_err(StoreError::io("fsync", &from))?;
         file.mtime_ns = handle.metadata().ok().as_ref().and_then(mtime_ns);
         drop(handle);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
-            dirs.push(parent.to_path_buf());
+            // Every directory created on the way gets the published mode and an fsync.
+            dirs.extend(
+                parent
+                    .ancestors()
+                    .take_while(|d| d.starts_with(&tmp) && *d != tmp.as_path())
+                    .map(Path::to_path_buf),
+            );
         }
         std::fs::rename(&from, &to).map_err(StoreError::io("rename", &from))?;
     }
@@ -413,6 +434,7 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
     dirs.sort();
     dirs.dedup();
     for dir in dirs.iter().rev() {
+        set_mode(dir, PUBLISHED_DIR_MODE)?;
         fsync_dir(dir)?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(StoreError::io("rename", &tmp))?;
@@ -452,10 +474,32 @@ pub fn link_revision(layout: &Layout, name: &ModelName, revision: &str) -> Resul
     fsync_dir(&models)
 }
 
-/// Writes a small file and fsyncs it, checking the close.
+/// The mode of every published file: readable by the pods that mount the cache, writable by
+/// none of them, executable by nobody (whatever the source's modes or the agent's umask).
+pub const PUBLISHED_FILE_MODE: u32 = 0o644;
+/// The mode of every published directory (and `models/`, `store/`).
+pub const PUBLISHED_DIR_MODE: u32 = 0o755;
+/// The mode of `staging/` and `locks/`.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Sets `path`'s permission bits to `mode` when they differ.
+fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let current = std::fs::metadata(path).map_err(StoreError::io("stat", path))?;
+    if current.permissions().mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(StoreError::io("chmod", path))?;
+    }
+    Ok(())
+}
+
+/// Writes a small file with the published mode and fsyncs it, checking the close.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt as _;
     let mut f = File::create(path).map_err(StoreError::io("create", path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(PUBLISHED_FILE_MODE))
+        .map_err(StoreError::io("chmod", path))?;
     f.write_all(bytes).map_err(StoreError::io("write", path))?;
     f.sync_all().map_err(StoreError::io("fsync", path))
 }

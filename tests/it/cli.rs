@@ -377,3 +377,64 @@ fn inconsistent_index_metadata_is_published_with_warnings_a_missing_shard_is_ref
     assert!(stderr(&out).contains("model-00099-of-00099.safetensors"));
     assert!(!fresh.path().join("models/gpt-oss-120b").exists());
 }
+
+/// Whatever the source's modes and the writer's umask, a published model gives nothing away:
+/// files 0644 (nothing writable or executable by the pods that mount the cache), directories
+/// 0755, and the half-fetched bytes in staging/ and the locks stay owner-only. Nothing outside
+/// the selection is written.
+#[test]
+fn published_files_keep_modes_that_give_nothing_away_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let source = small_model(20_000, 7);
+    for entry in walk_all(source.path()) {
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let inner = prefetch_cmd(
+        None,
+        &format!("file://{}", source.path().display()),
+        cache.path(),
+        &[],
+    );
+    // The shell sets the most permissive umask, then becomes the prefetch.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "umask 000 && exec \"$0\" \"$@\""])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    let out = run(&mut cmd, Duration::from_secs(120));
+    summary(&out);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let model = cache.path().join("models/gpt-oss-120b");
+    let published = walk_all(&model.canonicalize().unwrap());
+    assert!(published.len() > 15, "{published:?}");
+    for path in &published {
+        let expected = if path.is_dir() { 0o755 } else { 0o644 };
+        assert_eq!(mode(path), expected, "{}", path.display());
+    }
+    for dir in ["models", "store", "store/gpt-oss-120b"] {
+        assert_eq!(mode(&cache.path().join(dir)), 0o755, "{dir}");
+    }
+    for dir in ["staging", "locks"] {
+        assert_eq!(mode(&cache.path().join(dir)), 0o700, "{dir}");
+    }
+    // Only the selection (original/ and metal/ are not) and the cache's own records.
+    for file in files_under(&model) {
+        assert!(
+            !file.starts_with("original/") && !file.starts_with("metal/"),
+            "{file} is outside the selection"
+        );
+    }
+}
+
+/// Every file and directory under `dir` (not `dir` itself).
+fn walk_all(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk_all(&path));
+        }
+        out.push(path);
+    }
+    out
+}
