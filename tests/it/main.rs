@@ -11,6 +11,7 @@ mod faults;
 mod image;
 mod nodeboot;
 mod podns;
+mod properties;
 mod proxy;
 mod resume;
 mod space;
