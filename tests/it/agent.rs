@@ -649,6 +649,7 @@ fn eviction_removes_the_least_recently_used_unpinned_model_and_never_a_pinned_on
     let pinned = rt.block_on(azure_model(az, 200_000, true));
     let a = rt.block_on(azure_model(az, 200_000, true));
     let b = rt.block_on(azure_model(az, 200_000, true));
+    let c = rt.block_on(azure_model(az, 200_000, true));
     let big = rt.block_on(azure_model(az, 1 << 20, true));
     let size: u64 = files_under(pinned.source.path())
         .iter()
@@ -659,7 +660,8 @@ fn eviction_removes_the_least_recently_used_unpinned_model_and_never_a_pinned_on
                 .len()
         })
         .sum();
-    let budget = size * 5 / 2 + (1 << 20);
+    // Room for three models, not four.
+    let budget = size * 7 / 2 + (1 << 20);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let agent = Agent::start(
@@ -684,10 +686,26 @@ fn eviction_removes_the_least_recently_used_unpinned_model_and_never_a_pinned_on
         assert_eq!(status, 202, "{text}");
         agent.until_ready(name);
     }
-    // Making room for b evicted a (least recently used, unpinned), never the pinned model.
+    // Anyone on the node may poll readiness; that is not a use, so it cannot keep a model.
+    for _ in 0..3 {
+        let (status, _) = http(&agent.read, "GET", "/v1/models/a/ready", &[], "");
+        assert_eq!(status, 200);
+    }
+    let (status, text) = http(
+        &agent.admin,
+        "POST",
+        "/v1/models/c/prefetch",
+        &[],
+        &body_with_source(&c.url()),
+    );
+    assert_eq!(status, 202, "{text}");
+    agent.until_ready("c");
+    // Making room for c evicted a (least recently used, unpinned), never the pinned model.
     assert!(!cache.join("models/a").exists(), "a was evicted");
     assert!(!cache.join("store/a").exists());
-    assert!(cache.join("models/pinned").exists() && cache.join("models/b").exists());
+    for kept in ["pinned", "b", "c"] {
+        assert!(cache.join("models").join(kept).exists(), "{kept} was kept");
+    }
     let (status, _) = http(&agent.admin, "GET", "/v1/models/a", &[], "");
     assert_eq!(status, 404);
 
@@ -1197,7 +1215,7 @@ fn requests_cannot_copy_host_paths_or_repoint_a_configured_model() {
             &extra,
         ),
         "http://127.0.0.1:9",
-        &[],
+        &[("MODELCACHE_TOKEN", "t0ken")],
     );
     agent.until_ready("m");
     for source in [
@@ -1215,6 +1233,15 @@ fn requests_cannot_copy_host_paths_or_repoint_a_configured_model() {
         );
         assert_eq!(status, 403, "{source}: {body}");
         assert!(body.contains("\"code\":\"forbidden\""), "{body}");
+        // The same on the read listener with the token: a token is not a licence to read files.
+        let (status, body) = http(
+            &agent.read,
+            "POST",
+            "/v1/models/x/prefetch",
+            &[("Authorization", "Bearer t0ken")],
+            &body_with_source(&source),
+        );
+        assert_eq!(status, 403, "{source} on the read listener: {body}");
     }
     let (_, body) = http(
         &agent.admin,
