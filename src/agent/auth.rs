@@ -23,8 +23,9 @@ struct Stamp {
 #[derive(Debug)]
 pub struct Bearer {
     source: TokenSource,
-    /// The file's last-seen version and the token it held (`None`: unreadable or empty).
-    cached: Mutex<Option<(Stamp, Option<Token>)>>,
+    /// The file's last-seen version (`None`: missing) and the token it held (`None`:
+    /// unreadable or empty).
+    cached: Mutex<Option<(Option<Stamp>, Option<Token>)>>,
 }
 
 /// Why no request can be authorised right now.
@@ -46,20 +47,14 @@ impl Bearer {
         match &self.source {
             TokenSource::Fixed(token) => Ok(token.matches(presented)),
             TokenSource::File(path) => {
-                let unavailable = || TokenUnavailable(path.display().to_string());
+                // `None`: the file is gone; cached like any other version, so a client that
+                // keeps presenting a token while it is missing does not flood the log.
                 let stamp = std::fs::metadata(path).ok().map(|m| Stamp {
                     dev: m.dev(),
                     ino: m.ino(),
                     mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
                     len: m.len(),
                 });
-                let Some(stamp) = stamp else {
-                    warn!(
-                        "the token file {} is gone: refusing state-changing requests on listen.read until it is back",
-                        path.display()
-                    );
-                    return Err(unavailable());
-                };
                 let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
                 let token = match cached.as_ref() {
                     Some((seen, token)) if *seen == stamp => token.clone(),
@@ -83,7 +78,9 @@ impl Bearer {
                         token
                     }
                 };
-                token.map(|t| t.matches(presented)).ok_or_else(unavailable)
+                token
+                    .map(|t| t.matches(presented))
+                    .ok_or_else(|| TokenUnavailable(path.display().to_string()))
             }
         }
     }

@@ -675,7 +675,7 @@ fn eviction_removes_the_least_recently_used_unpinned_model_and_never_a_pinned_on
         &[],
     );
     agent.until_ready("pinned");
-    for (name, m) in [("a", &a), ("b", &b)] {
+    let fetch = |name: &str, m: &AzureModel| {
         let (status, text) = http(
             &agent.admin,
             "POST",
@@ -685,21 +685,15 @@ fn eviction_removes_the_least_recently_used_unpinned_model_and_never_a_pinned_on
         );
         assert_eq!(status, 202, "{text}");
         agent.until_ready(name);
-    }
+    };
+    fetch("a", &a);
+    fetch("b", &b);
     // Anyone on the node may poll readiness; that is not a use, so it cannot keep a model.
     for _ in 0..3 {
         let (status, _) = http(&agent.read, "GET", "/v1/models/a/ready", &[], "");
         assert_eq!(status, 200);
     }
-    let (status, text) = http(
-        &agent.admin,
-        "POST",
-        "/v1/models/c/prefetch",
-        &[],
-        &body_with_source(&c.url()),
-    );
-    assert_eq!(status, 202, "{text}");
-    agent.until_ready("c");
+    fetch("c", &c);
     // Making room for c evicted a (least recently used, unpinned), never the pinned model.
     assert!(!cache.join("models/a").exists(), "a was evicted");
     assert!(!cache.join("store/a").exists());
