@@ -39,15 +39,30 @@ fn resource_use() -> ResourceUse {
             };
             ResourceUse {
                 cpu_seconds: secs(u.user_time()) + secs(u.system_time()),
-                // Linux reports ru_maxrss in KiB.
-                peak_rss_bytes: u64::try_from(u.max_rss()).unwrap_or(0) * 1024,
+                // ru_maxrss (KiB on Linux) only where /proc is missing: it starts from the size
+                // of the process that spawned this one, not from this program's own use.
+                peak_rss_bytes: peak_rss_from_proc()
+                    .unwrap_or_else(|| u64::try_from(u.max_rss()).unwrap_or(0) * 1024),
             }
         }
         Err(_) => ResourceUse {
             cpu_seconds: 0.0,
-            peak_rss_bytes: 0,
+            peak_rss_bytes: peak_rss_from_proc().unwrap_or(0),
         },
     }
+}
+
+/// `VmHWM` of `/proc/self/status`: the peak resident size of this program's own memory.
+fn peak_rss_from_proc() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+/// The `VmHWM:` line's value (in kB) as bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[derive(Serialize)]
@@ -483,4 +498,18 @@ async fn demo_api(
     stop.cancel();
     let _ = server.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peak_rss_comes_from_vm_hwm() {
+        let status =
+            "Name:\tmodelcache\nVmPeak:\t  900000 kB\nVmHWM:\t   40960 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(40 << 20));
+        assert_eq!(parse_vm_hwm("VmHWM: lots\n"), None);
+        assert_eq!(parse_vm_hwm(""), None);
+    }
 }

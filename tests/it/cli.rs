@@ -438,3 +438,20 @@ fn walk_all(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `peak_rss_bytes` is the prefetch's own peak: spawned from a process that has touched 400 MiB
+/// (as a benchmark harness or an init script might), a small prefetch reports far less. The
+/// kernel's `ru_maxrss` carries the spawning process's size over into the child.
+#[test]
+fn the_reported_peak_rss_is_the_prefetchs_own_not_its_parents() {
+    let ballast = vec![1u8; 400 << 20];
+    let source = small_model(20_000, 9);
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_file(source.path(), cache.path(), &[]);
+    std::hint::black_box(&ballast);
+    let rss = summary(&out)["peak_rss_bytes"].as_u64().unwrap();
+    assert!(
+        rss > (1 << 20) && rss < (200 << 20),
+        "peak_rss_bytes {rss} is not the prefetch's own"
+    );
+}
