@@ -33,6 +33,9 @@ pub const MAX_CHUNK_SIZE: u64 = GIB;
 /// Globs excluded by default: each is another model-sized download that vLLM never reads.
 pub const DEFAULT_EXCLUDES: &[&str] = &["original/**", "metal/**"];
 
+/// The most a `Retry-After` wait is lengthened by, as a fraction of it.
+const RETRY_AFTER_JITTER: f64 = 0.5;
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
@@ -142,11 +145,13 @@ impl Default for FetchOptions {
 }
 
 impl FetchOptions {
-    /// The delay before retry `attempt` (1-based): the server's `Retry-After` when it sent one,
-    /// otherwise exponential backoff with full jitter, capped at `backoff_max`.
+    /// The delay before retry `attempt` (1-based): the server's `Retry-After` when it sent one
+    /// (plus up to half again, so throttled ranges do not return together), otherwise exponential backoff with full jitter, capped at `backoff_max`.
     pub fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         if let Some(d) = retry_after {
-            return d;
+            // Never sooner than the server asked, but spread over up to half as long again:
+            // ranges throttled by one answer must not all come back in the same instant.
+            return d + d.mul_f64(fastrand::f64() * RETRY_AFTER_JITTER);
         }
         self.backoff_base
             .saturating_mul(1u32 << attempt.clamp(1, 17).saturating_sub(1))
@@ -331,9 +336,18 @@ mod tests {
     #[test]
     fn backoff_honours_retry_after_and_stays_under_the_cap() {
         let o = FetchOptions::default();
-        assert_eq!(
-            o.backoff(3, Some(Duration::from_secs(7))),
-            Duration::from_secs(7)
+        let asked = Duration::from_secs(7);
+        let waits: Vec<Duration> = (0..200).map(|_| o.backoff(3, Some(asked))).collect();
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w >= asked && *w <= asked.mul_f64(1.5)),
+            "{waits:?}"
+        );
+        let spread = *waits.iter().max().unwrap() - *waits.iter().min().unwrap();
+        assert!(
+            spread > Duration::from_secs(1),
+            "retries after one Retry-After must spread out: {waits:?}"
         );
         for attempt in [1, 2, 10, 40] {
             assert!(o.backoff(attempt, None) <= o.backoff_max);
