@@ -16,6 +16,9 @@
 #[path = "../tests/it/support.rs"]
 mod support;
 
+mod blobserver;
+mod peers;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -27,12 +30,7 @@ use object_store::{GetOptions, GetRange, ObjectStore};
 
 const REPS: usize = 3;
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Figure {
-    gb_per_s: f64,
-    cpu_s_per_gb: f64,
-    peak_rss_mib: f64,
-}
+use peers::Figure;
 
 fn median(mut v: Vec<Figure>) -> Figure {
     v.sort_by(|a, b| a.gb_per_s.total_cmp(&b.gb_per_s));
@@ -386,12 +384,327 @@ fn bench_azurite(shard_mb: usize) {
     }
 }
 
+/// A loop device with an XFS filesystem on a file in RAM, mounted at a fresh directory: the
+/// kernel's real filesystem and block paths without this machine's slow disk. Root only.
+struct LoopXfs {
+    mount: tempfile::TempDir,
+    device: String,
+    _backing: tempfile::TempDir,
+}
+
+impl LoopXfs {
+    fn new(size: u64) -> Result<Self, String> {
+        let run = |cmd: &mut std::process::Command| -> Result<String, String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return Err("needs root (losetup, mkfs.xfs, mount)".into());
+        }
+        let backing = tempfile::tempdir_in("/dev/shm").map_err(|e| e.to_string())?;
+        let image = backing.path().join("xfs.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| e.to_string())?;
+        let device = run(std::process::Command::new("losetup")
+            .args(["--direct-io=on", "--find", "--show"])
+            .arg(&image))
+        .or_else(|_| {
+            run(std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image))
+        })?;
+        let made = run(std::process::Command::new("mkfs.xfs").args(["-q", "-f", &device]));
+        let mount = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mounted = made.and_then(|_| {
+            run(std::process::Command::new("mount")
+                .arg(&device)
+                .arg(mount.path()))
+        });
+        if let Err(e) = mounted {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &device])
+                .status();
+            return Err(e);
+        }
+        Ok(Self {
+            mount,
+            device,
+            _backing: backing,
+        })
+    }
+}
+
+impl Drop for LoopXfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.mount.path())
+            .status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.device])
+            .status();
+    }
+}
+
+/// Every client against the fast loopback Blob server, to tmpfs and to XFS on a loop device.
+fn bench_loopback(shard_mb: usize) {
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let model = base.path().join("root/bench/m");
+    generate(&model, shard_mb, 3);
+    // Only what vLLM loads, so that every client fetches the same bytes.
+    for extra in ["original", "metal"] {
+        let _ = std::fs::remove_dir_all(model.join(extra));
+    }
+    let mut manifest = support::modelcache();
+    manifest
+        .args(["manifest", "--upload"])
+        .arg(format!("--source=file://{}", model.display()));
+    let out = support::run(&mut manifest, Duration::from_secs(600));
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    let files = peers::files(&model);
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let list = base.path().join("list.txt");
+    std::fs::write(
+        &list,
+        files
+            .iter()
+            .map(|(n, s)| format!("m/{n} {s}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+
+    let mut server = ChildGuard(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--serve-blob")
+            .arg(base.path().join("root"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let port: u16 = first.trim().trim_start_matches("port ").parse().unwrap();
+    let host = format!("http://127.0.0.1:{port}");
+    let account_url = format!("{host}/{}", support::ACCOUNT);
+
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools");
+    let python = peers::sdk_python(&tools);
+    let rclone = peers::rclone();
+    let sdk_script = base.path().join("sdk_download.py");
+    std::fs::write(&sdk_script, peers::SDK_SCRIPT).unwrap();
+    let bench_exe = std::env::current_exe().unwrap();
+
+    type Client<'a> = (
+        &'static str,
+        Box<dyn Fn(&Path) -> Option<std::process::Command> + 'a>,
+    );
+    let modelcache = |extra: &'static [&'static str]| {
+        let host = host.clone();
+        Box::new(move |dest: &Path| {
+            let mut cmd = support::modelcache();
+            support::with_emulator(&mut cmd, &host);
+            cmd.env("MODELCACHE_LOG", "warn")
+                .args([
+                    "prefetch",
+                    "--json",
+                    "--model",
+                    "bench",
+                    "--source",
+                    "az://bench/m",
+                ])
+                .arg("--cache-root")
+                .arg(dest)
+                .args(extra);
+            Some(cmd)
+        }) as Box<dyn Fn(&Path) -> Option<std::process::Command>>
+    };
+    let plain = |write: bool| {
+        let (exe, list, url) = (
+            bench_exe.clone(),
+            list.clone(),
+            format!("{account_url}/bench"),
+        );
+        Box::new(move |dest: &Path| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--plain-get").arg(&url).arg(&list).arg(if write {
+                dest.as_os_str()
+            } else {
+                "-".as_ref()
+            });
+            cmd.args([PLAIN_CONCURRENCY.to_string(), PLAIN_CHUNK.to_string()]);
+            Some(cmd)
+        }) as Box<dyn Fn(&Path) -> Option<std::process::Command>>
+    };
+    let clients: Vec<Client> = vec![
+        (
+            "modelcache defaults (c64, 64 MiB), BLAKE3 verified",
+            modelcache(&[]),
+        ),
+        (
+            "modelcache `--concurrency 8`, BLAKE3 verified",
+            modelcache(&["--concurrency", "8"]),
+        ),
+        (
+            "Python azure-storage-blob `download_blob(max_concurrency=8)` (no hashing)",
+            Box::new(|dest: &Path| {
+                let mut cmd = std::process::Command::new(python.as_ref()?);
+                cmd.arg(&sdk_script)
+                    .arg(&account_url)
+                    .arg(support::KEY)
+                    .args(["bench", "m/"])
+                    .arg(dest)
+                    .arg("8");
+                Some(cmd)
+            }),
+        ),
+        (
+            "rclone azureblob, 4 streams, cutoff 32M (no hashing)",
+            Box::new(|dest: &Path| {
+                let mut cmd = std::process::Command::new(rclone.as_ref()?);
+                // rclone 1.60 builds `https://{account}.{endpoint}` from an endpoint; a
+                // container SAS URL is taken as it is (the server does not check signatures).
+                cmd.args(["copy", "--config", "/dev/null", ":azureblob:bench/m"])
+                    .arg(dest)
+                    .arg("--azureblob-sas-url")
+                    .arg(format!(
+                        "{account_url}/bench?sv=2021-08-06&sr=c&sp=rl&sig=bench"
+                    ))
+                    .args([
+                        "--multi-thread-streams",
+                        "4",
+                        "--multi-thread-cutoff",
+                        "32M",
+                        "--ignore-checksum",
+                    ]);
+                Some(cmd)
+            }),
+        ),
+        (
+            "plain parallel ranged GETs + pwrite, no hash (c8, 64 MiB)",
+            plain(true),
+        ),
+        (
+            "plain parallel ranged GETs, bodies discarded (c8, 64 MiB)",
+            plain(false),
+        ),
+    ];
+
+    let xfs = LoopXfs::new(total * 3 + (1 << 30));
+    let tmpfs = base.path().join("dest");
+    std::fs::create_dir_all(&tmpfs).unwrap();
+    let mut dests: Vec<(String, PathBuf)> = vec![("tmpfs".into(), tmpfs)];
+    match &xfs {
+        Ok(x) => dests.push((
+            "XFS on a loop device (backed by RAM)".into(),
+            x.mount.path().to_path_buf(),
+        )),
+        Err(e) => println!("\n(XFS destination skipped: {e})"),
+    }
+    for (name, root) in &dests {
+        println!(
+            "\n### Loopback Blob endpoint, {:.2} GB ({} files), destination {name} (median of {REPS} interleaved rounds)\n",
+            total as f64 / 1e9,
+            files.len()
+        );
+        let mut figures: Vec<Vec<Figure>> = vec![Vec::new(); clients.len()];
+        for _ in 0..REPS {
+            for (i, (label, make)) in clients.iter().enumerate() {
+                let dest = root.join("run");
+                let _ = std::fs::remove_dir_all(&dest);
+                std::fs::create_dir_all(&dest).unwrap();
+                if let Some(mut cmd) = make(&dest) {
+                    figures[i].push(peers::measure(label, &mut cmd, &dest, total));
+                }
+                let _ = std::fs::remove_dir_all(&dest);
+            }
+        }
+        let medians: Vec<Option<Figure>> = figures
+            .into_iter()
+            .map(|f| (!f.is_empty()).then(|| median(f)))
+            .collect();
+        let plain_write = medians[4];
+        println!("| client | GB/s | CPU s/GB | peak RSS MiB | GB/s vs plain GET + pwrite |");
+        println!("|---|---|---|---|---|");
+        for ((label, _), m) in clients.iter().zip(&medians) {
+            match (m, plain_write) {
+                (Some(f), Some(p)) => println!(
+                    "| {label} | {:.2} | {:.2} | {:.0} | {:.2}× |",
+                    f.gb_per_s,
+                    f.cpu_s_per_gb,
+                    f.peak_rss_mib,
+                    f.gb_per_s / p.gb_per_s
+                ),
+                (Some(f), None) => println!(
+                    "| {label} | {:.2} | {:.2} | {:.0} | - |",
+                    f.gb_per_s, f.cpu_s_per_gb, f.peak_rss_mib
+                ),
+                (None, _) => println!("| {label} | not run: client not installed | | | |"),
+            }
+        }
+        let ratio = |a: usize, b: usize| match (medians[a], medians[b]) {
+            (Some(x), Some(y)) => format!("{:.2}×", x.gb_per_s / y.gb_per_s),
+            _ => "-".into(),
+        };
+        println!(
+            "\nmodelcache defaults vs: plain GET + pwrite {}, Python SDK {}, rclone {}",
+            ratio(0, 4),
+            ratio(0, 2),
+            ratio(0, 3)
+        );
+    }
+}
+
+/// Kills the child when dropped, also when the benchmark panics.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The plain client's fixed shape.
+const PLAIN_CONCURRENCY: usize = 8;
+const PLAIN_CHUNK: u64 = 64 << 20;
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Helper processes the loopback section starts (so their CPU and memory are their own).
+    if let Some(i) = args.iter().position(|a| a == "--serve-blob") {
+        blobserver::serve(PathBuf::from(&args[i + 1]));
+    }
+    if let Some(i) = args.iter().position(|a| a == "--plain-get") {
+        let dest = (args[i + 3] != "-").then(|| PathBuf::from(&args[i + 3]));
+        peers::plain_get(
+            &args[i + 1],
+            Path::new(&args[i + 2]),
+            dest.as_deref(),
+            args[i + 4].parse().unwrap(),
+            args[i + 5].parse().unwrap(),
+        );
+        return;
+    }
     // `cargo bench` passes --bench; `cargo test --benches` would pass nothing: do no work then.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         return;
     }
     machine();
-    bench_file(env_usize("MODELCACHE_BENCH_SHARD_MB", 64));
-    bench_azurite(env_usize("MODELCACHE_BENCH_AZURITE_SHARD_MB", 8));
+    let only = std::env::var("MODELCACHE_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "loopback" {
+        bench_loopback(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100));
+    }
+    if only.is_empty() || only == "file" {
+        bench_file(env_usize("MODELCACHE_BENCH_SHARD_MB", 64));
+    }
+    if only.is_empty() || only == "azurite" {
+        bench_azurite(env_usize("MODELCACHE_BENCH_AZURITE_SHARD_MB", 8));
+    }
 }

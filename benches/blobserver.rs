@@ -1,0 +1,271 @@
+//! A fast loopback stand-in for Blob Storage, so that clients (not the server) are what the
+//! benchmark measures: one thread per connection, bodies sent with `sendfile` from a RAM-backed
+//! directory, HTTP/1.1 keep-alive.
+//!
+//! It answers what the clients under test ask of Blob Storage: List Blobs
+//! (`?restype=container&comp=list&prefix=…`, one page), Get Blob and Get Blob Properties with
+//! `Range` or `x-ms-range`, `If-Match` against the blob's ETag, and 404 with Azure's error code.
+//! Authorization headers are accepted unchecked. Paths are `/{account}/{container}/{blob}`, the
+//! emulator's path style; `{root}/{container}/{blob}` is the file.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Serves `root` on a free loopback port, printing `port N` on stdout once listening; never
+/// returns.
+pub fn serve(root: PathBuf) -> ! {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the loopback Blob server");
+    let port = listener.local_addr().expect("local address").port();
+    println!("port {port}");
+    let _ = std::io::stdout().flush();
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let root = root.clone();
+        std::thread::spawn(move || {
+            let _ = conn.set_nodelay(true);
+            let _ = handle(conn, &root);
+        });
+    }
+    unreachable!("TcpListener::incoming never ends")
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: HashMap<String, String>,
+    headers: HashMap<String, String>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default().to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    // Request bodies are not used by any call served here; skip one if sent.
+    if let Some(n) = headers
+        .get("content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::io::copy(
+            &mut std::io::Read::take(std::io::Read::by_ref(reader), n),
+            &mut std::io::sink(),
+        )?;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let query = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), decode(v)))
+        .collect();
+    Ok(Some(Request {
+        method,
+        path: decode(path),
+        query,
+        headers,
+    }))
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn etag(meta: &std::fs::Metadata) -> String {
+    format!(
+        "0x{:X}{:08X}",
+        meta.mtime_nsec() as u64 + meta.mtime() as u64 * 1_000_000_000,
+        meta.ino()
+    )
+}
+
+fn http_date(meta: &std::fs::Metadata) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(meta.mtime()).unwrap_or(0));
+    httpdate::fmt_http_date(t)
+}
+
+fn handle(conn: TcpStream, root: &Path) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    while let Some(req) = read_request(&mut reader)? {
+        respond(&req, &mut out, root)?;
+    }
+    Ok(())
+}
+
+fn simple(out: &mut TcpStream, status: &str, code: &str, extra: &str) -> std::io::Result<()> {
+    let body =
+        format!("<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code></Error>");
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nx-ms-error-code: {code}\r\nContent-Type: application/xml\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn respond(req: &Request, out: &mut TcpStream, root: &Path) -> std::io::Result<()> {
+    let mut segs = req.path.trim_start_matches('/').splitn(3, '/');
+    let _account = segs.next().unwrap_or_default();
+    let container = segs.next().unwrap_or_default();
+    let blob = segs.next().unwrap_or_default();
+    if container.is_empty() || container.contains("..") || blob.split('/').any(|s| s == "..") {
+        return simple(out, "400 Bad Request", "InvalidUri", "");
+    }
+    if req.query.get("comp").map(String::as_str) == Some("list") {
+        return list(req, out, &root.join(container), container);
+    }
+    if blob.is_empty() {
+        // Container properties (some clients check that the container exists).
+        return write!(
+            out,
+            "HTTP/1.1 200 OK\r\nETag: \"0x1\"\r\nLast-Modified: {}\r\nx-ms-version: 2021-08-06\r\nContent-Length: 0\r\n\r\n",
+            httpdate::fmt_http_date(UNIX_EPOCH)
+        );
+    }
+    let path = root.join(container).join(blob);
+    let Ok(file) = std::fs::File::open(&path) else {
+        return simple(
+            out,
+            "404 The specified blob does not exist.",
+            "BlobNotFound",
+            "",
+        );
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return simple(
+            out,
+            "404 The specified blob does not exist.",
+            "BlobNotFound",
+            "",
+        );
+    }
+    let tag = etag(&meta);
+    if let Some(want) = req.headers.get("if-match") {
+        if want != "*" && want.trim_matches('"') != tag {
+            return simple(out, "412 Precondition Failed", "ConditionNotMet", "");
+        }
+    }
+    let size = meta.len();
+    let range = req
+        .headers
+        .get("x-ms-range")
+        .or_else(|| req.headers.get("range"))
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            let start: u64 = a.parse().ok()?;
+            let end = if b.is_empty() {
+                size.checked_sub(1)?
+            } else {
+                b.parse::<u64>().ok()?.min(size.checked_sub(1)?)
+            };
+            (start <= end).then_some((start, end + 1))
+        });
+    let (status, start, end, content_range) = match range {
+        Some((s, e)) => (
+            "206 Partial Content",
+            s,
+            e,
+            format!("Content-Range: bytes {s}-{}/{size}\r\n", e - 1),
+        ),
+        None => ("200 OK", 0, size, String::new()),
+    };
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{content_range}Content-Type: application/octet-stream\r\nETag: \"{tag}\"\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nx-ms-blob-type: BlockBlob\r\nx-ms-version: 2021-08-06\r\nx-ms-creation-time: {}\r\nx-ms-request-id: 0\r\n\r\n",
+        end - start,
+        http_date(&meta),
+        http_date(&meta),
+    )?;
+    if req.method == "HEAD" {
+        return Ok(());
+    }
+    let mut offset = i64::try_from(start).unwrap_or(0);
+    let stop = i64::try_from(end).unwrap_or(0);
+    while offset < stop {
+        let want = usize::try_from(stop - offset)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match nix::sys::sendfile::sendfile64(&*out, &file, Some(&mut offset), want) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn list(req: &Request, out: &mut TcpStream, dir: &Path, container: &str) -> std::io::Result<()> {
+    let prefix = req.query.get("prefix").cloned().unwrap_or_default();
+    let mut names = Vec::new();
+    walk(dir, dir, &mut names);
+    names.sort();
+    let mut body = format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults ServiceEndpoint=\"http://127.0.0.1/\" ContainerName=\"{container}\"><Prefix>{prefix}</Prefix><Blobs>"
+    );
+    for name in names.iter().filter(|n| n.starts_with(&prefix)) {
+        let meta = std::fs::metadata(dir.join(name))?;
+        body.push_str(&format!(
+            "<Blob><Name>{name}</Name><Properties><Creation-Time>{d}</Creation-Time><Last-Modified>{d}</Last-Modified><Etag>\"{tag}\"</Etag><Content-Length>{len}</Content-Length><Content-Type>application/octet-stream</Content-Type><BlobType>BlockBlob</BlobType><AccessTier>Hot</AccessTier><AccessTierInferred>true</AccessTierInferred><LeaseStatus>unlocked</LeaseStatus><LeaseState>available</LeaseState><ServerEncrypted>true</ServerEncrypted></Properties></Blob>",
+            d = http_date(&meta),
+            tag = etag(&meta),
+            len = meta.len(),
+        ));
+    }
+    body.push_str("</Blobs><NextMarker/></EnumerationResults>");
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nx-ms-version: 2021-08-06\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(root, &p, out);
+        } else if let Ok(rel) = p.strip_prefix(root) {
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+}

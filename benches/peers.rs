@@ -1,0 +1,228 @@
+//! Every client the benchmark compares runs as its own process and is measured the same way from
+//! outside: wall time from spawn to exit plus a `syncfs` of the destination (so a client that
+//! leaves its writes in the page cache pays for them like one that fsyncs), CPU seconds from
+//! `RUSAGE_CHILDREN` around the run, and peak RSS from the child's own `VmHWM`, sampled until it
+//! exits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::{UsageWho, getrusage};
+
+/// One measured run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figure {
+    pub gb_per_s: f64,
+    pub cpu_s_per_gb: f64,
+    pub peak_rss_mib: f64,
+}
+
+fn children_cpu() -> f64 {
+    let u = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+    let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 + v.tv_usec() as f64 / 1e6;
+    t(u.user_time()) + t(u.system_time())
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `cmd` to completion, then `syncfs` on `dest`; panics with its stderr if it fails.
+pub fn measure(label: &str, cmd: &mut Command, dest: &Path, bytes: u64) -> Figure {
+    let log = tempfile::NamedTempFile::new().expect("temp file");
+    cmd.stdin(Stdio::null())
+        .stdout(log.reopen().expect("log"))
+        .stderr(log.reopen().expect("log"));
+    let cpu0 = children_cpu();
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{label}: cannot start: {e}"));
+    let pid = child.id();
+    let mut peak_kib = 0;
+    let status = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let dir = std::fs::File::open(dest).expect("open the destination");
+    nix::unistd::syncfs(&dir).expect("syncfs");
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = children_cpu() - cpu0;
+    if !status.success() {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        panic!("{label} failed ({status}):\n{}", tail(&text, 3000));
+    }
+    let gb = bytes as f64 / 1e9;
+    Figure {
+        gb_per_s: gb / secs,
+        cpu_s_per_gb: cpu / gb,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    &s[start..]
+}
+
+/// Bytes of every file under `dir`, and the files.
+pub fn files(dir: &Path) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
+        for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let len = e.metadata().expect("stat").len();
+                out.push((
+                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
+                    len,
+                ));
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The Python SDK as an init-container script would use it: list the prefix, then
+/// `download_blob(max_concurrency=…).readinto(file)` for each blob in turn.
+pub const SDK_SCRIPT: &str = r#"
+import os, sys
+from azure.storage.blob import ContainerClient
+endpoint, key, container, prefix, dest, conc = sys.argv[1:7]
+client = ContainerClient(endpoint, container, credential={"account_name": "devstoreaccount1", "account_key": key})
+for blob in client.list_blobs(name_starts_with=prefix):
+    path = os.path.join(dest, blob.name[len(prefix):])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        client.download_blob(blob.name, max_concurrency=int(conc)).readinto(f)
+"#;
+
+/// The Python interpreter of a venv with `azure-storage-blob`, installed on first use.
+pub fn sdk_python(tools: &Path) -> Option<PathBuf> {
+    let venv = tools.join("bench-py");
+    let python = venv.join("bin/python");
+    let ok = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import azure.storage.blob"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ok(&python) {
+        return Some(python);
+    }
+    eprintln!("installing azure-storage-blob into {}", venv.display());
+    let made = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status();
+    let installed = made.is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "azure-storage-blob",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    (installed && ok(&python)).then_some(python)
+}
+
+/// `rclone`, installed from Debian's packages on first use when running as root.
+pub fn rclone() -> Option<PathBuf> {
+    let found = || {
+        Command::new("rclone")
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !found() && nix::unistd::geteuid().is_root() {
+        eprintln!("installing rclone from apt");
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "rclone"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    found().then(|| PathBuf::from("rclone"))
+}
+
+/// The plain client the prefetch is held against: parallel ranged GETs over the same HTTP stack
+/// (reqwest on tokio), each body chunk written with `pwrite` where it arrived (or discarded),
+/// no hashing, no journal, no checks. `list` holds `name size` lines.
+pub fn plain_get(endpoint: &str, list: &Path, dest: Option<&Path>, concurrency: usize, chunk: u64) {
+    use futures::StreamExt;
+    use std::os::unix::fs::FileExt;
+    let text = std::fs::read_to_string(list).expect("read the file list");
+    let mut jobs = Vec::new();
+    for line in text.lines() {
+        let (name, size) = line.rsplit_once(' ').expect("name size");
+        let size: u64 = size.parse().expect("size");
+        let file = dest.map(|d| {
+            let p = d.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(size).unwrap();
+            std::sync::Arc::new(f)
+        });
+        let mut off = 0;
+        while off < size {
+            jobs.push((
+                format!("{endpoint}/{name}"),
+                off,
+                (off + chunk).min(size),
+                file.clone(),
+            ));
+            off += chunk;
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    rt.block_on(
+        futures::stream::iter(jobs)
+            .map(|(url, start, end, file)| {
+                let client = client.clone();
+                async move {
+                    let mut resp = client
+                        .get(url)
+                        .header("Range", format!("bytes={start}-{}", end - 1))
+                        .send()
+                        .await
+                        .unwrap()
+                        .error_for_status()
+                        .unwrap();
+                    let mut pos = start;
+                    while let Some(chunk) = resp.chunk().await.unwrap() {
+                        if let Some(f) = &file {
+                            f.write_all_at(&chunk, pos).unwrap();
+                        }
+                        pos += chunk.len() as u64;
+                    }
+                    assert_eq!(pos, end, "short body");
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<()>>(),
+    );
+    if let Some(d) = dest {
+        let dir = std::fs::File::open(d).unwrap();
+        nix::unistd::syncfs(&dir).unwrap();
+    }
+}
