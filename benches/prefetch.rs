@@ -16,7 +16,9 @@
 #[path = "../tests/it/support.rs"]
 mod support;
 
+#[path = "loopback/blobserver.rs"]
 mod blobserver;
+#[path = "loopback/peers.rs"]
 mod peers;
 
 use std::fs::File;

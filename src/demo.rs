@@ -48,8 +48,10 @@ pub fn generate_model(dir: &Path, shape: &DemoShape) -> std::io::Result<u64> {
     let mut weight_map: HashMap<String, String> = HashMap::new();
     let mut total_tensor_bytes: u64 = 0;
     // Per layer: experts' blocks (U8 [E, R, 16]), their scales (U8 [E, R]), one BF16 projection.
+    // Rows grow with the shard so that a shard holds at most about 24 layers, as real ones do
+    // (GPT-OSS-120B: 36 layers over 15 shards): headers and the index stay realistically small.
     let experts = 8usize;
-    let rows = 256usize;
+    let rows = (shape.shard_bytes / (24 * experts * 17)).max(256);
     let layer_bytes = experts * rows * 16 + experts * rows + 2 * 64 * 64;
     let layers_per_shard = (shape.shard_bytes / layer_bytes).max(1);
     for s in 0..shape.shards {

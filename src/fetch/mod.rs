@@ -11,6 +11,7 @@ mod finish;
 pub mod journal;
 mod pieces;
 mod plan;
+mod preflight;
 pub mod progress;
 mod resume;
 
@@ -393,6 +394,18 @@ async fn attempt(
         });
     }
 
+    let checked =
+        preflight::check_before_download(source, &plan, options, &request.cancel, progress).await?;
+    info!(
+        model.name = %name,
+        shards = checked.shards,
+        indexes = checked.indexes,
+        bytes_read = checked.bytes_read,
+        "{name}: {} shard headers and {} index(es) checked before downloading ({} read)",
+        checked.shards,
+        checked.indexes,
+        human_bytes(checked.bytes_read)
+    );
     let resumed = resume::resume(layout, name, &plan, options)?;
     progress.add_reused(resumed.reused.saturating_sub(progress.reused()));
     if let Some(make_room) = &request.make_room {

@@ -64,6 +64,66 @@ pub fn check_safetensors(file: &Path, name: &str) -> Result<ShardTensors, Verify
             path: name.to_string(),
             source,
         })?;
+    Ok(tensors_of(&metadata))
+}
+
+/// The longest header a shard may have (the `safetensors` crate's own limit).
+const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// Where a shard's header ends (8 + its length field), judged from the first bytes of the file
+/// (at least 8) and the file's size: the byte count to read before
+/// [`check_safetensors_header`] can run.
+pub fn header_end(first: &[u8], file_len: u64, name: &str) -> Result<u64, VerifyError> {
+    let fail = |source| VerifyError::Safetensors {
+        path: name.to_string(),
+        source,
+    };
+    let Some(len_field) = first.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return Err(fail(safetensors::SafeTensorError::HeaderTooSmall));
+    };
+    let n = u64::from_le_bytes(len_field);
+    if n > MAX_HEADER_LEN {
+        return Err(fail(safetensors::SafeTensorError::HeaderTooLarge));
+    }
+    let end = 8 + n;
+    if end > file_len {
+        return Err(fail(safetensors::SafeTensorError::InvalidHeaderLength));
+    }
+    Ok(end)
+}
+
+/// Checks a shard from its header alone (`head` holds at least the first [`header_end`] bytes)
+/// and the size the source lists for it: the same rules as [`check_safetensors`], before a byte
+/// of tensor data is fetched.
+pub fn check_safetensors_header(
+    head: &[u8],
+    file_len: u64,
+    name: &str,
+) -> Result<ShardTensors, VerifyError> {
+    let fail = |source| VerifyError::Safetensors {
+        path: name.to_string(),
+        source,
+    };
+    let end = header_end(head, file_len, name)?;
+    let json = usize::try_from(end)
+        .ok()
+        .and_then(|end| head.get(8..end))
+        .ok_or(fail(safetensors::SafeTensorError::InvalidHeaderLength))?;
+    let text = std::str::from_utf8(json)
+        .map_err(|e| fail(safetensors::SafeTensorError::InvalidHeader(e)))?;
+    // Deserializing `Metadata` runs the crate's own validation (offsets, dtype sizes).
+    let metadata: safetensors::tensor::Metadata = serde_json::from_str(text).map_err(|e| {
+        fail(safetensors::SafeTensorError::InvalidHeaderDeserialization(
+            e,
+        ))
+    })?;
+    if end.checked_add(metadata.data_len() as u64) != Some(file_len) {
+        return Err(fail(safetensors::SafeTensorError::MetadataIncompleteBuffer));
+    }
+    Ok(tensors_of(&metadata))
+}
+
+fn tensors_of(metadata: &safetensors::tensor::Metadata) -> ShardTensors {
     let tensors = metadata
         .tensors()
         .into_iter()
@@ -72,7 +132,7 @@ pub fn check_safetensors(file: &Path, name: &str) -> Result<ShardTensors, Verify
             (tensor, (end - begin) as u64)
         })
         .collect();
-    Ok(ShardTensors { tensors })
+    ShardTensors { tensors }
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +230,44 @@ mod tests {
         let t = check_safetensors(&p, "s.safetensors").unwrap();
         assert_eq!(t.tensors["a_blocks"], 32);
         assert_eq!(t.tensors["b"], 8);
+    }
+
+    /// The header-only check (before the download) judges every shard as the full check does.
+    #[test]
+    fn the_header_check_agrees_with_the_full_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let holed = GOOD
+            .replace("[32,40]", "[33,41]")
+            .replace("[40,41]", "[41,42]");
+        let wrong = GOOD.replace("\"shape\":[4]", "\"shape\":[5]");
+        let cases = [
+            (GOOD, 41usize, true),
+            (GOOD, 40, false),
+            (GOOD, 42, false),
+            (holed.as_str(), 42, false),
+            (wrong.as_str(), 41, false),
+            ("{not json", 0, false),
+        ];
+        for (i, (header, data_len, good)) in cases.into_iter().enumerate() {
+            let name = format!("{i}.safetensors");
+            let path = write_shard(dir.path(), &name, header, data_len);
+            let bytes = std::fs::read(&path).unwrap();
+            let len = bytes.len() as u64;
+            let end = header_end(&bytes[..8], len, &name).unwrap();
+            let head = &bytes[..usize::try_from(end).unwrap()];
+            let early = check_safetensors_header(head, len, &name);
+            let full = check_safetensors(&path, &name);
+            assert_eq!(early.is_ok(), good, "case {i}: {early:?}");
+            assert_eq!(full.is_ok(), good, "case {i}: {full:?}");
+            if let (Ok(a), Ok(b)) = (early, full) {
+                assert_eq!(a.tensors, b.tensors);
+            }
+        }
+        // A length field past the end of the file, or past 100 MB, is refused from 8 bytes.
+        let huge = 200_000_000u64.to_le_bytes();
+        assert!(header_end(&huge, u64::MAX, "h").is_err());
+        assert!(header_end(&100u64.to_le_bytes(), 50, "h").is_err());
+        assert!(header_end(&[1, 2, 3], 50, "h").is_err());
     }
 
     #[test]

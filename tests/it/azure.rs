@@ -189,3 +189,41 @@ fn a_missing_container_is_a_clear_source_error() {
         "{err}"
     );
 }
+
+/// A model vLLM could not load is refused from its headers and index, read with small ranged
+/// GETs, before any tensor data is fetched: here an index (with a manifest that matches it)
+/// maps a tensor to a shard that is not in the model.
+#[test]
+fn a_broken_index_is_refused_before_the_download_begins() {
+    let Some(az) = azurite() else { return };
+    let rt = runtime();
+    let model = rt.block_on(azure_model(az, 400_000, false));
+    let index = "model.safetensors.index.json";
+    let mut parsed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.source.path().join(index)).unwrap()).unwrap();
+    parsed["weight_map"]["extra.weight"] = "model-00099-of-00014.safetensors".into();
+    rt.block_on(upload_blocks(
+        &model.store,
+        &format!("gpt-oss-120b/{index}"),
+        &serde_json::to_vec(&parsed).unwrap(),
+    ));
+    let mut manifest = modelcache();
+    with_emulator(&mut manifest, &az.endpoint());
+    manifest.args(["manifest", "--upload", "--source", &model.url()]);
+    let out = run(&mut manifest, Duration::from_secs(120));
+    assert!(out.status.success(), "manifest --upload: {}", stderr(&out));
+
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_via(az.endpoint(), &model.url(), cache.path());
+    assert_eq!(out.status.code(), Some(5), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("model-00099-of-00014.safetensors, which is not in the model"),
+        "{err}"
+    );
+    let started: Vec<String> = files_under(cache.path())
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors") || f.ends_with("journal.jsonl"))
+        .collect();
+    assert!(started.is_empty(), "the download had begun: {started:?}");
+}

@@ -111,6 +111,7 @@ fn without_a_manifest_a_truncated_shard_fails_the_structure_check() {
         stderr(&out)
     );
     assert!(!cache.path().join("models/gpt-oss-120b").exists());
+    nothing_downloaded(cache.path());
 
     // An intact model without a manifest is published as structurally checked.
     std::fs::write(&shard, &data).unwrap();
@@ -129,6 +130,16 @@ fn an_index_naming_an_excluded_shard_is_refused() {
         "{}",
         stderr(&out)
     );
+    nothing_downloaded(cache.path());
+}
+
+/// Refused before the first byte of tensor data: no shard was started in staging.
+fn nothing_downloaded(cache: &Path) {
+    let started: Vec<String> = files_under(cache)
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors") || f.ends_with("journal.jsonl"))
+        .collect();
+    assert!(started.is_empty(), "the download had begun: {started:?}");
 }
 
 #[test]

@@ -106,11 +106,8 @@ fn decode(s: &str) -> String {
 }
 
 fn etag(meta: &std::fs::Metadata) -> String {
-    format!(
-        "0x{:X}{:08X}",
-        meta.mtime_nsec() as u64 + meta.mtime() as u64 * 1_000_000_000,
-        meta.ino()
-    )
+    let nanos = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+    format!("0x{nanos:X}{:08X}", meta.ino())
 }
 
 fn http_date(meta: &std::fs::Metadata) -> String {

@@ -13,8 +13,11 @@ use nix::sys::resource::{UsageWho, getrusage};
 /// One measured run.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Figure {
+    /// Bytes of the model per second of wall time, in GB/s.
     pub gb_per_s: f64,
+    /// User + system CPU seconds per GB.
     pub cpu_s_per_gb: f64,
+    /// Peak resident memory of the client's process.
     pub peak_rss_mib: f64,
 }
 

@@ -1,0 +1,172 @@
+//! Checks before the first byte: every shard's safetensors header and every index, read from
+//! the source with small ranged reads and judged by the same rules as the final structure check,
+//! so a model vLLM could not load is refused in seconds, not after its whole download.
+//!
+//! The final check on the downloaded bytes still runs: this one judges what the source claims
+//! (header against listed size, index against headers), the manifest and the final check judge
+//! what arrived.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::PrefetchError;
+use super::plan::{Plan, retried};
+use super::progress::Progress;
+use crate::config::FetchOptions;
+use crate::source::{RemoteFile, Source, SourceError};
+use crate::verify::structure::{
+    ShardTensors, check_index, check_safetensors_header, header_end, is_index, is_safetensors,
+};
+
+/// First read of each shard: most headers fit (GPT-OSS-120B's largest is about 60 KiB).
+const FIRST_READ: u64 = 256 << 10;
+
+/// Indexes larger than this are left to the final check rather than read twice.
+const MAX_INDEX_PREFLIGHT: u64 = 64 << 20;
+
+/// Shards whose headers are read at once.
+const PARALLEL_HEADERS: usize = 16;
+
+/// What the preflight read and found.
+#[derive(Debug, Default)]
+pub(super) struct Preflight {
+    /// Shards whose headers were checked.
+    pub(super) shards: usize,
+    /// Indexes checked.
+    pub(super) indexes: usize,
+    /// Bytes read to check them.
+    pub(super) bytes_read: u64,
+    /// What is odd but loads (the final check reports the same).
+    pub(super) warnings: Vec<String>,
+}
+
+/// Reads and checks every shard header and index of the plan.
+pub(super) async fn check_before_download(
+    source: &Arc<dyn Source>,
+    plan: &Plan,
+    options: &FetchOptions,
+    cancel: &CancellationToken,
+    progress: &Progress,
+) -> Result<Preflight, PrefetchError> {
+    let reader = Reader {
+        source: source.as_ref(),
+        url: source.describe(),
+        options,
+        cancel,
+        progress,
+    };
+    let checks: Vec<_> = plan
+        .files
+        .iter()
+        .filter(|f| is_safetensors(&f.path))
+        .map(|file| reader.shard(file))
+        .collect();
+    let shards: Vec<(String, ShardTensors, u64)> = futures::stream::iter(checks)
+        .buffer_unordered(PARALLEL_HEADERS)
+        .try_collect()
+        .await?;
+    let mut report = Preflight {
+        shards: shards.len(),
+        bytes_read: shards.iter().map(|s| s.2).sum(),
+        ..Preflight::default()
+    };
+    let headers: HashMap<String, ShardTensors> =
+        shards.into_iter().map(|(path, t, _)| (path, t)).collect();
+    for index in plan.files.iter().filter(|f| is_index(&f.path)) {
+        if index.size > MAX_INDEX_PREFLIGHT {
+            continue;
+        }
+        let bytes = reader.read(index, 0..index.size).await?;
+        report.bytes_read += bytes.len() as u64;
+        report.indexes += 1;
+        report
+            .warnings
+            .extend(check_index(&index.path, &bytes, &headers)?);
+    }
+    Ok(report)
+}
+
+/// Small retried reads from the source.
+struct Reader<'a> {
+    source: &'a dyn Source,
+    url: String,
+    options: &'a FetchOptions,
+    cancel: &'a CancellationToken,
+    progress: &'a Progress,
+}
+
+impl Reader<'_> {
+    /// Reads one shard's header (two reads when it is longer than [`FIRST_READ`]) and checks it.
+    async fn shard(&self, file: &RemoteFile) -> Result<(String, ShardTensors, u64), PrefetchError> {
+        let mut head = self.read(file, 0..file.size.min(FIRST_READ)).await?;
+        let end = header_end(&head, file.size, &file.path)?;
+        let have = head.len() as u64;
+        if end > have {
+            head.extend_from_slice(&self.read(file, have..end).await?);
+        }
+        let tensors = check_safetensors_header(&head, file.size, &file.path)?;
+        Ok((file.path.clone(), tensors, head.len() as u64))
+    }
+
+    /// Reads `range` of `file` with the listing's retries; a file that changed restarts the
+    /// prefetch from a fresh listing, as during the download.
+    async fn read(
+        &self,
+        file: &RemoteFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, PrefetchError> {
+        retried(
+            &self.url,
+            self.options,
+            self.cancel,
+            self.progress,
+            &file.path,
+            || read_all(self.source, file, range.clone()),
+        )
+        .await
+        .map_err(|e| match e {
+            PrefetchError::Source {
+                source: SourceError::Changed { path },
+                ..
+            } => PrefetchError::SourceChanged { path },
+            other => other,
+        })
+    }
+}
+
+/// Reads `range` of `file` whole; a body that is not exactly the range is an error.
+async fn read_all(
+    source: &dyn Source,
+    file: &RemoteFile,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>, SourceError> {
+    let want = range.end - range.start;
+    let mut stream = source.read_range(file, range.clone()).await?;
+    let mut out = Vec::with_capacity(usize::try_from(want).unwrap_or(0));
+    while let Some(bytes) = stream.next().await {
+        let bytes = bytes?;
+        if (out.len() + bytes.len()) as u64 > want {
+            return Err(SourceError::UnexpectedRange {
+                path: file.path.clone(),
+                want: range.clone(),
+                got: range.start..range.start + (out.len() + bytes.len()) as u64,
+            });
+        }
+        out.extend_from_slice(&bytes);
+    }
+    if (out.len() as u64) < want {
+        return Err(SourceError::transient(
+            &file.path,
+            crate::source::RetryCause::ShortBody,
+            format!(
+                "the body ended at byte {} of {}",
+                range.start + out.len() as u64,
+                range.end
+            ),
+        ));
+    }
+    Ok(out)
+}
