@@ -284,6 +284,10 @@ pub struct FetchArgs {
     /// Largest delay between retries of a range [default: 30s].
     #[arg(long, env = "MODELCACHE_RETRY_MAX_DELAY", value_name = "DURATION", value_parser = parse_duration)]
     pub retry_max_delay: Option<Duration>,
+    /// Write whole blocks with O_DIRECT, around the page cache, where the filesystem supports
+    /// it (not tmpfs; a file's last partial block goes through the page cache) [default: true].
+    #[arg(long, env = "MODELCACHE_DIRECT_IO", value_name = "BOOL")]
+    pub direct_io: Option<bool>,
 }
 
 impl FetchArgs {
@@ -295,6 +299,7 @@ impl FetchArgs {
             max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
             stall_timeout: self.stall_timeout.unwrap_or(defaults.stall_timeout),
             backoff_max: self.retry_max_delay.unwrap_or(defaults.backoff_max),
+            direct_io: self.direct_io.unwrap_or(defaults.direct_io),
             ..defaults
         };
         options.validate()?;
@@ -494,6 +499,7 @@ mod tests {
             max_attempts: None,
             stall_timeout: None,
             retry_max_delay: None,
+            direct_io: None,
         };
         let err = args.resolve().unwrap_err();
         assert!(err.to_string().contains("--concurrency"), "{err}");

@@ -30,6 +30,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("fetch.stall_timeout", Kind::Text),
     ("fetch.retry_max_delay", Kind::Text),
     ("fetch.failed_retry_delay", Kind::Text),
+    ("fetch.direct_io", Kind::Bool),
     ("cache.budget", Kind::Text),
     ("cache.warm_page_cache", Kind::Text),
     ("cache.warm_max_ram_fraction", Kind::Float),
@@ -239,6 +240,7 @@ struct FetchFile {
     stall_timeout: Option<String>,
     retry_max_delay: Option<String>,
     failed_retry_delay: Option<String>,
+    direct_io: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -579,6 +581,7 @@ impl AgentConfig {
                 &file.fetch.retry_max_delay,
                 defaults.backoff_max,
             )?,
+            direct_io: file.fetch.direct_io.unwrap_or(defaults.direct_io),
             ..defaults
         };
         fetch.validate()?;

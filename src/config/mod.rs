@@ -21,6 +21,8 @@ use globset::{GlobSet, GlobSetBuilder};
 pub const DEFAULT_CONCURRENCY: usize = 64;
 /// Default size of one ranged GET (and one BLAKE3 piece).
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * MIB;
+/// Whether full blocks are written with `O_DIRECT` by default.
+pub const DEFAULT_DIRECT_IO: bool = true;
 /// Default number of attempts for one range before the model fails.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
 /// Default time a range may go without receiving a byte before it is cancelled and retried.
@@ -127,6 +129,8 @@ pub struct FetchOptions {
     pub max_source_changes: u32,
     /// Hash ranges while downloading. Off only to measure the cost of verification.
     pub hash: bool,
+    /// Write full blocks with `O_DIRECT` where the filesystem takes it, around the page cache.
+    pub direct_io: bool,
 }
 
 impl Default for FetchOptions {
@@ -140,6 +144,7 @@ impl Default for FetchOptions {
             backoff_max: Duration::from_secs(30),
             max_source_changes: 3,
             hash: true,
+            direct_io: DEFAULT_DIRECT_IO,
         }
     }
 }

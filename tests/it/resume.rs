@@ -82,18 +82,27 @@ fn a_publish_killed_part_way_resumes_without_fetching_moved_files_again() {
     let source = small_model(40_000, 21);
     let bad = "model-00003-of-00014.safetensors";
     let good = std::fs::read(source.path().join(bad)).unwrap();
-    // A shard whose header is garbage: everything downloads and is journaled, then the
-    // structure check refuses the model before publishing, and staging stays complete.
+    let url = format!("file://{}", source.path().display());
+    let mut manifest = modelcache();
+    manifest
+        .args(["manifest", "--upload", "--chunk-size", "64KiB", "--source"])
+        .arg(&url);
+    let out = run(&mut manifest, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A shard with one tensor byte changed: its header passes the checks before the download,
+    // everything downloads and is journaled, then its BLAKE3 refuses the model before
+    // publishing, and staging holds every other file complete.
     let mut broken = good.clone();
-    broken[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let n = broken.len();
+    broken[n - 100] ^= 0xff;
     std::fs::write(source.path().join(bad), &broken).unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", source.path().display());
     let out = run(
         &mut prefetch_cmd(None, &url, cache.path(), &[]),
         Duration::from_secs(120),
     );
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("BLAKE3"), "{}", stderr(&out));
 
     // What a publish killed after moving all files but `bad` leaves behind.
     let files = cache.path().join("staging/gpt-oss-120b/files");
