@@ -70,6 +70,7 @@ pub struct Metrics {
     scrubbed: Counter,
     scrub_mismatches: Counter,
     state: Family<StateLabel, Gauge>,
+    concurrency: Family<ModelLabel, Gauge>,
     phases: Family<PhaseLabel, Histogram>,
     free: Gauge,
     used: Gauge,
@@ -96,6 +97,7 @@ impl Metrics {
         let scrubbed = Counter::default();
         let scrub_mismatches = Counter::default();
         let state = Family::<StateLabel, Gauge>::default();
+        let concurrency = Family::<ModelLabel, Gauge>::default();
         // 1 s to about 2.3 hours: a cold 65 GB fill on a slow link takes tens of minutes.
         let phases = Family::<PhaseLabel, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(1.0, 2.0, 14))) as fn() -> Histogram,
@@ -116,6 +118,11 @@ impl Metrics {
             "modelcache_range_retries",
             "Ranges retried, by cause",
             retries.clone(),
+        );
+        registry.register(
+            "modelcache_fetch_concurrency",
+            "Ranges in flight per model now: the adaptive controller's choice (0 when not downloading)",
+            concurrency.clone(),
         );
         registry.register(
             "modelcache_throttled_responses",
@@ -173,6 +180,7 @@ impl Metrics {
             scrubbed,
             scrub_mismatches,
             state,
+            concurrency,
             phases,
             free,
             used,
@@ -260,6 +268,14 @@ impl Metrics {
             for i in 0..before.retries.len() {
                 before.retries[i] = before.retries[i].max(now.retries[i]);
             }
+            let in_flight = if *state == State::Downloading {
+                progress.concurrency()
+            } else {
+                0
+            };
+            self.concurrency
+                .get_or_create(&label)
+                .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
             for s in State::ALL {
                 self.state
                     .get_or_create(&StateLabel {

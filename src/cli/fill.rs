@@ -204,13 +204,18 @@ fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
     let fetched = p.fetched();
     #[expect(clippy::cast_precision_loss, reason = "display")]
     let rate = fetched as f64 / elapsed.as_secs_f64().max(0.001);
-    progress_text(
+    let line = progress_text(
         model,
         p.phase().as_str(),
         (fetched + p.reused()).min(total),
         total,
         rate,
-    )
+    );
+    if p.phase() == Phase::Downloading && p.concurrency() > 0 {
+        format!("{line}, {} ranges in flight", p.concurrency())
+    } else {
+        line
+    }
 }
 
 /// One progress line: phase, bytes, percent, rate and ETA.

@@ -269,9 +269,15 @@ impl SelectionArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Download")]
 pub struct FetchArgs {
-    /// Ranged GETs in flight across all files [default: 64].
+    /// Most ranged GETs in flight across all files; with adaptive concurrency the number is
+    /// chosen from measured throughput up to this ceiling [default: 64].
     #[arg(long, env = "MODELCACHE_CONCURRENCY", value_name = "N")]
     pub concurrency: Option<usize>,
+    /// Choose the ranges in flight from measured throughput: start at 8, double while it pays,
+    /// halve on throttling, probe now and then; false keeps exactly --concurrency
+    /// [default: true].
+    #[arg(long, env = "MODELCACHE_ADAPTIVE_CONCURRENCY", value_name = "BOOL")]
+    pub adaptive_concurrency: Option<bool>,
     /// Bytes per ranged GET, a power of two from 64KiB to 1GiB [default: 64MiB].
     #[arg(long, env = "MODELCACHE_CHUNK_SIZE", value_name = "SIZE", value_parser = parse_size)]
     pub chunk_size: Option<u64>,
@@ -300,6 +306,7 @@ impl FetchArgs {
             stall_timeout: self.stall_timeout.unwrap_or(defaults.stall_timeout),
             backoff_max: self.retry_max_delay.unwrap_or(defaults.backoff_max),
             direct_io: self.direct_io.unwrap_or(defaults.direct_io),
+            adaptive: self.adaptive_concurrency.unwrap_or(defaults.adaptive),
             ..defaults
         };
         options.validate()?;
@@ -500,6 +507,7 @@ mod tests {
             stall_timeout: None,
             retry_max_delay: None,
             direct_io: None,
+            adaptive_concurrency: None,
         };
         let err = args.resolve().unwrap_err();
         assert!(err.to_string().contains("--concurrency"), "{err}");

@@ -31,6 +31,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("fetch.retry_max_delay", Kind::Text),
     ("fetch.failed_retry_delay", Kind::Text),
     ("fetch.direct_io", Kind::Bool),
+    ("fetch.adaptive_concurrency", Kind::Bool),
     ("cache.budget", Kind::Text),
     ("cache.warm_page_cache", Kind::Text),
     ("cache.warm_max_ram_fraction", Kind::Float),
@@ -241,6 +242,7 @@ struct FetchFile {
     retry_max_delay: Option<String>,
     failed_retry_delay: Option<String>,
     direct_io: Option<bool>,
+    adaptive_concurrency: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -582,6 +584,7 @@ impl AgentConfig {
                 defaults.backoff_max,
             )?,
             direct_io: file.fetch.direct_io.unwrap_or(defaults.direct_io),
+            adaptive: file.fetch.adaptive_concurrency.unwrap_or(defaults.adaptive),
             ..defaults
         };
         fetch.validate()?;

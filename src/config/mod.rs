@@ -131,6 +131,8 @@ pub struct FetchOptions {
     pub hash: bool,
     /// Write full blocks with `O_DIRECT` where the filesystem takes it, around the page cache.
     pub direct_io: bool,
+    /// Choose the ranges in flight from measured throughput, with `concurrency` as the ceiling.
+    pub adaptive: bool,
 }
 
 impl Default for FetchOptions {
@@ -145,6 +147,7 @@ impl Default for FetchOptions {
             max_source_changes: 3,
             hash: true,
             direct_io: DEFAULT_DIRECT_IO,
+            adaptive: true,
         }
     }
 }

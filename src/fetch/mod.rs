@@ -6,6 +6,7 @@
 //! judgements and `store` for paths and publishing; it knows nothing of HTTP servers, terminals
 //! or Kubernetes.
 
+mod adaptive;
 mod download;
 mod finish;
 pub mod journal;
@@ -280,6 +281,9 @@ pub struct Summary {
     pub verification: Verification,
     /// The revision was already published: nothing was downloaded.
     pub already_published: bool,
+    /// Ranges in flight at the end of the download: the adaptive controller's choice, or the
+    /// fixed `--concurrency` (0 when nothing was downloaded).
+    pub concurrency: usize,
     /// Range retries by cause.
     pub retries: BTreeMap<String, u64>,
     /// Fresh listings after a file changed during the download.
@@ -368,6 +372,7 @@ async fn attempt(
         gb_per_s: rate(progress.fetched(), started.elapsed()),
         verification,
         already_published: already,
+        concurrency: progress.concurrency(),
         retries: progress
             .retries()
             .into_iter()

@@ -8,6 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +18,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::PrefetchError;
+use super::adaptive::{self, Controller};
 use super::journal::{JournalLine, hex};
 use super::progress::Progress;
 use crate::config::FetchOptions;
@@ -283,10 +285,28 @@ impl Engine {
     }
 
     async fn run_ranges(self: &Arc<Self>, jobs: Vec<(usize, u64)>) -> Result<(), PrefetchError> {
+        let ceiling = self.options.concurrency;
+        let adaptive = self.options.adaptive && ceiling > 1;
+        let first = if adaptive {
+            Controller::new(ceiling).limit()
+        } else {
+            ceiling
+        };
+        self.progress.set_concurrency(first);
+        let limit = Arc::new(AtomicUsize::new(first));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let _adapting = adaptive.then(|| {
+            AbortOnDrop(tokio::spawn(adapt(
+                Arc::clone(&self.progress),
+                Arc::clone(&limit),
+                Arc::clone(&changed),
+                ceiling,
+            )))
+        });
         let mut queue = jobs.into_iter();
         let mut set = JoinSet::new();
         loop {
-            while set.len() < self.options.concurrency {
+            while set.len() < limit.load(Ordering::Relaxed) {
                 let Some((file, index)) = queue.next() else {
                     break;
                 };
@@ -303,6 +323,8 @@ impl Engine {
                     return Err(PrefetchError::Cancelled);
                 }
                 next = set.join_next() => next,
+                // A raised limit launches more ranges at once, not at the next completion.
+                () = changed.notified() => continue,
             };
             match next {
                 None => return Ok(()),
@@ -525,6 +547,47 @@ fn interleave(per_file: Vec<Vec<u64>>) -> Vec<(usize, u64)> {
         }
     }
     out
+}
+
+/// Aborts a background task when dropped, so no controller outlives its run.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Measures throughput window by window and sets the limit the controller chooses (see
+/// [`adaptive`](super::adaptive)).
+async fn adapt(
+    progress: Arc<Progress>,
+    limit: Arc<AtomicUsize>,
+    changed: Arc<tokio::sync::Notify>,
+    ceiling: usize,
+) {
+    let mut controller = Controller::new(ceiling);
+    loop {
+        tokio::time::sleep(adaptive::SETTLE).await;
+        let (bytes, throttled, began) = (progress.fetched(), progress.throttled(), Instant::now());
+        tokio::time::sleep(adaptive::WINDOW).await;
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let rate = progress.fetched().saturating_sub(bytes) as f64
+            / began.elapsed().as_secs_f64().max(1e-3);
+        let before = controller.limit();
+        let now = controller.observe(rate, progress.throttled() > throttled);
+        if now != before {
+            debug!(
+                from = before,
+                to = now,
+                rate_mb_s = rate / 1e6,
+                "ranges in flight: {before} -> {now}"
+            );
+            limit.store(now, Ordering::Relaxed);
+            progress.set_concurrency(now);
+            changed.notify_one();
+        }
+    }
 }
 
 /// Renders an error and its causes on one line.

@@ -8,15 +8,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::PrefetchError;
-use super::plan::{Plan, retried};
+use super::error_chain;
+use super::plan::Plan;
 use super::progress::Progress;
 use crate::config::FetchOptions;
-use crate::source::{RemoteFile, Source, SourceError};
+use crate::source::{RemoteFile, RetryCause, Source, SourceError};
 use crate::verify::structure::{
     ShardTensors, check_index, check_safetensors_header, header_end, is_index, is_safetensors,
 };
@@ -26,6 +29,9 @@ const FIRST_READ: u64 = 256 << 10;
 
 /// Indexes larger than this are left to the final check rather than read twice.
 const MAX_INDEX_PREFLIGHT: u64 = 64 << 20;
+
+/// The largest read Blob's transactional MD5 covers.
+const MAX_CHECKED_READ: u64 = 4 << 20;
 
 /// Shards whose headers are read at once.
 const PARALLEL_HEADERS: usize = 16;
@@ -53,7 +59,7 @@ pub(super) async fn check_before_download(
 ) -> Result<Preflight, PrefetchError> {
     let reader = Reader {
         source: source.as_ref(),
-        url: source.describe(),
+        check_transfers: plan.manifest.is_none(),
         options,
         cancel,
         progress,
@@ -82,9 +88,18 @@ pub(super) async fn check_before_download(
         let bytes = reader.read(index, 0..index.size).await?;
         report.bytes_read += bytes.len() as u64;
         report.indexes += 1;
-        report
-            .warnings
-            .extend(check_index(&index.path, &bytes, &headers)?);
+        let warnings = match check_index(&index.path, &bytes, &headers) {
+            Ok(w) => w,
+            Err(first) => {
+                // As for headers: refused only when a second read brings the same bytes.
+                let again = reader.read(index, 0..index.size).await?;
+                if again == bytes {
+                    return Err(first.into());
+                }
+                check_index(&index.path, &again, &headers)?
+            }
+        };
+        report.warnings.extend(warnings);
     }
     Ok(report)
 }
@@ -92,7 +107,7 @@ pub(super) async fn check_before_download(
 /// Small retried reads from the source.
 struct Reader<'a> {
     source: &'a dyn Source,
-    url: String,
+    check_transfers: bool,
     options: &'a FetchOptions,
     cancel: &'a CancellationToken,
     progress: &'a Progress,
@@ -100,40 +115,102 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     /// Reads one shard's header (two reads when it is longer than [`FIRST_READ`]) and checks it.
+    /// A header that fails is read once more and refused only if the same bytes come back: a bit
+    /// flipped in transit must cost a retry, not a verdict on a good model.
     async fn shard(&self, file: &RemoteFile) -> Result<(String, ShardTensors, u64), PrefetchError> {
+        let head = self.header(file).await?;
+        let tensors = match check_safetensors_header(&head, file.size, &file.path) {
+            Ok(t) => t,
+            Err(first) => {
+                let again = self.header(file).await?;
+                if again == head {
+                    return Err(first.into());
+                }
+                check_safetensors_header(&again, file.size, &file.path)?
+            }
+        };
+        Ok((file.path.clone(), tensors, head.len() as u64))
+    }
+
+    async fn header(&self, file: &RemoteFile) -> Result<Vec<u8>, PrefetchError> {
         let mut head = self.read(file, 0..file.size.min(FIRST_READ)).await?;
         let end = header_end(&head, file.size, &file.path)?;
         let have = head.len() as u64;
         if end > have {
             head.extend_from_slice(&self.read(file, have..end).await?);
         }
-        let tensors = check_safetensors_header(&head, file.size, &file.path)?;
-        Ok((file.path.clone(), tensors, head.len() as u64))
+        Ok(head)
     }
 
-    /// Reads `range` of `file` with the listing's retries; a file that changed restarts the
-    /// prefetch from a fresh listing, as during the download.
+    /// Reads `range` of `file` with the download's retries, stall timeout and errors (a range
+    /// that runs out of attempts names its bytes, attempts and last cause); a file that changed
+    /// restarts the prefetch from a fresh listing, as during the download. Without a manifest,
+    /// ranges Blob can checksum (up to 4 MiB) are checked in transit, as the download's are.
     async fn read(
         &self,
         file: &RemoteFile,
         range: std::ops::Range<u64>,
     ) -> Result<Vec<u8>, PrefetchError> {
-        retried(
-            &self.url,
-            self.options,
-            self.cancel,
-            self.progress,
-            &file.path,
-            || read_all(self.source, file, range.clone()),
-        )
-        .await
-        .map_err(|e| match e {
-            PrefetchError::Source {
-                source: SourceError::Changed { path },
-                ..
-            } => PrefetchError::SourceChanged { path },
-            other => other,
-        })
+        let began = Instant::now();
+        let checked = self.check_transfers && range.end - range.start <= MAX_CHECKED_READ;
+        let mut attempts: u32 = 0;
+        loop {
+            attempts += 1;
+            let answer = tokio::select! {
+                () = self.cancel.cancelled() => return Err(PrefetchError::Cancelled),
+                answer = tokio::time::timeout(
+                    self.options.stall_timeout,
+                    read_all(self.source, file, range.clone(), checked),
+                ) => answer,
+            };
+            let err = match answer {
+                Ok(Ok(bytes)) => return Ok(bytes),
+                Ok(Err(e)) => e,
+                Err(_) => SourceError::transient(
+                    &file.path,
+                    RetryCause::Stalled,
+                    format!(
+                        "no answer within {}s",
+                        self.options.stall_timeout.as_secs_f32()
+                    ),
+                ),
+            };
+            if let SourceError::Changed { path } = err {
+                return Err(PrefetchError::SourceChanged { path });
+            }
+            match err.retry_cause() {
+                Some(cause) if attempts < self.options.max_attempts => {
+                    self.progress.retried(cause);
+                    let delay = self.options.backoff(attempts, err.retry_after());
+                    warn!(
+                        blob.path = %file.path,
+                        range.start = range.start,
+                        range.end = range.end,
+                        attempt = attempts,
+                        retry.cause = cause.as_str(),
+                        "retrying the header check's read of {} bytes {}..{} after: {}",
+                        file.path,
+                        range.start,
+                        range.end,
+                        error_chain(&err)
+                    );
+                    tokio::select! {
+                        () = self.cancel.cancelled() => return Err(PrefetchError::Cancelled),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                _ => {
+                    return Err(PrefetchError::RangeFailed {
+                        path: file.path.clone(),
+                        start: range.start,
+                        end: range.end,
+                        attempts,
+                        elapsed: began.elapsed(),
+                        source: err,
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -142,9 +219,14 @@ async fn read_all(
     source: &dyn Source,
     file: &RemoteFile,
     range: std::ops::Range<u64>,
+    checked: bool,
 ) -> Result<Vec<u8>, SourceError> {
     let want = range.end - range.start;
-    let mut stream = source.read_range(file, range.clone()).await?;
+    let mut stream = if checked {
+        source.read_range_checked(file, range.clone()).await?
+    } else {
+        source.read_range(file, range.clone()).await?
+    };
     let mut out = Vec::with_capacity(usize::try_from(want).unwrap_or(0));
     while let Some(bytes) = stream.next().await {
         let bytes = bytes?;
@@ -160,7 +242,7 @@ async fn read_all(
     if (out.len() as u64) < want {
         return Err(SourceError::transient(
             &file.path,
-            crate::source::RetryCause::ShortBody,
+            RetryCause::ShortBody,
             format!(
                 "the body ended at byte {} of {}",
                 range.start + out.len() as u64,

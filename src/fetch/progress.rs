@@ -2,7 +2,7 @@
 //! command line's progress line today, the agent's API later). Lock-free: the hot path only
 //! adds to atomics.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,7 @@ pub struct Progress {
     fetched: AtomicU64,
     reused: AtomicU64,
     retries: [AtomicU64; RetryCause::ALL.len()],
+    concurrency: AtomicUsize,
 }
 
 impl Progress {
@@ -125,6 +126,24 @@ impl Progress {
         self.reused.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn set_concurrency(&self, ranges: usize) {
+        self.concurrency.store(ranges, Ordering::Relaxed);
+    }
+
+    /// Ranges allowed in flight now (chosen by the adaptive controller, or the fixed limit);
+    /// 0 before the download starts.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.load(Ordering::Relaxed)
+    }
+
+    /// Answers so far that asked to slow down (503, 429).
+    pub(crate) fn throttled(&self) -> u64 {
+        self.retries()
+            .into_iter()
+            .find(|(c, _)| *c == RetryCause::Throttled)
+            .map_or(0, |(_, n)| n)
+    }
+
     /// Retries so far, by cause.
     pub fn retries(&self) -> Vec<(RetryCause, u64)> {
         RetryCause::ALL
@@ -147,6 +166,9 @@ pub struct ProgressSnapshot {
     pub fetched: u64,
     /// Bytes reused.
     pub reused: u64,
+    /// Ranges allowed in flight (see [`Progress::concurrency`]).
+    #[serde(default)]
+    pub concurrency: usize,
     /// When, in milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
 }
@@ -162,6 +184,7 @@ impl Progress {
             total: self.total(),
             fetched: self.fetched(),
             reused: self.reused(),
+            concurrency: self.concurrency(),
             updated_unix_ms: now,
         }
     }
