@@ -452,9 +452,10 @@ impl Drop for LoopXfs {
 }
 
 /// Every client against the fast loopback Blob server, to tmpfs and to XFS on a loop device.
-fn bench_loopback(shard_mb: usize) {
-    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
-    let model = base.path().join("root/bench/m");
+/// A GPT-OSS-shaped model of the files vLLM loads, with its manifest, under
+/// `{base}/root/bench/m` for the loopback server; returns the files and their total bytes.
+fn loopback_model(base: &Path, shard_mb: usize) -> (Vec<(String, u64)>, u64) {
+    let model = base.join("root/bench/m");
     generate(&model, shard_mb, 3);
     // Only what vLLM loads, so that every client fetches the same bytes.
     for extra in ["original", "metal"] {
@@ -468,6 +469,138 @@ fn bench_loopback(shard_mb: usize) {
     assert!(out.status.success(), "{}", support::stderr(&out));
     let files = peers::files(&model);
     let total: u64 = files.iter().map(|f| f.1).sum();
+    (files, total)
+}
+
+/// Starts the loopback Blob server on `{base}/root` (optionally capped per connection); returns
+/// it and its `http://127.0.0.1:PORT`.
+fn loopback_server(base: &Path, rate_per_connection: Option<u64>) -> (ChildGuard, String) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.arg("--serve-blob").arg(base.join("root"));
+    if let Some(rate) = rate_per_connection {
+        cmd.arg(rate.to_string());
+    }
+    let mut server = ChildGuard(cmd.stdout(std::process::Stdio::piped()).spawn().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let port: u16 = first.trim().trim_start_matches("port ").parse().unwrap();
+    (server, format!("http://127.0.0.1:{port}"))
+}
+
+/// A `modelcache prefetch --json` of the loopback model into `dest`.
+fn loopback_prefetch(host: &str, dest: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = support::modelcache();
+    support::with_emulator(&mut cmd, host);
+    cmd.env("MODELCACHE_LOG", "warn")
+        .args([
+            "prefetch",
+            "--json",
+            "--model",
+            "bench",
+            "--source",
+            "az://bench/m",
+        ])
+        .arg("--cache-root")
+        .arg(dest)
+        .args(extra);
+    cmd
+}
+
+/// Adaptive concurrency against every fixed setting, at both ends: an endpoint as fast as the
+/// host can take (CPU-bound here: few connections are best) and one capped per connection
+/// (many connections are best), to tmpfs.
+fn bench_adaptive(shard_mb: usize) {
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let (files, total) = loopback_model(base.path(), shard_mb);
+    let shapes: [(&str, Option<u64>, &[usize]); 2] = [
+        (
+            "uncapped (the client's CPU is the limit)",
+            None,
+            &[4, 8, 16, 32, 64],
+        ),
+        (
+            "capped at 25 MB/s per connection",
+            Some(25_000_000),
+            &[8, 16, 32, 64],
+        ),
+    ];
+    for (shape, rate, fixed) in shapes {
+        let (_server, host) = loopback_server(base.path(), rate);
+        println!(
+            "\n### Adaptive concurrency, loopback endpoint {shape}, {:.2} GB ({} files) to tmpfs (median of {REPS} interleaved rounds)\n",
+            total as f64 / 1e9,
+            files.len()
+        );
+        let mut rows: Vec<(String, Vec<String>)> = fixed
+            .iter()
+            .map(|c| {
+                (
+                    format!("fixed {c}"),
+                    vec![
+                        "--concurrency".to_string(),
+                        c.to_string(),
+                        "--adaptive-concurrency".into(),
+                        "false".into(),
+                    ],
+                )
+            })
+            .collect();
+        rows.push(("adaptive, ceiling 64 (default)".into(), Vec::new()));
+        let mut figures: Vec<Vec<(Figure, u64)>> = vec![Vec::new(); rows.len()];
+        let dest = base.path().join("dest");
+        for _ in 0..REPS {
+            for (i, (label, extra)) in rows.iter().enumerate() {
+                let _ = std::fs::remove_dir_all(&dest);
+                std::fs::create_dir_all(&dest).unwrap();
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                let mut cmd = loopback_prefetch(&host, &dest, &extra);
+                let (f, out) = peers::measure_with_output(label, &mut cmd, &dest, total);
+                let chosen = out
+                    .lines()
+                    .last()
+                    .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .and_then(|v| v["concurrency"].as_u64())
+                    .unwrap_or(0);
+                figures[i].push((f, chosen));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dest);
+        println!("| concurrency | GB/s | CPU s/GB | peak RSS MiB | in flight at the end |");
+        println!("|---|---|---|---|---|");
+        let medians: Vec<(Figure, u64)> = figures
+            .into_iter()
+            .map(|mut v| {
+                v.sort_by(|a, b| a.0.gb_per_s.total_cmp(&b.0.gb_per_s));
+                v[v.len() / 2]
+            })
+            .collect();
+        for ((label, _), (f, chosen)) in rows.iter().zip(&medians) {
+            println!(
+                "| {label} | {:.2} | {:.2} | {:.0} | {chosen} |",
+                f.gb_per_s, f.cpu_s_per_gb, f.peak_rss_mib
+            );
+        }
+        let best = medians[..medians.len() - 1]
+            .iter()
+            .map(|m| m.0.gb_per_s)
+            .fold(0.0, f64::max);
+        let adaptive = medians[medians.len() - 1].0.gb_per_s;
+        println!(
+            "\nadaptive vs the best fixed setting: {:.2}× ({:.2} vs {:.2} GB/s)",
+            adaptive / best,
+            adaptive,
+            best
+        );
+    }
+}
+
+fn bench_loopback(shard_mb: usize) {
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let (files, total) = loopback_model(base.path(), shard_mb);
     let list = base.path().join("list.txt");
     std::fs::write(
         &list,
@@ -477,23 +610,7 @@ fn bench_loopback(shard_mb: usize) {
             .collect::<String>(),
     )
     .unwrap();
-
-    let mut server = ChildGuard(
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .arg("--serve-blob")
-            .arg(base.path().join("root"))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let port: u16 = first.trim().trim_start_matches("port ").parse().unwrap();
-    let host = format!("http://127.0.0.1:{port}");
+    let (_server, host) = loopback_server(base.path(), None);
     let account_url = format!("{host}/{}", support::ACCOUNT);
 
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools");
@@ -509,23 +626,8 @@ fn bench_loopback(shard_mb: usize) {
     );
     let modelcache = |extra: &'static [&'static str]| {
         let host = host.clone();
-        Box::new(move |dest: &Path| {
-            let mut cmd = support::modelcache();
-            support::with_emulator(&mut cmd, &host);
-            cmd.env("MODELCACHE_LOG", "warn")
-                .args([
-                    "prefetch",
-                    "--json",
-                    "--model",
-                    "bench",
-                    "--source",
-                    "az://bench/m",
-                ])
-                .arg("--cache-root")
-                .arg(dest)
-                .args(extra);
-            Some(cmd)
-        }) as Box<dyn Fn(&Path) -> Option<std::process::Command>>
+        Box::new(move |dest: &Path| Some(loopback_prefetch(&host, dest, extra)))
+            as Box<dyn Fn(&Path) -> Option<std::process::Command>>
     };
     let plain = |write: bool| {
         let (exe, list, url) = (
@@ -690,7 +792,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // Helper processes the loopback section starts (so their CPU and memory are their own).
     if let Some(i) = args.iter().position(|a| a == "--serve-blob") {
-        blobserver::serve(PathBuf::from(&args[i + 1]));
+        let rate = args.get(i + 2).and_then(|r| r.parse().ok());
+        blobserver::serve(PathBuf::from(&args[i + 1]), rate);
     }
     if let Some(i) = args.iter().position(|a| a == "--plain-get") {
         let dest = (args[i + 3] != "-").then(|| PathBuf::from(&args[i + 3]));
@@ -711,6 +814,9 @@ fn main() {
     let only = std::env::var("MODELCACHE_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "loopback" {
         bench_loopback(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100));
+    }
+    if only.is_empty() || only == "adaptive" {
+        bench_adaptive(env_usize("MODELCACHE_BENCH_ADAPTIVE_SHARD_MB", 200));
     }
     if only.is_empty() || only == "file" {
         bench_file(env_usize("MODELCACHE_BENCH_SHARD_MB", 64));

@@ -17,7 +17,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Serves `root` on a free loopback port, printing `port N` on stdout once listening; never
 /// returns.
-pub fn serve(root: PathBuf) -> ! {
+pub fn serve(root: PathBuf, rate_per_connection: Option<u64>) -> ! {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the loopback Blob server");
     let port = listener.local_addr().expect("local address").port();
     println!("port {port}");
@@ -27,7 +27,7 @@ pub fn serve(root: PathBuf) -> ! {
         let root = root.clone();
         std::thread::spawn(move || {
             let _ = conn.set_nodelay(true);
-            let _ = handle(conn, &root);
+            let _ = handle(conn, &root, rate_per_connection);
         });
     }
     unreachable!("TcpListener::incoming never ends")
@@ -115,11 +115,11 @@ fn http_date(meta: &std::fs::Metadata) -> String {
     httpdate::fmt_http_date(t)
 }
 
-fn handle(conn: TcpStream, root: &Path) -> std::io::Result<()> {
+fn handle(conn: TcpStream, root: &Path, rate: Option<u64>) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
     while let Some(req) = read_request(&mut reader)? {
-        respond(&req, &mut out, root)?;
+        respond(&req, &mut out, root, rate)?;
     }
     Ok(())
 }
@@ -134,7 +134,12 @@ fn simple(out: &mut TcpStream, status: &str, code: &str, extra: &str) -> std::io
     )
 }
 
-fn respond(req: &Request, out: &mut TcpStream, root: &Path) -> std::io::Result<()> {
+fn respond(
+    req: &Request,
+    out: &mut TcpStream,
+    root: &Path,
+    rate: Option<u64>,
+) -> std::io::Result<()> {
     let mut segs = req.path.trim_start_matches('/').splitn(3, '/');
     let _account = segs.next().unwrap_or_default();
     let container = segs.next().unwrap_or_default();
@@ -214,10 +219,21 @@ fn respond(req: &Request, out: &mut TcpStream, root: &Path) -> std::io::Result<(
     }
     let mut offset = i64::try_from(start).unwrap_or(0);
     let stop = i64::try_from(end).unwrap_or(0);
+    let began = std::time::Instant::now();
+    let first = offset;
+    // A per-connection cap stands in for Blob Storage, where one connection carries far less
+    // than the node's link: send in 256 KiB steps, each no sooner than the cap allows.
+    let step = if rate.is_some() { 256 << 10 } else { 1 << 30 };
     while offset < stop {
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64((offset - first) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(began.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         let want = usize::try_from(stop - offset)
             .unwrap_or(usize::MAX)
-            .min(1 << 30);
+            .min(step);
         match nix::sys::sendfile::sendfile64(&*out, &file, Some(&mut offset), want) {
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(_) => {}

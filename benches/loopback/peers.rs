@@ -35,9 +35,20 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 /// Runs `cmd` to completion, then `syncfs` on `dest`; panics with its stderr if it fails.
 pub fn measure(label: &str, cmd: &mut Command, dest: &Path, bytes: u64) -> Figure {
+    measure_with_output(label, cmd, dest, bytes).0
+}
+
+/// [`measure`], also returning what the client printed on stdout.
+pub fn measure_with_output(
+    label: &str,
+    cmd: &mut Command,
+    dest: &Path,
+    bytes: u64,
+) -> (Figure, String) {
     let log = tempfile::NamedTempFile::new().expect("temp file");
+    let stdout = tempfile::NamedTempFile::new().expect("temp file");
     cmd.stdin(Stdio::null())
-        .stdout(log.reopen().expect("log"))
+        .stdout(stdout.reopen().expect("stdout"))
         .stderr(log.reopen().expect("log"));
     let cpu0 = children_cpu();
     let start = Instant::now();
@@ -64,11 +75,15 @@ pub fn measure(label: &str, cmd: &mut Command, dest: &Path, bytes: u64) -> Figur
         panic!("{label} failed ({status}):\n{}", tail(&text, 3000));
     }
     let gb = bytes as f64 / 1e9;
-    Figure {
+    let figure = Figure {
         gb_per_s: gb / secs,
         cpu_s_per_gb: cpu / gb,
         peak_rss_mib: peak_kib as f64 / 1024.0,
-    }
+    };
+    (
+        figure,
+        std::fs::read_to_string(stdout.path()).unwrap_or_default(),
+    )
 }
 
 fn tail(s: &str, n: usize) -> &str {

@@ -273,7 +273,7 @@ pub struct FetchArgs {
     /// chosen from measured throughput up to this ceiling [default: 64].
     #[arg(long, env = "MODELCACHE_CONCURRENCY", value_name = "N")]
     pub concurrency: Option<usize>,
-    /// Choose the ranges in flight from measured throughput: start at 8, double while it pays,
+    /// Choose the ranges in flight from measured throughput: start at 16, quadruple while it pays,
     /// halve on throttling, probe now and then; false keeps exactly --concurrency
     /// [default: true].
     #[arg(long, env = "MODELCACHE_ADAPTIVE_CONCURRENCY", value_name = "BOOL")]
