@@ -473,7 +473,11 @@ fn the_reported_peak_rss_is_the_prefetchs_own_not_its_parents() {
 fn the_summary_says_how_many_ranges_were_in_flight() {
     let source = small_model(300_000, 17);
     let cache = tempfile::tempdir().unwrap();
-    let s = summary(&prefetch_file(source.path(), cache.path(), &["--concurrency", "12"]));
+    let s = summary(&prefetch_file(
+        source.path(),
+        cache.path(),
+        &["--concurrency", "12"],
+    ));
     let chosen = s["concurrency"].as_u64().unwrap();
     assert!((1..=12).contains(&chosen), "{s}");
     let fixed = tempfile::tempdir().unwrap();
