@@ -388,39 +388,15 @@ impl Engine {
                 Err(RangeFailure::Local(e)) => return Err(e),
                 Err(RangeFailure::Source(e)) => e,
             };
-            if let SourceError::Changed { path } = err {
-                return Err(PrefetchError::SourceChanged { path });
-            }
-            match err.retry_cause() {
-                Some(cause) if attempts < self.options.max_attempts => {
-                    self.progress.retried(cause);
-                    let delay = self.options.backoff(attempts, err.retry_after());
-                    warn!(
-                        blob.path = %slot.remote.path,
-                        range.start = writer.pos,
-                        range.end = end,
-                        attempt = attempts,
-                        retry.cause = cause.as_str(),
-                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        "retrying {} bytes {}..{} after: {}",
-                        slot.remote.path,
-                        writer.pos,
-                        end,
-                        error_chain(&err)
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                _ => {
-                    return Err(PrefetchError::RangeFailed {
-                        path: slot.remote.path.clone(),
-                        start,
-                        end,
-                        attempts,
-                        elapsed: began.elapsed(),
-                        source: err,
-                    });
-                }
-            }
+            let failed = FailedAttempt {
+                path: &slot.remote.path,
+                range: start..end,
+                resume_at: writer.pos,
+                attempts,
+                began,
+            };
+            let delay = failed.retry_or_give_up(&self.options, &self.progress, err)?;
+            tokio::time::sleep(delay).await;
         }
         let digest = writer.hasher.as_ref().map(PieceHasher::finish);
         {
@@ -586,6 +562,64 @@ async fn adapt(
             limit.store(now, Ordering::Relaxed);
             progress.set_concurrency(now);
             changed.notify_one();
+        }
+    }
+}
+
+/// A range's attempt that failed, for [`FailedAttempt::retry_or_give_up`].
+pub(super) struct FailedAttempt<'a> {
+    /// The file.
+    pub(super) path: &'a str,
+    /// The whole range, named if it fails.
+    pub(super) range: std::ops::Range<u64>,
+    /// Where the next attempt starts (bytes before it are kept).
+    pub(super) resume_at: u64,
+    /// Attempts made, this one included.
+    pub(super) attempts: u32,
+    /// When the first attempt started.
+    pub(super) began: Instant,
+}
+
+impl FailedAttempt<'_> {
+    /// The delay before the next attempt (counted and logged), or the error that ends the
+    /// range: a changed file (the prefetch restarts from a fresh listing), a failure not worth
+    /// retrying, or the last allowed attempt.
+    pub(super) fn retry_or_give_up(
+        self,
+        options: &FetchOptions,
+        progress: &Progress,
+        err: SourceError,
+    ) -> Result<std::time::Duration, PrefetchError> {
+        if let SourceError::Changed { path } = err {
+            return Err(PrefetchError::SourceChanged { path });
+        }
+        match err.retry_cause() {
+            Some(cause) if self.attempts < options.max_attempts => {
+                progress.retried(cause);
+                let delay = options.backoff(self.attempts, err.retry_after());
+                warn!(
+                    blob.path = %self.path,
+                    range.start = self.resume_at,
+                    range.end = self.range.end,
+                    attempt = self.attempts,
+                    retry.cause = cause.as_str(),
+                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "retrying {} bytes {}..{} after: {}",
+                    self.path,
+                    self.resume_at,
+                    self.range.end,
+                    error_chain(&err)
+                );
+                Ok(delay)
+            }
+            _ => Err(PrefetchError::RangeFailed {
+                path: self.path.to_string(),
+                start: self.range.start,
+                end: self.range.end,
+                attempts: self.attempts,
+                elapsed: self.began.elapsed(),
+                source: err,
+            }),
         }
     }
 }

@@ -12,10 +12,9 @@ use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::PrefetchError;
-use super::error_chain;
+use super::pieces::FailedAttempt;
 use super::plan::Plan;
 use super::progress::Progress;
 use crate::config::FetchOptions;
@@ -175,40 +174,17 @@ impl Reader<'_> {
                     ),
                 ),
             };
-            if let SourceError::Changed { path } = err {
-                return Err(PrefetchError::SourceChanged { path });
-            }
-            match err.retry_cause() {
-                Some(cause) if attempts < self.options.max_attempts => {
-                    self.progress.retried(cause);
-                    let delay = self.options.backoff(attempts, err.retry_after());
-                    warn!(
-                        blob.path = %file.path,
-                        range.start = range.start,
-                        range.end = range.end,
-                        attempt = attempts,
-                        retry.cause = cause.as_str(),
-                        "retrying the header check's read of {} bytes {}..{} after: {}",
-                        file.path,
-                        range.start,
-                        range.end,
-                        error_chain(&err)
-                    );
-                    tokio::select! {
-                        () = self.cancel.cancelled() => return Err(PrefetchError::Cancelled),
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-                _ => {
-                    return Err(PrefetchError::RangeFailed {
-                        path: file.path.clone(),
-                        start: range.start,
-                        end: range.end,
-                        attempts,
-                        elapsed: began.elapsed(),
-                        source: err,
-                    });
-                }
+            let failed = FailedAttempt {
+                path: &file.path,
+                range: range.clone(),
+                resume_at: range.start,
+                attempts,
+                began,
+            };
+            let delay = failed.retry_or_give_up(self.options, self.progress, err)?;
+            tokio::select! {
+                () = self.cancel.cancelled() => return Err(PrefetchError::Cancelled),
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
