@@ -301,6 +301,8 @@ impl Engine {
                 Arc::clone(&limit),
                 Arc::clone(&changed),
                 ceiling,
+                // Read here, before any range is launched, so no throttling answer is missed.
+                self.progress.throttled(),
             )))
         });
         let mut queue = jobs.into_iter();
@@ -541,17 +543,23 @@ async fn adapt(
     limit: Arc<AtomicUsize>,
     changed: Arc<tokio::sync::Notify>,
     ceiling: usize,
+    mut throttled: u64,
 ) {
     let mut controller = Controller::new(ceiling);
     loop {
         tokio::time::sleep(adaptive::SETTLE).await;
-        let (bytes, throttled, began) = (progress.fetched(), progress.throttled(), Instant::now());
+        let (bytes, began) = (progress.fetched(), Instant::now());
         tokio::time::sleep(adaptive::WINDOW).await;
         #[expect(clippy::cast_precision_loss, reason = "a rate")]
         let rate = progress.fetched().saturating_sub(bytes) as f64
             / began.elapsed().as_secs_f64().max(1e-3);
+        // Throttling counts over the whole interval, settling time included: the rate needs the
+        // new connections settled, a 503 is a 503 whenever it came.
+        let now_throttled = progress.throttled();
+        let was_throttled = now_throttled > throttled;
+        throttled = now_throttled;
         let before = controller.limit();
-        let now = controller.observe(rate, progress.throttled() > throttled);
+        let now = controller.observe(rate, was_throttled);
         if now != before {
             debug!(
                 from = before,

@@ -291,3 +291,49 @@ fn without_a_manifest_a_bit_flipped_in_transit_is_caught_by_the_transactional_md
     ));
     assert_eq!(s["verification"], "structural", "{s}");
 }
+
+/// Throttling answers halve the ranges in flight, and the summary says how many were left.
+/// Every shard GET answers 503 (`Retry-After: 1`) from the moment the download begins (a hook
+/// on the first read of config.json, which the header checks before the download never read),
+/// so the adaptive controller's first window sees them, whatever the ceiling.
+#[test]
+fn throttling_halves_the_ranges_in_flight() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 1_000_000, true));
+    let proxy = FaultProxy::start(az.port);
+    let add = proxy.rule_adder();
+    proxy.hook(
+        "gpt-oss-120b/config.json",
+        Box::new(move || {
+            Box::pin(async move {
+                add(
+                    ".safetensors",
+                    Fault::Busy {
+                        retry_after_secs: 1,
+                    },
+                    Some(64),
+                );
+            })
+        }),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = prefetch_cmd(
+        Some(&proxy.endpoint()),
+        &model.url(),
+        cache.path(),
+        &["--concurrency", "64"],
+    );
+    let s = summary(&run(&mut cmd, Duration::from_secs(120)));
+    assert!(s["retries"]["throttled"].as_u64().unwrap_or(0) >= 64, "{s}");
+    let left = s["concurrency"].as_u64().unwrap();
+    assert!(
+        (1..=8).contains(&left),
+        "16 at the start, halved at least once: {s}"
+    );
+    assert_published_identical(
+        model.source.path(),
+        &cache.path().join("models/gpt-oss-120b"),
+    );
+}

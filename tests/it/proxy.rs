@@ -163,6 +163,19 @@ impl FaultProxy {
         });
     }
 
+    /// Adds rules from elsewhere (a hook, when the download begins), as [`FaultProxy::add`].
+    pub fn rule_adder(&self) -> impl Fn(&str, Fault, Option<usize>) + Send + Sync + 'static {
+        let rules = Arc::clone(&self.rules);
+        move |path_contains, fault, times| {
+            rules.lock().unwrap().push(Rule {
+                path_contains: path_contains.to_string(),
+                fault: Some(fault),
+                hook: None,
+                remaining: times,
+            });
+        }
+    }
+
     pub fn fired(&self) -> usize {
         *self.fired.lock().unwrap()
     }
