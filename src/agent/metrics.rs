@@ -43,6 +43,7 @@ struct PhaseLabel {
 struct Totals {
     fetched: u64,
     reused: u64,
+    hedged: u64,
     retries: [u64; RetryCause::ALL.len()],
 }
 
@@ -50,6 +51,7 @@ impl Totals {
     fn add(&mut self, p: &Progress) {
         self.fetched += p.fetched();
         self.reused += p.reused();
+        self.hedged += p.hedged_ranges();
         for (i, (_, n)) in p.retries().into_iter().enumerate() {
             if let Some(slot) = self.retries.get_mut(i) {
                 *slot += n;
@@ -65,6 +67,7 @@ pub struct Metrics {
     reused: Family<ModelLabel, Counter>,
     retries: Family<CauseLabel, Counter>,
     throttled: Counter,
+    hedged: Counter,
     verify_failures: Counter,
     evictions: Counter,
     scrubbed: Counter,
@@ -92,6 +95,7 @@ impl Metrics {
         let reused = Family::<ModelLabel, Counter>::default();
         let retries = Family::<CauseLabel, Counter>::default();
         let throttled = Counter::default();
+        let hedged = Counter::default();
         let verify_failures = Counter::default();
         let evictions = Counter::default();
         let scrubbed = Counter::default();
@@ -118,6 +122,11 @@ impl Metrics {
             "modelcache_range_retries",
             "Ranges retried, by cause",
             retries.clone(),
+        );
+        registry.register(
+            "modelcache_hedged_ranges",
+            "Slow ranges at the end of a download asked for again on a second connection",
+            hedged.clone(),
         );
         registry.register(
             "modelcache_fetch_concurrency",
@@ -175,6 +184,7 @@ impl Metrics {
             reused,
             retries,
             throttled,
+            hedged,
             verify_failures,
             evictions,
             scrubbed,
@@ -262,7 +272,9 @@ impl Metrics {
                 by_cause[i] += now.retries[i];
                 by_cause_before[i] += before.retries[i];
             }
+            self.hedged.inc_by(now.hedged.saturating_sub(before.hedged));
             // Only ever move forward, so a counter never goes down.
+            before.hedged = before.hedged.max(now.hedged);
             before.fetched = before.fetched.max(now.fetched);
             before.reused = before.reused.max(now.reused);
             for i in 0..before.retries.len() {

@@ -9,6 +9,7 @@
 mod adaptive;
 mod download;
 mod finish;
+mod hedge;
 pub mod journal;
 mod pieces;
 mod plan;
@@ -284,6 +285,8 @@ pub struct Summary {
     /// Ranges in flight at the end of the download: the adaptive controller's choice, or the
     /// fixed `--concurrency` (0 when nothing was downloaded).
     pub concurrency: usize,
+    /// Slow ranges at the end of the download asked for again on a second connection.
+    pub hedged_ranges: u64,
     /// Range retries by cause.
     pub retries: BTreeMap<String, u64>,
     /// Fresh listings after a file changed during the download.
@@ -373,6 +376,7 @@ async fn attempt(
         verification,
         already_published: already,
         concurrency: progress.concurrency(),
+        hedged_ranges: progress.hedged_ranges(),
         retries: progress
             .retries()
             .into_iter()

@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 
 use super::PrefetchError;
 use super::adaptive::{self, Controller};
+use super::hedge::{Tail, Ticket};
 use super::journal::{JournalLine, hex};
 use super::progress::Progress;
 use crate::config::FetchOptions;
@@ -27,6 +28,9 @@ use crate::verify::hash::{PieceDigest, PieceHasher, piece_count};
 
 /// Bytes gathered from the network before one hash-and-write call.
 const WRITE_BUFFER: usize = 1 << 20;
+
+/// How often the tail of a run is looked at for ranges to hedge.
+const TAIL_WATCH: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where a file's bytes go: a partial file, created and preallocated on first use.
 #[derive(Debug)]
@@ -307,13 +311,21 @@ impl Engine {
         });
         let mut queue = jobs.into_iter();
         let mut set = JoinSet::new();
+        let mut tail = Tail::default();
+        let mut watch = tokio::time::interval(TAIL_WATCH);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             while set.len() < limit.load(Ordering::Relaxed) {
                 let Some((file, index)) = queue.next() else {
                     break;
                 };
                 let engine = Arc::clone(self);
-                set.spawn(async move { engine.fetch_range(file, index).await });
+                let ticket = Arc::new(Ticket::new(0, None, Instant::now()));
+                tail.launched((file, index), Arc::clone(&ticket));
+                set.spawn(async move {
+                    let result = engine.fetch_range(file, index, ticket).await;
+                    ((file, index), result)
+                });
             }
             let next = tokio::select! {
                 biased;
@@ -327,11 +339,16 @@ impl Engine {
                 next = set.join_next() => next,
                 // A raised limit launches more ranges at once, not at the next completion.
                 () = changed.notified() => continue,
+                _ = watch.tick() => {
+                    let few = (limit.load(Ordering::Relaxed) / 4).max(2);
+                    tail.check(queue.len() == 0, few, Instant::now());
+                    continue;
+                }
             };
             match next {
                 None => return Ok(()),
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => {
+                Some(Ok((key, Ok(())))) => tail.finished(key, Instant::now()),
+                Some(Ok((_, Err(e)))) => {
                     set.abort_all();
                     while set.join_next().await.is_some() {}
                     return Err(e);
@@ -357,7 +374,12 @@ impl Engine {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    async fn fetch_range(&self, file_index: usize, index: u64) -> Result<(), PrefetchError> {
+    async fn fetch_range(
+        &self,
+        file_index: usize,
+        index: u64,
+        ticket: Arc<Ticket>,
+    ) -> Result<(), PrefetchError> {
         let slot = self
             .files
             .get(file_index)
@@ -370,37 +392,57 @@ impl Engine {
             Some(sink) => Some(sink.open(size, self.options.direct_io).await?),
             None => None,
         };
-        let mut writer = RangeWriter {
-            handle: handle.clone(),
-            hasher: self
-                .options
-                .hash
-                .then(|| PieceHasher::new(start, size <= chunk)),
-            buf: AlignedBuf::new(WRITE_BUFFER.min(usize::try_from(end - start).unwrap_or(0))),
-            pos: start,
-            sink_path: slot.sink.as_ref().map(|s| s.path.clone()),
-            writes: self.writes.clone(),
+        let writer_at =
+            |pos: u64, hasher: Option<PieceHasher>, ticket: Option<Arc<Ticket>>| RangeWriter {
+                handle: handle.clone(),
+                hasher,
+                buf: AlignedBuf::new(WRITE_BUFFER.min(usize::try_from(end - pos).unwrap_or(0))),
+                pos,
+                sink_path: slot.sink.as_ref().map(|s| s.path.clone()),
+                writes: self.writes.clone(),
+                ticket,
+            };
+        let hasher = self
+            .options
+            .hash
+            .then(|| PieceHasher::new(start, size <= chunk));
+        ticket.flushed(start, hasher.as_ref());
+        let first = self.fetch_into(
+            &slot.remote,
+            start..end,
+            writer_at(start, hasher, Some(Arc::clone(&ticket))),
+        );
+        tokio::pin!(first);
+        let hasher = tokio::select! {
+            result = &mut first => result?,
+            () = ticket.hedge.notified() => {
+                // A slow range in the tail: its remainder again on a second connection, from
+                // the first copy's last write and with its hash state there.
+                let (pos, hasher) = ticket.resume_point();
+                self.progress.hedged();
+                warn!(
+                    blob.path = %slot.remote.path,
+                    range.start = pos,
+                    range.end = end,
+                    "{} bytes {pos}..{end} is slow at the end of the download: asking for it on a second connection too",
+                    slot.remote.path
+                );
+                let second = self.fetch_into(&slot.remote, start..end, writer_at(pos, hasher, None));
+                tokio::pin!(second);
+                // The first copy to succeed wins; a copy that fails leaves it to the other.
+                tokio::select! {
+                    result = &mut first => match result {
+                        Ok(h) => h,
+                        Err(_) => second.await?,
+                    },
+                    result = &mut second => match result {
+                        Ok(h) => h,
+                        Err(_) => first.await?,
+                    },
+                }
+            }
         };
-        let began = Instant::now();
-        let mut attempts: u32 = 0;
-        loop {
-            attempts += 1;
-            let err = match self.stream_into(&slot.remote, end, &mut writer).await {
-                Ok(()) => break,
-                Err(RangeFailure::Local(e)) => return Err(e),
-                Err(RangeFailure::Source(e)) => e,
-            };
-            let failed = FailedAttempt {
-                path: &slot.remote.path,
-                range: start..end,
-                resume_at: writer.pos,
-                attempts,
-                began,
-            };
-            let delay = failed.retry_or_give_up(&self.options, &self.progress, err)?;
-            tokio::time::sleep(delay).await;
-        }
-        let digest = writer.hasher.as_ref().map(PieceHasher::finish);
+        let digest = hasher.as_ref().map(PieceHasher::finish);
         {
             let mut digests = slot.digests.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(d) = usize::try_from(index).ok().and_then(|i| digests.get_mut(i)) {
@@ -425,6 +467,35 @@ impl Engine {
         }
         debug!(blob.path = %slot.remote.path, range.start = start, range.end = end, "range done");
         Ok(())
+    }
+
+    /// Fetches `range` from `writer.pos` to its end into the writer, retrying each failure
+    /// from the first byte not yet received; returns the hash state over the whole range.
+    async fn fetch_into(
+        &self,
+        remote: &RemoteFile,
+        range: std::ops::Range<u64>,
+        mut writer: RangeWriter,
+    ) -> Result<Option<PieceHasher>, PrefetchError> {
+        let began = Instant::now();
+        let mut attempts: u32 = 0;
+        loop {
+            attempts += 1;
+            let err = match self.stream_into(remote, range.end, &mut writer).await {
+                Ok(()) => return Ok(writer.hasher.take()),
+                Err(RangeFailure::Local(e)) => return Err(e),
+                Err(RangeFailure::Source(e)) => e,
+            };
+            let failed = FailedAttempt {
+                path: &remote.path,
+                range: range.clone(),
+                resume_at: writer.pos,
+                attempts,
+                began,
+            };
+            let delay = failed.retry_or_give_up(&self.options, &self.progress, err)?;
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// Streams `writer.pos..end` of the file into the writer, which keeps every byte received
@@ -673,6 +744,8 @@ struct RangeWriter {
     pos: u64,
     sink_path: Option<PathBuf>,
     writes: tokio_util::task::TaskTracker,
+    /// Where the first copy of a range reports each write, for a hedge to start from.
+    ticket: Option<Arc<Ticket>>,
 }
 
 impl RangeWriter {
@@ -692,6 +765,9 @@ impl RangeWriter {
         let mut buf = self.write(buf).await?;
         buf.len = 0;
         self.buf = buf;
+        if let Some(ticket) = &self.ticket {
+            ticket.flushed(self.pos, self.hasher.as_ref());
+        }
         Ok(())
     }
 

@@ -46,6 +46,7 @@ pub struct Progress {
     reused: AtomicU64,
     retries: [AtomicU64; RetryCause::ALL.len()],
     concurrency: AtomicUsize,
+    hedged: AtomicU64,
 }
 
 impl Progress {
@@ -134,6 +135,15 @@ impl Progress {
     /// 0 before the download starts.
     pub fn concurrency(&self) -> usize {
         self.concurrency.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn hedged(&self) {
+        self.hedged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Slow ranges at the end of a download asked for again on a second connection.
+    pub fn hedged_ranges(&self) -> u64 {
+        self.hedged.load(Ordering::Relaxed)
     }
 
     /// Answers so far that asked to slow down (503, 429).

@@ -337,3 +337,65 @@ fn throttling_halves_the_ranges_in_flight() {
         &cache.path().join("models/gpt-oss-120b"),
     );
 }
+
+/// A range that goes silent at the end of the download is asked for again on a second
+/// connection instead of waiting out the stall timeout. The stall comes after the first copy
+/// wrote its first MiB, so the second copy starts there with the first one's hash state: the
+/// model then passing its BLAKE3 manifest proves the two halves join.
+#[test]
+fn a_slow_range_in_the_tail_is_hedged_on_a_second_connection() {
+    let Some(az) = azurite() else { return };
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, 5_000_000, true));
+    let proxy = FaultProxy::start(az.port);
+    let add = proxy.rule_adder();
+    proxy.hook(
+        "gpt-oss-120b/config.json",
+        Box::new(move || {
+            Box::pin(async move {
+                add(
+                    "model-00007",
+                    Fault::Stall(Duration::from_secs(90)),
+                    Some(1),
+                );
+            })
+        }),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = prefetch_cmd(
+        Some(&proxy.endpoint()),
+        &model.url(),
+        cache.path(),
+        &["--chunk-size", "4MiB", "--stall-timeout", "120s"],
+    );
+    let started = Instant::now();
+    let out = run(&mut cmd, Duration::from_secs(180));
+    let s = summary(&out);
+    assert_eq!(proxy.fired(), 1, "the stall fired");
+    assert!(s["hedged_ranges"].as_u64().unwrap() >= 1, "{s}");
+    // The second copy began past the first MiB the first copy had written, not at the range's
+    // start (ranges start at multiples of 4 MiB).
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.contains("asking for it on a second connection"))
+        .unwrap_or_else(|| panic!("no hedge in the log: {err}"));
+    let from: u64 = line
+        .split(" bytes ")
+        .nth(1)
+        .and_then(|r| r.split("..").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(from % (4 << 20) != 0, "the hedge restarted the whole range: {line}");
+    assert_eq!(s["verification"], "blake3", "{s}");
+    assert!(
+        started.elapsed() < Duration::from_secs(80),
+        "did not wait out the 90 s stall: {:?}",
+        started.elapsed()
+    );
+    assert_published_identical(
+        model.source.path(),
+        &cache.path().join("models/gpt-oss-120b"),
+    );
+}
