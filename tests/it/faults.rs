@@ -387,7 +387,10 @@ fn a_slow_range_in_the_tail_is_hedged_on_a_second_connection() {
         .and_then(|r| r.split("..").next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{line}"));
-    assert!(from % (4 << 20) != 0, "the hedge restarted the whole range: {line}");
+    assert!(
+        from % (4 << 20) != 0,
+        "the hedge restarted the whole range: {line}"
+    );
     assert_eq!(s["verification"], "blake3", "{s}");
     assert!(
         started.elapsed() < Duration::from_secs(80),
