@@ -132,6 +132,10 @@ impl Reader<'_> {
     }
 
     async fn header(&self, file: &RemoteFile) -> Result<Vec<u8>, PrefetchError> {
+        if file.size < 8 {
+            // Too short to hold a header: refused without asking the source for an empty range.
+            header_end(&[], file.size, &file.path)?;
+        }
         let mut head = self.read(file, 0..file.size.min(FIRST_READ)).await?;
         let end = header_end(&head, file.size, &file.path)?;
         let have = head.len() as u64;

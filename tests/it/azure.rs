@@ -227,3 +227,30 @@ fn a_broken_index_is_refused_before_the_download_begins() {
         .collect();
     assert!(started.is_empty(), "the download had begun: {started:?}");
 }
+
+/// A zero-byte shard cannot hold a header: refused before the download, without asking Blob
+/// for an empty range.
+#[test]
+fn an_empty_shard_is_refused_before_the_download_begins() {
+    let Some(az) = azurite() else { return };
+    let rt = runtime();
+    let model = rt.block_on(azure_model(az, 100_000, false));
+    rt.block_on(put_small(
+        &model.store,
+        "gpt-oss-120b/extra.safetensors",
+        b"",
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let out = prefetch_via(az.endpoint(), &model.url(), cache.path());
+    assert_eq!(out.status.code(), Some(5), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("extra.safetensors is not a valid safetensors file"),
+        "{err}"
+    );
+    let started: Vec<String> = files_under(cache.path())
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors") || f.ends_with("journal.jsonl"))
+        .collect();
+    assert!(started.is_empty(), "the download had begun: {started:?}");
+}
