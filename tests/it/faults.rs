@@ -339,15 +339,16 @@ fn throttling_halves_the_ranges_in_flight() {
 }
 
 /// A range that goes silent at the end of the download is asked for again on a second
-/// connection instead of waiting out the stall timeout. The stall comes after the first copy
-/// wrote its first MiB, so the second copy starts there with the first one's hash state: the
-/// model then passing its BLAKE3 manifest proves the two halves join.
+/// connection instead of waiting out the stall timeout. Both ranges of the stalled shard are
+/// over 2 MiB, so whichever one stalls does so after half its body, past its first written MiB:
+/// the second copy starts there with the first one's hash state, and the model passing its
+/// BLAKE3 manifest proves the two parts join.
 #[test]
 fn a_slow_range_in_the_tail_is_hedged_on_a_second_connection() {
     let Some(az) = azurite() else { return };
     let model = tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(azure_model(az, 5_000_000, true));
+        .block_on(azure_model(az, 7_000_000, true));
     let proxy = FaultProxy::start(az.port);
     let add = proxy.rule_adder();
     proxy.hook(
