@@ -133,15 +133,6 @@ fn an_index_naming_an_excluded_shard_is_refused() {
     nothing_downloaded(cache.path());
 }
 
-/// Refused before the first byte of tensor data: no shard was started in staging.
-fn nothing_downloaded(cache: &Path) {
-    let started: Vec<String> = files_under(cache)
-        .into_iter()
-        .filter(|f| f.ends_with(".safetensors") || f.ends_with("journal.jsonl"))
-        .collect();
-    assert!(started.is_empty(), "the download had begun: {started:?}");
-}
-
 #[test]
 fn require_manifest_refuses_a_source_without_one() {
     let source = small_model(50_000, 14);

@@ -124,6 +124,15 @@ pub fn small_model(shard_bytes: usize, seed: u64) -> tempfile::TempDir {
     dir
 }
 
+/// Refused before the first byte of tensor data: no shard was started in staging.
+pub fn nothing_downloaded(cache: &Path) {
+    let started: Vec<String> = files_under(cache)
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors") || f.ends_with("journal.jsonl"))
+        .collect();
+    assert!(started.is_empty(), "the download had begun: {started:?}");
+}
+
 /// Every file under `dir`, relative, sorted.
 pub fn files_under(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
