@@ -549,11 +549,17 @@ impl Engine {
                 Ok(Some(Ok(bytes))) => bytes,
             };
             let held = writer.buf.len as u64;
-            if writer.pos + held + bytes.len() as u64 > end {
+            let received_to = writer.pos + held + bytes.len() as u64;
+            if received_to > end {
+                let asked_from = writer.pos;
+                // The bytes held so far were inside the range: written like those before any
+                // other failure, so the retry asks from past them (and never appends after them
+                // what it receives from their start).
+                writer.flush().await?;
                 return Err(RangeFailure::Source(SourceError::UnexpectedRange {
                     path: file.path.clone(),
-                    want: writer.pos..end,
-                    got: writer.pos..writer.pos + held + bytes.len() as u64,
+                    want: asked_from..end,
+                    got: asked_from..received_to,
                 }));
             }
             self.progress.add_fetched(bytes.len() as u64);

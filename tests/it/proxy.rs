@@ -39,6 +39,9 @@ pub enum Fault {
     TooMany { retry_after_secs: u32 },
     /// Close the connection with a reset before answering anything.
     ResetBeforeHeaders,
+    /// Forward, but send this many bytes past the asked range (`Content-Length` raised to
+    /// match, `Content-Range` kept): a server that answers more than it was asked for.
+    LongBody(usize),
 }
 
 impl Fault {
@@ -57,6 +60,7 @@ impl Fault {
             Fault::FlipBit => "flipped_bit",
             Fault::TooMany { .. } => "429",
             Fault::ResetBeforeHeaders => "reset_before_headers",
+            Fault::LongBody(_) => "long_body",
         }
     }
 }
@@ -79,6 +83,8 @@ struct Rule {
     path_contains: String,
     fault: Option<Fault>,
     hook: Option<Hook>,
+    /// Matching requests to let through before the rule starts to fire.
+    skip: usize,
     remaining: Option<usize>,
 }
 
@@ -145,10 +151,16 @@ impl FaultProxy {
     /// Applies `fault` to the next `times` ranged GETs whose request line contains
     /// `path_contains` (`None`: forever); a pattern naming `comp=list` matches listings.
     pub fn add(&self, path_contains: &str, fault: Fault, times: Option<usize>) {
+        self.add_after(path_contains, 0, fault, times);
+    }
+
+    /// As [`FaultProxy::add`], after letting the first `skip` matching requests through.
+    pub fn add_after(&self, path_contains: &str, skip: usize, fault: Fault, times: Option<usize>) {
         self.rules.lock().unwrap().push(Rule {
             path_contains: path_contains.to_string(),
             fault: Some(fault),
             hook: None,
+            skip,
             remaining: times,
         });
     }
@@ -159,6 +171,7 @@ impl FaultProxy {
             path_contains: path_contains.to_string(),
             fault: None,
             hook: Some(hook),
+            skip: 0,
             remaining: Some(1),
         });
     }
@@ -171,6 +184,7 @@ impl FaultProxy {
                 path_contains: path_contains.to_string(),
                 fault: Some(fault),
                 hook: None,
+                skip: 0,
                 remaining: times,
             });
         }
@@ -249,6 +263,10 @@ async fn handle(
                 let whole_object = rule.path_contains.contains("comp=list")
                     || rule.path_contains.contains("modelcache.manifest.json");
                 if !is_ranged_get && !whole_object {
+                    continue;
+                }
+                if rule.skip > 0 {
+                    rule.skip -= 1;
                     continue;
                 }
                 if let Some(n) = rule.remaining.as_mut() {
@@ -351,6 +369,9 @@ async fn handle(
             }
             Some(Fault::NotPartial) if lower.starts_with("content-range:") => continue,
             Some(Fault::WrongRange) if lower.starts_with("content-range:") => shifted(line),
+            Some(Fault::LongBody(extra)) if lower.starts_with("content-length:") => {
+                format!("Content-Length: {}", resp_body.len() + extra)
+            }
             _ => line.to_string(),
         };
         head_out.push_str(&line);
@@ -378,6 +399,15 @@ async fn handle(
             flipped[half] ^= 0x10;
             client.write_all(resp_head).await?;
             client.write_all(&flipped).await?;
+            client.shutdown().await?;
+        }
+        Some(Fault::LongBody(extra)) => {
+            client.write_all(resp_head).await?;
+            client.write_all(resp_body).await?;
+            // The extra bytes come apart, after the body's end has been read.
+            client.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&vec![0x5a; extra]).await?;
             client.shutdown().await?;
         }
         Some(Fault::Stall(d)) => {
