@@ -189,6 +189,7 @@ fn chaos_campaign_publishes_only_byte_identical_models() {
             Fault::FlipBit,
             Fault::WrongRange,
             Fault::NotPartial,
+            Fault::LongBody(4096),
         ],
         counts: BTreeMap::new(),
     });

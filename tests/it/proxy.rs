@@ -282,9 +282,9 @@ async fn handle(
             if let Some(chaos) = chaos.lock().unwrap().as_mut() {
                 if chaos.rng.f64() < chaos.probability && !chaos.faults.is_empty() {
                     let mut fault = chaos.faults[chaos.rng.usize(..chaos.faults.len())];
-                    // Bits flip in blob bytes; a listing with a flipped bit models nothing a
-                    // TLS connection would let through.
-                    if matches!(fault, Fault::FlipBit) && !is_ranged_get {
+                    // Bits flip, and bodies overrun, in blob bytes; a listing with a flipped
+                    // bit models nothing a TLS connection would let through.
+                    if matches!(fault, Fault::FlipBit | Fault::LongBody(_)) && !is_ranged_get {
                         fault = Fault::ServerError;
                     }
                     *chaos.counts.entry(fault.name()).or_default() += 1;
