@@ -652,6 +652,10 @@ fn bench_loopback(shard_mb: usize) {
             modelcache(&[]),
         ),
         (
+            "modelcache defaults, hashing off (`--no-hash`: structure checks only)",
+            modelcache(&["--no-hash"]),
+        ),
+        (
             "modelcache `--concurrency 8`, BLAKE3 verified",
             modelcache(&["--concurrency", "8"]),
         ),
@@ -766,6 +770,20 @@ fn bench_loopback(shard_mb: usize) {
             ratio(0, SDK),
             ratio(0, RCLONE)
         );
+        // What verification costs, against what the plain client spends in all.
+        if let (Some(hashed), Some(unhashed), Some(plain)) =
+            (medians[0], medians[UNHASHED], medians[PLAIN_WRITE])
+        {
+            println!(
+                "BLAKE3 costs {:.2} CPU s/GB here (verified {:.2} against unhashed {:.2}); unhashed modelcache against plain GET + pwrite: {:.2} against {:.2} CPU s/GB, {:.2}× the GB/s",
+                hashed.cpu_s_per_gb - unhashed.cpu_s_per_gb,
+                hashed.cpu_s_per_gb,
+                unhashed.cpu_s_per_gb,
+                unhashed.cpu_s_per_gb,
+                plain.cpu_s_per_gb,
+                unhashed.gb_per_s / plain.gb_per_s
+            );
+        }
     }
 }
 
@@ -780,9 +798,10 @@ impl Drop for ChildGuard {
 }
 
 /// Rows of the loopback table the ratios use.
-const SDK: usize = 3;
-const RCLONE: usize = 4;
-const PLAIN_WRITE: usize = 5;
+const UNHASHED: usize = 1;
+const SDK: usize = 4;
+const RCLONE: usize = 5;
+const PLAIN_WRITE: usize = 6;
 
 /// The plain client's fixed shape.
 const PLAIN_CONCURRENCY: usize = 8;
