@@ -1,6 +1,11 @@
 //! Tail hedging: the last ranges of a download decide when it ends, so when only a few remain
-//! and one has been running far longer than finished ranges took, its remainder is asked for
-//! again on a second connection and whichever copy finishes first is kept.
+//! and one is receiving far slower than finished ranges did, its remainder is asked for again on
+//! a second connection and whichever copy finishes first is kept.
+//!
+//! Slowness is judged by rate, not by time: a range's bytes received so far over its age,
+//! against the bytes-per-second one connection carried over the finished ranges. A large range
+//! that streams at the usual pace is never hedged however long it runs, and small files, which
+//! finish in milliseconds, neither make big ranges look slow nor weigh on the usual pace.
 //!
 //! Both copies are pinned to the same ETag, so they carry the same bytes and may write the same
 //! offsets of the partial file in any order. The second copy starts at the first one's last
@@ -10,20 +15,20 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::verify::hash::PieceHasher;
 
-/// How many times the median range duration a range must have run to be hedged.
-const SLOW_FACTOR: u32 = 3;
+/// How many times slower than the usual pace a range must be receiving to be hedged.
+const SLOW_FACTOR: f64 = 3.0;
 
 /// No range is hedged before it has run this long: a second copy costs a connection and
 /// duplicate bytes, worth it for a straggler, not for the jitter of short ranges (a 64 MiB
 /// range from Blob Storage takes about 0.5–1 s on one connection).
 const MIN_AGE: Duration = Duration::from_secs(3);
 
-/// Finished ranges needed before a median means anything.
+/// Finished ranges needed before the usual pace means anything.
 const MIN_SAMPLES: usize = 3;
 
 /// Most hedges in one run of the engine.
@@ -36,6 +41,8 @@ pub(crate) struct Ticket {
     pub(crate) hedge: tokio::sync::Notify,
     /// The first copy's position and hash state after its last write.
     pub(crate) flushed: Mutex<(u64, Option<PieceHasher>)>,
+    /// Bytes the first copy has received, written or not (retries included).
+    received: AtomicU64,
     started: Instant,
     hedged: AtomicBool,
 }
@@ -46,6 +53,7 @@ impl Ticket {
         Self {
             hedge: tokio::sync::Notify::new(),
             flushed: Mutex::new((start, hasher)),
+            received: AtomicU64::new(0),
             started: now,
             hedged: AtomicBool::new(false),
         }
@@ -54,6 +62,11 @@ impl Ticket {
     /// Records the first copy's progress after a write.
     pub(crate) fn flushed(&self, pos: u64, hasher: Option<&PieceHasher>) {
         *self.flushed.lock().unwrap_or_else(|p| p.into_inner()) = (pos, hasher.cloned());
+    }
+
+    /// Counts bytes the first copy received.
+    pub(crate) fn received(&self, bytes: u64) {
+        self.received.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Where a second copy starts, and the hash state there.
@@ -65,11 +78,13 @@ impl Ticket {
     }
 }
 
-/// The ranges in flight and how long finished ones took; decides which to hedge.
+/// The ranges in flight and the pace of finished ones; decides which to hedge.
 #[derive(Debug, Default)]
 pub(crate) struct Tail {
     in_flight: HashMap<(usize, u64), std::sync::Arc<Ticket>>,
-    durations: Vec<Duration>,
+    finished: usize,
+    finished_bytes: u64,
+    finished_time: Duration,
     hedges: usize,
 }
 
@@ -79,9 +94,14 @@ impl Tail {
     }
 
     pub(crate) fn finished(&mut self, key: (usize, u64), now: Instant) {
-        if let Some(t) = self.in_flight.remove(&key) {
-            self.durations
-                .push(now.saturating_duration_since(t.started));
+        let Some(t) = self.in_flight.remove(&key) else {
+            return;
+        };
+        // A hedged range's first copy is the straggler: its pace is not the usual one.
+        if !t.hedged.load(Ordering::Relaxed) {
+            self.finished += 1;
+            self.finished_bytes += t.received.load(Ordering::Relaxed);
+            self.finished_time += now.saturating_duration_since(t.started);
         }
     }
 
@@ -92,26 +112,31 @@ impl Tail {
     }
 
     /// Once nothing is left to launch and at most `few` ranges are in flight, tells each one
-    /// that has run longer than [`SLOW_FACTOR`] × the median finished range (and at least
-    /// [`MIN_AGE`]) to start its second copy, up to [`MAX_HEDGES`]. Returns how many it told.
+    /// that has run at least [`MIN_AGE`] and is receiving [`SLOW_FACTOR`] times slower than one
+    /// connection carried over the finished ranges to start its second copy, up to
+    /// [`MAX_HEDGES`]. Returns how many it told.
     pub(crate) fn check(&mut self, nothing_queued: bool, few: usize, now: Instant) -> usize {
         if !nothing_queued
             || self.in_flight.len() > few
-            || self.durations.len() < MIN_SAMPLES
+            || self.finished < MIN_SAMPLES
+            || self.finished_time.is_zero()
             || self.hedges >= MAX_HEDGES
         {
             return 0;
         }
-        let mut sorted = self.durations.clone();
-        sorted.sort_unstable();
-        let median = sorted[sorted.len() / 2];
-        let threshold = (median * SLOW_FACTOR).max(MIN_AGE);
+        // Bytes per second per connection, weighted by bytes: big ranges set the pace.
+        let usual = self.finished_bytes as f64 / self.finished_time.as_secs_f64();
         let mut told = 0;
         for ticket in self.in_flight.values() {
             if self.hedges >= MAX_HEDGES {
                 break;
             }
-            let slow = now.saturating_duration_since(ticket.started) > threshold;
+            let age = now.saturating_duration_since(ticket.started);
+            if age < MIN_AGE {
+                continue;
+            }
+            let pace = ticket.received.load(Ordering::Relaxed) as f64 / age.as_secs_f64();
+            let slow = pace * SLOW_FACTOR < usual;
             if slow && !ticket.hedged.swap(true, Ordering::Relaxed) {
                 ticket.hedge.notify_one();
                 self.hedges += 1;
@@ -127,56 +152,92 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn tail_with(finished: &[u64], started: Instant) -> Tail {
+    const MB: u64 = 1_000_000;
+
+    /// A tail whose finished ranges each received `bytes` in `ms`.
+    fn tail_with(finished: &[(u64, u64)], started: Instant) -> Tail {
         let mut tail = Tail::default();
-        for (i, ms) in finished.iter().enumerate() {
+        for (i, (bytes, ms)) in finished.iter().enumerate() {
             let t = Arc::new(Ticket::new(0, None, started));
+            t.received(*bytes);
             tail.launched((0, i as u64), t);
             tail.finished((0, i as u64), started + Duration::from_millis(*ms));
         }
         tail
     }
 
+    fn in_flight(
+        tail: &mut Tail,
+        key: (usize, u64),
+        started: Instant,
+        received: u64,
+    ) -> Arc<Ticket> {
+        let t = Arc::new(Ticket::new(0, None, started));
+        t.received(received);
+        tail.launched(key, Arc::clone(&t));
+        t
+    }
+
     #[test]
     fn only_a_slow_range_in_the_tail_is_hedged_and_only_once() {
         let t0 = Instant::now();
-        let mut tail = tail_with(&[1000, 1100, 1200, 900], t0);
-        let slow = Arc::new(Ticket::new(0, None, t0));
-        let fine = Arc::new(Ticket::new(0, None, t0 + Duration::from_millis(2500)));
-        tail.launched((1, 0), Arc::clone(&slow));
-        tail.launched((1, 1), Arc::clone(&fine));
+        // The usual pace: 1 MB/s.
+        let mut tail = tail_with(&[(MB, 1000), (MB, 1100), (MB, 900), (MB, 1000)], t0);
+        let slow = in_flight(&mut tail, (1, 0), t0, MB / 2);
+        let fine = in_flight(&mut tail, (1, 1), t0, 3 * MB);
         let at = t0 + Duration::from_millis(3600);
         // Ranges still queued: never.
         assert_eq!(tail.check(false, 4, at), 0);
         // More in flight than `few`: never.
         assert_eq!(tail.check(true, 1, at), 0);
-        // The tail: the range running 3.6 s against a 1.1 s median, not the one at 1.1 s.
+        // The tail: 0.5 MB in 3.6 s is far below 1 MB/s; 3 MB in 3.6 s is not.
         assert_eq!(tail.check(true, 4, at), 1);
         assert!(slow.hedged.load(Ordering::Relaxed));
         assert!(!fine.hedged.load(Ordering::Relaxed));
+        // The other one stalls: at 20 s its 3 MB are 0.15 MB/s.
         assert_eq!(
-            tail.check(true, 4, at + Duration::from_secs(10)),
+            tail.check(true, 4, t0 + Duration::from_secs(20)),
             1,
             "then the other"
         );
         assert_eq!(
-            tail.check(true, 4, at + Duration::from_secs(20)),
+            tail.check(true, 4, t0 + Duration::from_secs(40)),
             0,
             "once each"
         );
         assert_eq!(tail.hedges(), 2);
     }
 
+    /// A large range streaming at the usual pace runs long because it is large, not because it
+    /// is stuck: small files finishing in milliseconds do not make it a straggler.
+    #[test]
+    fn a_large_range_at_the_usual_pace_is_not_hedged_however_long_it_runs() {
+        let t0 = Instant::now();
+        let mut tail = tail_with(
+            &[
+                (200, 5),
+                (300, 4),
+                (27_000, 6),
+                (2 * MB, 2000),
+                (2 * MB, 1800),
+            ],
+            t0,
+        );
+        let big = in_flight(&mut tail, (1, 0), t0, 30 * MB);
+        assert_eq!(tail.check(true, 4, t0 + Duration::from_secs(30)), 0);
+        assert!(!big.hedged.load(Ordering::Relaxed));
+    }
+
     #[test]
     fn nothing_is_hedged_without_enough_finished_ranges_or_past_the_bound() {
         let t0 = Instant::now();
-        let mut tail = tail_with(&[10, 10], t0);
-        tail.launched((1, 0), Arc::new(Ticket::new(0, None, t0)));
+        let mut tail = tail_with(&[(MB, 10), (MB, 10)], t0);
+        in_flight(&mut tail, (1, 0), t0, 0);
         assert_eq!(tail.check(true, 4, t0 + Duration::from_secs(60)), 0);
 
-        let mut tail = tail_with(&[10, 10, 10], t0);
+        let mut tail = tail_with(&[(MB, 10), (MB, 10), (MB, 10)], t0);
         for i in 0..(MAX_HEDGES as u64 + 5) {
-            tail.launched((2, i), Arc::new(Ticket::new(0, None, t0)));
+            in_flight(&mut tail, (2, i), t0, 0);
         }
         assert_eq!(
             tail.check(true, 100, t0 + Duration::from_secs(60)),
@@ -186,11 +247,11 @@ mod tests {
     }
 
     #[test]
-    fn short_ranges_are_not_tails() {
+    fn no_range_is_hedged_before_it_has_run_three_seconds() {
         let t0 = Instant::now();
-        let mut tail = tail_with(&[10, 12, 11], t0);
-        tail.launched((1, 0), Arc::new(Ticket::new(0, None, t0)));
-        // 2.5 s is 200× the median but under three seconds.
+        let mut tail = tail_with(&[(MB, 10), (MB, 12), (MB, 11)], t0);
+        in_flight(&mut tail, (1, 0), t0, 0);
+        // Nothing received in 2.5 s, but under three seconds.
         assert_eq!(tail.check(true, 4, t0 + Duration::from_millis(2500)), 0);
         assert_eq!(tail.check(true, 4, t0 + Duration::from_millis(3500)), 1);
     }

@@ -563,6 +563,9 @@ impl Engine {
                 }));
             }
             self.progress.add_fetched(bytes.len() as u64);
+            if let Some(ticket) = &writer.ticket {
+                ticket.received(bytes.len() as u64);
+            }
             // Full buffers only (until the range's end), so every write but a file's last stays
             // block-aligned for direct I/O.
             let mut rest: &[u8] = &bytes;
