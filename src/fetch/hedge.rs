@@ -1,11 +1,12 @@
 //! Tail hedging: the last ranges of a download decide when it ends, so when only a few remain
-//! and one is receiving far slower than finished ranges did, its remainder is asked for again on
-//! a second connection and whichever copy finishes first is kept.
+//! and one is far behind what finished ranges managed, its remainder is asked for again on a
+//! second connection and whichever copy finishes first is kept.
 //!
-//! Slowness is judged by rate, not by time: a range's bytes received so far over its age,
-//! against the bytes-per-second one connection carried over the finished ranges. A large range
-//! that streams at the usual pace is never hedged however long it runs, and small files, which
-//! finish in milliseconds, neither make big ranges look slow nor weigh on the usual pace.
+//! "Behind" is judged against what a usual range would have delivered by now: the usual wait
+//! for the first byte (the median over finished ranges) plus the bytes received so far at the
+//! usual pace (bytes per second of body over finished ranges, so big ranges set it). A range
+//! waiting for its first byte is measured against the wait, a large range streaming at the
+//! usual pace is never behind however long it runs, and one that stalls falls behind at once.
 //!
 //! Both copies are pinned to the same ETag, so they carry the same bytes and may write the same
 //! offsets of the partial file in any order. The second copy starts at the first one's last
@@ -14,13 +15,13 @@
 //! the engine's run returns.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::verify::hash::PieceHasher;
 
-/// How many times slower than the usual pace a range must be receiving to be hedged.
+/// How many times longer than a usual range would have needed a range must have run.
 const SLOW_FACTOR: f64 = 3.0;
 
 /// No range is hedged before it has run this long: a second copy costs a connection and
@@ -28,7 +29,7 @@ const SLOW_FACTOR: f64 = 3.0;
 /// range from Blob Storage takes about 0.5–1 s on one connection).
 const MIN_AGE: Duration = Duration::from_secs(3);
 
-/// Finished ranges needed before the usual pace means anything.
+/// Finished ranges needed before the usual wait and pace mean anything.
 const MIN_SAMPLES: usize = 3;
 
 /// Most hedges in one run of the engine.
@@ -44,6 +45,7 @@ pub(crate) struct Ticket {
     /// Bytes the first copy has received, written or not (retries included).
     received: AtomicU64,
     started: Instant,
+    first_byte: OnceLock<Instant>,
     hedged: AtomicBool,
 }
 
@@ -55,6 +57,7 @@ impl Ticket {
             flushed: Mutex::new((start, hasher)),
             received: AtomicU64::new(0),
             started: now,
+            first_byte: OnceLock::new(),
             hedged: AtomicBool::new(false),
         }
     }
@@ -64,8 +67,11 @@ impl Ticket {
         *self.flushed.lock().unwrap_or_else(|p| p.into_inner()) = (pos, hasher.cloned());
     }
 
-    /// Counts bytes the first copy received.
-    pub(crate) fn received(&self, bytes: u64) {
+    /// Counts bytes the first copy received, at `now`.
+    pub(crate) fn received(&self, bytes: u64, now: Instant) {
+        if self.first_byte.get().is_none() {
+            let _ = self.first_byte.set(now);
+        }
         self.received.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -78,13 +84,15 @@ impl Ticket {
     }
 }
 
-/// The ranges in flight and the pace of finished ones; decides which to hedge.
+/// The ranges in flight and what finished ones took; decides which to hedge.
 #[derive(Debug, Default)]
 pub(crate) struct Tail {
     in_flight: HashMap<(usize, u64), std::sync::Arc<Ticket>>,
-    finished: usize,
-    finished_bytes: u64,
-    finished_time: Duration,
+    /// Waits for the first byte of finished ranges.
+    waits: Vec<Duration>,
+    /// Bytes of finished ranges, and the time from their first byte to their end.
+    body_bytes: u64,
+    body_time: Duration,
     hedges: usize,
 }
 
@@ -97,12 +105,15 @@ impl Tail {
         let Some(t) = self.in_flight.remove(&key) else {
             return;
         };
-        // A hedged range's first copy is the straggler: its pace is not the usual one.
-        if !t.hedged.load(Ordering::Relaxed) {
-            self.finished += 1;
-            self.finished_bytes += t.received.load(Ordering::Relaxed);
-            self.finished_time += now.saturating_duration_since(t.started);
+        // A hedged range's first copy is the straggler: not what a usual range takes.
+        if t.hedged.load(Ordering::Relaxed) {
+            return;
         }
+        let first_byte = t.first_byte.get().copied().unwrap_or(now);
+        self.waits
+            .push(first_byte.saturating_duration_since(t.started));
+        self.body_bytes += t.received.load(Ordering::Relaxed);
+        self.body_time += now.saturating_duration_since(first_byte);
     }
 
     /// Hedges made so far.
@@ -112,20 +123,26 @@ impl Tail {
     }
 
     /// Once nothing is left to launch and at most `few` ranges are in flight, tells each one
-    /// that has run at least [`MIN_AGE`] and is receiving [`SLOW_FACTOR`] times slower than one
-    /// connection carried over the finished ranges to start its second copy, up to
+    /// that has run at least [`MIN_AGE`] and [`SLOW_FACTOR`] times as long as a usual range
+    /// would have needed to deliver what it has delivered to start its second copy, up to
     /// [`MAX_HEDGES`]. Returns how many it told.
     pub(crate) fn check(&mut self, nothing_queued: bool, few: usize, now: Instant) -> usize {
         if !nothing_queued
             || self.in_flight.len() > few
-            || self.finished < MIN_SAMPLES
-            || self.finished_time.is_zero()
+            || self.waits.len() < MIN_SAMPLES
             || self.hedges >= MAX_HEDGES
         {
             return 0;
         }
-        // Bytes per second per connection, weighted by bytes: big ranges set the pace.
-        let usual = self.finished_bytes as f64 / self.finished_time.as_secs_f64();
+        let mut waits = self.waits.clone();
+        waits.sort_unstable();
+        let usual_wait = waits[waits.len() / 2].as_secs_f64();
+        // Seconds per byte of body; none measured (only empty files finished) counts as free.
+        let usual_cost = if self.body_bytes == 0 {
+            0.0
+        } else {
+            self.body_time.as_secs_f64() / self.body_bytes as f64
+        };
         let mut told = 0;
         for ticket in self.in_flight.values() {
             if self.hedges >= MAX_HEDGES {
@@ -135,9 +152,10 @@ impl Tail {
             if age < MIN_AGE {
                 continue;
             }
-            let pace = ticket.received.load(Ordering::Relaxed) as f64 / age.as_secs_f64();
-            let slow = pace * SLOW_FACTOR < usual;
-            if slow && !ticket.hedged.swap(true, Ordering::Relaxed) {
+            let delivered = ticket.received.load(Ordering::Relaxed) as f64;
+            let usual = usual_wait + delivered * usual_cost;
+            let behind = age.as_secs_f64() > SLOW_FACTOR * usual;
+            if behind && !ticket.hedged.swap(true, Ordering::Relaxed) {
                 ticket.hedge.notify_one();
                 self.hedges += 1;
                 told += 1;
@@ -154,57 +172,72 @@ mod tests {
 
     const MB: u64 = 1_000_000;
 
-    /// A tail whose finished ranges each received `bytes` in `ms`.
-    fn tail_with(finished: &[(u64, u64)], started: Instant) -> Tail {
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A tail whose finished ranges each waited `wait` ms for their first byte, then received
+    /// `bytes` in `body` ms.
+    fn tail_with(finished: &[(u64, u64, u64)], t0: Instant) -> Tail {
         let mut tail = Tail::default();
-        for (i, (bytes, ms)) in finished.iter().enumerate() {
-            let t = Arc::new(Ticket::new(0, None, started));
-            t.received(*bytes);
+        for (i, (wait, bytes, body)) in finished.iter().enumerate() {
+            let t = Arc::new(Ticket::new(0, None, t0));
+            t.received(*bytes, t0 + ms(*wait));
             tail.launched((0, i as u64), t);
-            tail.finished((0, i as u64), started + Duration::from_millis(*ms));
+            tail.finished((0, i as u64), t0 + ms(wait + body));
         }
         tail
     }
 
+    /// A range in flight since `started`, its first byte after `wait` ms (none if `received`
+    /// is 0).
     fn in_flight(
         tail: &mut Tail,
         key: (usize, u64),
         started: Instant,
+        wait: u64,
         received: u64,
     ) -> Arc<Ticket> {
         let t = Arc::new(Ticket::new(0, None, started));
-        t.received(received);
+        if received > 0 {
+            t.received(received, started + ms(wait));
+        }
         tail.launched(key, Arc::clone(&t));
         t
+    }
+
+    /// Usual: a 100 ms wait, then 1 MB/s.
+    fn usual(t0: Instant) -> Tail {
+        tail_with(
+            &[
+                (100, MB, 1000),
+                (100, MB, 1000),
+                (120, MB, 900),
+                (90, MB, 1100),
+            ],
+            t0,
+        )
     }
 
     #[test]
     fn only_a_slow_range_in_the_tail_is_hedged_and_only_once() {
         let t0 = Instant::now();
-        // The usual pace: 1 MB/s.
-        let mut tail = tail_with(&[(MB, 1000), (MB, 1100), (MB, 900), (MB, 1000)], t0);
-        let slow = in_flight(&mut tail, (1, 0), t0, MB / 2);
-        let fine = in_flight(&mut tail, (1, 1), t0, 3 * MB);
-        let at = t0 + Duration::from_millis(3600);
+        let mut tail = usual(t0);
+        let slow = in_flight(&mut tail, (1, 0), t0, 100, MB / 2);
+        let fine = in_flight(&mut tail, (1, 1), t0, 100, 3 * MB);
+        let at = t0 + ms(3600);
         // Ranges still queued: never.
         assert_eq!(tail.check(false, 4, at), 0);
         // More in flight than `few`: never.
         assert_eq!(tail.check(true, 1, at), 0);
-        // The tail: 0.5 MB in 3.6 s is far below 1 MB/s; 3 MB in 3.6 s is not.
+        // The tail: 0.5 MB usually takes 0.6 s (3.6 s is 6×); 3 MB usually takes 3.1 s.
         assert_eq!(tail.check(true, 4, at), 1);
         assert!(slow.hedged.load(Ordering::Relaxed));
         assert!(!fine.hedged.load(Ordering::Relaxed));
-        // The other one stalls: at 20 s its 3 MB are 0.15 MB/s.
-        assert_eq!(
-            tail.check(true, 4, t0 + Duration::from_secs(20)),
-            1,
-            "then the other"
-        );
-        assert_eq!(
-            tail.check(true, 4, t0 + Duration::from_secs(40)),
-            0,
-            "once each"
-        );
+        // The other one stalls at 3 MB: behind once past 3 × 3.1 s.
+        assert_eq!(tail.check(true, 4, t0 + ms(9000)), 0);
+        assert_eq!(tail.check(true, 4, t0 + ms(9500)), 1, "then the other");
+        assert_eq!(tail.check(true, 4, t0 + ms(40_000)), 0, "once each");
         assert_eq!(tail.hedges(), 2);
     }
 
@@ -215,29 +248,45 @@ mod tests {
         let t0 = Instant::now();
         let mut tail = tail_with(
             &[
-                (200, 5),
-                (300, 4),
-                (27_000, 6),
-                (2 * MB, 2000),
-                (2 * MB, 1800),
+                (3, 200, 1),
+                (3, 300, 1),
+                (4, 27_000, 2),
+                (100, 2 * MB, 2000),
+                (100, 2 * MB, 1800),
             ],
             t0,
         );
-        let big = in_flight(&mut tail, (1, 0), t0, 30 * MB);
+        let big = in_flight(&mut tail, (1, 0), t0, 100, 30 * MB);
         assert_eq!(tail.check(true, 4, t0 + Duration::from_secs(30)), 0);
         assert!(!big.hedged.load(Ordering::Relaxed));
+    }
+
+    /// A small file still waiting for its first byte is measured against the usual wait: on a
+    /// host where every answer takes seconds, waiting 3.5 s is not straggling; where answers take
+    /// 100 ms, it is.
+    #[test]
+    fn a_range_waiting_for_its_first_byte_is_measured_against_the_usual_wait() {
+        let t0 = Instant::now();
+        let mut slow_host = tail_with(&[(2000, 31, 1), (1800, MB, 1000), (2200, MB, 1000)], t0);
+        in_flight(&mut slow_host, (1, 0), t0, 0, 0);
+        assert_eq!(slow_host.check(true, 4, t0 + ms(3500)), 0);
+        assert_eq!(slow_host.check(true, 4, t0 + ms(6700)), 1);
+
+        let mut tail = usual(t0);
+        in_flight(&mut tail, (1, 0), t0, 0, 0);
+        assert_eq!(tail.check(true, 4, t0 + ms(3500)), 1);
     }
 
     #[test]
     fn nothing_is_hedged_without_enough_finished_ranges_or_past_the_bound() {
         let t0 = Instant::now();
-        let mut tail = tail_with(&[(MB, 10), (MB, 10)], t0);
-        in_flight(&mut tail, (1, 0), t0, 0);
+        let mut tail = tail_with(&[(5, MB, 10), (5, MB, 10)], t0);
+        in_flight(&mut tail, (1, 0), t0, 0, 0);
         assert_eq!(tail.check(true, 4, t0 + Duration::from_secs(60)), 0);
 
-        let mut tail = tail_with(&[(MB, 10), (MB, 10), (MB, 10)], t0);
+        let mut tail = tail_with(&[(5, MB, 10), (5, MB, 10), (5, MB, 10)], t0);
         for i in 0..(MAX_HEDGES as u64 + 5) {
-            in_flight(&mut tail, (2, i), t0, 0);
+            in_flight(&mut tail, (2, i), t0, 0, 0);
         }
         assert_eq!(
             tail.check(true, 100, t0 + Duration::from_secs(60)),
@@ -249,10 +298,10 @@ mod tests {
     #[test]
     fn no_range_is_hedged_before_it_has_run_three_seconds() {
         let t0 = Instant::now();
-        let mut tail = tail_with(&[(MB, 10), (MB, 12), (MB, 11)], t0);
-        in_flight(&mut tail, (1, 0), t0, 0);
+        let mut tail = tail_with(&[(5, MB, 10), (5, MB, 12), (5, MB, 11)], t0);
+        in_flight(&mut tail, (1, 0), t0, 0, 0);
         // Nothing received in 2.5 s, but under three seconds.
-        assert_eq!(tail.check(true, 4, t0 + Duration::from_millis(2500)), 0);
-        assert_eq!(tail.check(true, 4, t0 + Duration::from_millis(3500)), 1);
+        assert_eq!(tail.check(true, 4, t0 + ms(2500)), 0);
+        assert_eq!(tail.check(true, 4, t0 + ms(3500)), 1);
     }
 }

@@ -564,7 +564,7 @@ impl Engine {
             }
             self.progress.add_fetched(bytes.len() as u64);
             if let Some(ticket) = &writer.ticket {
-                ticket.received(bytes.len() as u64);
+                ticket.received(bytes.len() as u64, Instant::now());
             }
             // Full buffers only (until the range's end), so every write but a file's last stays
             // block-aligned for direct I/O.

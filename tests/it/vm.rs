@@ -412,11 +412,7 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
         first.log("consumer.log").contains("tensors identical"),
         "{why}"
     );
-    assert_eq!(
-        first.model_json()["bytes_fetched"],
-        first.model_json()["bytes_total"],
-        "{why}"
-    );
+    assert_whole_model_fetched(&first.model_json(), &why);
     assert_eq!(first.model_json()["verification"], "blake3", "{why}");
     assert!(proxy.requests.load(std::sync::atomic::Ordering::Relaxed) > requests);
     let (after_agent, size) = pagecache(&first, "PAGECACHE_BEFORE_INIT");
@@ -498,11 +494,7 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
             .contains("old cache is dropped and refetched"),
         "the log says why: {why}"
     );
-    assert_eq!(
-        third.model_json()["bytes_fetched"],
-        third.model_json()["bytes_total"],
-        "{why}"
-    );
+    assert_whole_model_fetched(&third.model_json(), &why);
     assert_eq!(third.get("INIT_EXIT"), "0", "{why}");
     report(&format!(
         "vm boot 3 (one disk replaced): new array, model fetched again, agent start to ready {} s, whole boot {:.0} s",
@@ -548,4 +540,20 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
         fourth.get("AGENT_START_TO_READY_SECONDS"),
         fourth.seconds
     ));
+}
+
+/// Every byte came from the source and none from an earlier cache. A range may be fetched more
+/// than once (a retry after a stall, a hedge of a straggler: the test VM's emulated CPU and disks
+/// are slow and uneven), so the fetched bytes are at least the model, not exactly it.
+fn assert_whole_model_fetched(model: &serde_json::Value, why: &str) {
+    assert_eq!(model["bytes_reused"], 0, "{why}");
+    assert_eq!(model["bytes_done"], model["bytes_total"], "{why}");
+    let (fetched, total) = (
+        model["bytes_fetched"].as_u64().unwrap_or(0),
+        model["bytes_total"].as_u64().unwrap_or(u64::MAX),
+    );
+    assert!(
+        fetched >= total,
+        "{fetched} bytes fetched of {total}: {why}"
+    );
 }
