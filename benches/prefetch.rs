@@ -144,30 +144,12 @@ fn prefetch(
     chunk: &str,
     hash: bool,
 ) -> Figure {
-    let mut cmd = support::modelcache();
-    if let Some(e) = emulator {
-        support::with_emulator(&mut cmd, e);
-    }
-    cmd.env("MODELCACHE_LOG", "warn")
-        .args([
-            "prefetch",
-            "--json",
-            "--model",
-            "bench",
-            "--chunk-size",
-            chunk,
-        ])
-        .args([
-            "--concurrency",
-            &concurrency.to_string(),
-            "--source",
-            source,
-        ])
-        .arg("--cache-root")
-        .arg(cache);
+    let concurrency = concurrency.to_string();
+    let mut extra = vec!["--chunk-size", chunk, "--concurrency", &concurrency];
     if !hash {
-        cmd.arg("--no-hash");
+        extra.push("--no-hash");
     }
+    let mut cmd = prefetch_cmd(emulator, source, cache, &extra);
     let s = support::summary(&support::run(&mut cmd, Duration::from_secs(1800)));
     let bytes = s["bytes_fetched"].as_f64().unwrap();
     Figure {
@@ -491,23 +473,29 @@ fn loopback_server(base: &Path, rate_per_connection: Option<u64>) -> (ChildGuard
     (server, format!("http://127.0.0.1:{port}"))
 }
 
-/// A `modelcache prefetch --json` of the loopback model into `dest`.
-fn loopback_prefetch(host: &str, dest: &Path, extra: &[&str]) -> std::process::Command {
+/// A `modelcache prefetch --json` of the model at `source` into `cache`, through `emulator`
+/// (an Azurite-style endpoint) when given.
+fn prefetch_cmd(
+    emulator: Option<&str>,
+    source: &str,
+    cache: &Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut cmd = support::modelcache();
-    support::with_emulator(&mut cmd, host);
+    if let Some(e) = emulator {
+        support::with_emulator(&mut cmd, e);
+    }
     cmd.env("MODELCACHE_LOG", "warn")
-        .args([
-            "prefetch",
-            "--json",
-            "--model",
-            "bench",
-            "--source",
-            "az://bench/m",
-        ])
+        .args(["prefetch", "--json", "--model", "bench", "--source", source])
         .arg("--cache-root")
-        .arg(dest)
+        .arg(cache)
         .args(extra);
     cmd
+}
+
+/// A `modelcache prefetch --json` of the loopback model into `dest`.
+fn loopback_prefetch(host: &str, dest: &Path, extra: &[&str]) -> std::process::Command {
+    prefetch_cmd(Some(host), "az://bench/m", dest, extra)
 }
 
 /// Adaptive concurrency against every fixed setting, at both ends: an endpoint as fast as the

@@ -50,11 +50,12 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// A ticket for a range starting at `start`, whose hash state is `hasher` there.
-    pub(crate) fn new(start: u64, hasher: Option<PieceHasher>, now: Instant) -> Self {
+    /// A ticket for a range launched `now`; its task records where it starts with
+    /// [`Ticket::flushed`] once it knows the range and its hash state.
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             hedge: tokio::sync::Notify::new(),
-            flushed: Mutex::new((start, hasher)),
+            flushed: Mutex::new((0, None)),
             received: AtomicU64::new(0),
             started: now,
             first_byte: OnceLock::new(),
@@ -181,7 +182,7 @@ mod tests {
     fn tail_with(finished: &[(u64, u64, u64)], t0: Instant) -> Tail {
         let mut tail = Tail::default();
         for (i, (wait, bytes, body)) in finished.iter().enumerate() {
-            let t = Arc::new(Ticket::new(0, None, t0));
+            let t = Arc::new(Ticket::new(t0));
             t.received(*bytes, t0 + ms(*wait));
             tail.launched((0, i as u64), t);
             tail.finished((0, i as u64), t0 + ms(wait + body));
@@ -198,7 +199,7 @@ mod tests {
         wait: u64,
         received: u64,
     ) -> Arc<Ticket> {
-        let t = Arc::new(Ticket::new(0, None, started));
+        let t = Arc::new(Ticket::new(started));
         if received > 0 {
             t.received(received, started + ms(wait));
         }

@@ -320,7 +320,7 @@ impl Engine {
                     break;
                 };
                 let engine = Arc::clone(self);
-                let ticket = Arc::new(Ticket::new(0, None, Instant::now()));
+                let ticket = Arc::new(Ticket::new(Instant::now()));
                 tail.launched((file, index), Arc::clone(&ticket));
                 set.spawn(async move {
                     let result = engine.fetch_range(file, index, ticket).await;

@@ -104,14 +104,12 @@ fn without_a_manifest_a_truncated_shard_fails_the_structure_check() {
     std::fs::write(&shard, &data[..data.len() - 10]).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let out = prefetch_file(source.path(), cache.path(), &[]);
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("model-00002-of-00014.safetensors is not a valid safetensors file"),
-        "{}",
-        stderr(&out)
+    assert_refused_before_download(
+        &out,
+        cache.path(),
+        "model-00002-of-00014.safetensors is not a valid safetensors file",
     );
     assert!(!cache.path().join("models/gpt-oss-120b").exists());
-    nothing_downloaded(cache.path());
 
     // An intact model without a manifest is published as structurally checked.
     std::fs::write(&shard, &data).unwrap();
@@ -124,13 +122,11 @@ fn an_index_naming_an_excluded_shard_is_refused() {
     let source = small_model(50_000, 13);
     let cache = tempfile::tempdir().unwrap();
     let out = prefetch_file(source.path(), cache.path(), &["--exclude", "model-00003-*"]);
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("model-00003-of-00014.safetensors, which is not in the model"),
-        "{}",
-        stderr(&out)
+    assert_refused_before_download(
+        &out,
+        cache.path(),
+        "model-00003-of-00014.safetensors, which is not in the model",
     );
-    nothing_downloaded(cache.path());
 }
 
 #[test]

@@ -5,6 +5,16 @@ use std::time::{Duration, Instant};
 use crate::proxy::{Fault, FaultProxy};
 use crate::support::*;
 
+/// A generated model on Azurite (shards of `shard_bytes`, with or without its manifest) and a
+/// fault proxy in front of Azurite; None when Azurite is not available (the skip is loud).
+fn model_behind_proxy(shard_bytes: usize, with_manifest: bool) -> Option<(AzureModel, FaultProxy)> {
+    let az = azurite()?;
+    let model = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(azure_model(az, shard_bytes, with_manifest));
+    Some((model, FaultProxy::start(az.port)))
+}
+
 fn prefetch_via(
     proxy: &FaultProxy,
     model: &AzureModel,
@@ -22,11 +32,9 @@ fn prefetch_via(
 
 #[test]
 fn throttling_resets_truncation_and_stalls_all_end_in_a_verified_model() {
-    let Some(az) = azurite() else { return };
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 200_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let Some((model, proxy)) = model_behind_proxy(200_000, true) else {
+        return;
+    };
     proxy.add(
         "model-00001",
         Fault::Busy {
@@ -80,11 +88,9 @@ fn throttling_resets_truncation_and_stalls_all_end_in_a_verified_model() {
 
 #[test]
 fn a_fault_that_never_clears_fails_within_the_configured_bounds() {
-    let Some(az) = azurite() else { return };
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 100_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let Some((model, proxy)) = model_behind_proxy(100_000, true) else {
+        return;
+    };
     proxy.add(
         "model-00003",
         Fault::Busy {
@@ -124,11 +130,7 @@ fn fetch_through_faults(
     extra: &[&str],
     faults: impl FnOnce(&FaultProxy),
 ) -> Option<(serde_json::Value, FaultProxy, Duration)> {
-    let az = azurite()?;
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 100_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let (model, proxy) = model_behind_proxy(100_000, true)?;
     faults(&proxy);
     let cache = tempfile::tempdir().unwrap();
     let started = Instant::now();
@@ -163,11 +165,9 @@ fn a_200_or_a_wrong_content_range_answer_to_a_ranged_get_is_retried() {
 /// 1 MiB write buffer when the extra bytes come.
 #[test]
 fn a_body_longer_than_the_asked_range_is_retried_without_shifting_bytes() {
-    let Some(az) = azurite() else { return };
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 1_500_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let Some((model, proxy)) = model_behind_proxy(1_500_000, true) else {
+        return;
+    };
     // The first read of the shard is its header check.
     proxy.add_after("model-00003", 1, Fault::LongBody(64 << 10), Some(1));
     let cache = tempfile::tempdir().unwrap();
@@ -239,11 +239,9 @@ fn a_listing_or_manifest_that_never_answers_is_retried_after_the_stall_timeout()
 /// SIGINT while the listing hangs stops the prefetch at once (exit 130), as it does mid-download.
 #[test]
 fn sigint_while_the_listing_hangs_stops_at_once() {
-    let Some(az) = azurite() else { return };
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 10_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let Some((model, proxy)) = model_behind_proxy(10_000, true) else {
+        return;
+    };
     proxy.add(
         "comp=list",
         Fault::SilentBeforeHeaders(Duration::from_secs(120)),
@@ -336,11 +334,9 @@ fn without_a_manifest_a_bit_flipped_in_transit_is_caught_by_the_transactional_md
 /// so the adaptive controller's first window sees them, whatever the ceiling.
 #[test]
 fn throttling_halves_the_ranges_in_flight() {
-    let Some(az) = azurite() else { return };
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 1_000_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let Some((model, proxy)) = model_behind_proxy(1_000_000, true) else {
+        return;
+    };
     let add = proxy.rule_adder();
     proxy.hook(
         "gpt-oss-120b/config.json",
@@ -383,11 +379,9 @@ fn throttling_halves_the_ranges_in_flight() {
 /// BLAKE3 manifest proves the two parts join.
 #[test]
 fn a_slow_range_in_the_tail_is_hedged_on_a_second_connection() {
-    let Some(az) = azurite() else { return };
-    let model = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(azure_model(az, 7_000_000, true));
-    let proxy = FaultProxy::start(az.port);
+    let Some((model, proxy)) = model_behind_proxy(7_000_000, true) else {
+        return;
+    };
     // The first read of the shard is its header check.
     proxy.add_after(
         "model-00007",

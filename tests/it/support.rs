@@ -124,8 +124,12 @@ pub fn small_model(shard_bytes: usize, seed: u64) -> tempfile::TempDir {
     dir
 }
 
-/// Refused before the first byte of tensor data: no shard was started in staging.
-pub fn nothing_downloaded(cache: &Path) {
+/// The prefetch exited 5 (refused by a check) saying `says`, before the download began: no
+/// shard, partial or journal was written under `cache`.
+pub fn assert_refused_before_download(out: &Output, cache: &Path, says: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(5), "stderr: {err}");
+    assert!(err.contains(says), "{err}");
     let started: Vec<String> = files_under(cache)
         .into_iter()
         .filter(|f| f.ends_with(".safetensors") || f.ends_with("journal.jsonl"))
