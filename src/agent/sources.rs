@@ -80,6 +80,23 @@ pub fn check_allowed(source: &str, allowed: &[String]) -> Result<(), SourceRefus
     }
 }
 
+/// The directory a `file://` source named by a request must stay beneath, links resolved: the
+/// longest allowed `file://` prefix it is under. `None` for other sources and for sources under
+/// no allowed prefix (those a request cannot name).
+pub fn confining_dir(source: &str, allowed: &[String]) -> Option<std::path::PathBuf> {
+    let path = source.strip_prefix("file://")?;
+    allowed
+        .iter()
+        .filter_map(|prefix| prefix.strip_prefix("file://"))
+        .map(|dir| dir.trim_end_matches('/'))
+        .filter(|dir| {
+            !dir.is_empty()
+                && (path == *dir || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/')))
+        })
+        .max_by_key(|dir| dir.len())
+        .map(std::path::PathBuf::from)
+}
+
 /// `%XX` decoded (invalid escapes kept as they are), so `%2e%2e` is seen as `..`.
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();

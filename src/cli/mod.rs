@@ -249,6 +249,7 @@ impl SourceArgs {
     fn open(&self, env: &Environment) -> Result<Arc<dyn source::Source>, CommandError> {
         let options = SourceOptions {
             account: self.account.clone(),
+            confine: None,
         };
         source::open(&self.source, env, &options).map_err(|e| {
             CommandError::from(PrefetchError::Source {

@@ -71,6 +71,16 @@ pub enum PrefetchError {
     /// A listed name is unsafe.
     #[error(transparent)]
     UnsafeName(SourceError),
+    /// The selection holds a file and files under a directory of the same name.
+    #[error(
+        "the source holds both a file {file} and a file under {file}/ ({under}); a directory cannot hold both (hint: exclude one of them with --exclude or the model's exclude list)"
+    )]
+    FileIsDirectory {
+        /// The name that is both.
+        file: String,
+        /// A file under it.
+        under: String,
+    },
     /// Nothing under the prefix matches the selection.
     #[error(
         "no file under {url} matches the selection (include {include:?}, exclude {exclude:?}; {listed} files listed)"
@@ -192,13 +202,17 @@ impl PrefetchError {
             PrefetchError::Source { source, .. } => match source {
                 SourceError::InvalidUrl { .. }
                 | SourceError::Config { .. }
-                | SourceError::UnsafeName { .. } => ErrorKind::InvalidInput,
+                | SourceError::UnsafeName { .. }
+                | SourceError::Outside { .. }
+                | SourceError::LinkLoop { .. }
+                | SourceError::TooManyFiles { .. } => ErrorKind::InvalidInput,
+                SourceError::TooLarge { .. } => ErrorKind::VerifyFailed,
                 SourceError::Transient { .. } => ErrorKind::DownloadFailed,
                 _ => ErrorKind::SourceUnavailable,
             },
-            PrefetchError::UnsafeName(_) | PrefetchError::NothingSelected { .. } => {
-                ErrorKind::InvalidInput
-            }
+            PrefetchError::UnsafeName(_)
+            | PrefetchError::FileIsDirectory { .. }
+            | PrefetchError::NothingSelected { .. } => ErrorKind::InvalidInput,
             PrefetchError::RangeFailed { source, .. } => match source {
                 SourceError::NotFound { .. }
                 | SourceError::Unauthenticated { .. }

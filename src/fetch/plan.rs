@@ -87,6 +87,7 @@ pub(super) async fn list_selected(
     for f in &files {
         validate_name(&f.path).map_err(PrefetchError::UnsafeName)?;
     }
+    refuse_file_directory_clashes(&files)?;
     if files.is_empty() {
         let (include, exclude) = selection.patterns();
         return Err(PrefetchError::NothingSelected {
@@ -97,6 +98,22 @@ pub(super) async fn list_selected(
         });
     }
     Ok(files)
+}
+
+/// Refuses a selection holding both a file `a` and a file under `a/`: a directory cannot hold
+/// both, so the publish would fail on every attempt.
+fn refuse_file_directory_clashes(files: &[RemoteFile]) -> Result<(), PrefetchError> {
+    let names: std::collections::BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for f in files {
+        let mut dirs = f.path.match_indices('/').map(|(at, _)| &f.path[..at]);
+        if let Some(dir) = dirs.find(|d| names.contains(d)) {
+            return Err(PrefetchError::FileIsDirectory {
+                file: dir.to_string(),
+                under: f.path.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_against_manifest(

@@ -38,6 +38,12 @@ pub(super) fn resume(
     let mut needed_space: u64 = 0;
     for f in &plan.files {
         let partial = layout.partial_path(name, &f.path);
+        if f.size == 0 {
+            // Nothing to download, so nothing this run writes would replace what a partial of
+            // that name holds (an earlier revision's bytes), and BLAKE3 of empty input matches
+            // whatever it is: publish creates the file empty instead.
+            remove_if_present(&partial)?;
+        }
         let meta = std::fs::metadata(&partial).ok();
         let partial_len = meta.as_ref().map(std::fs::Metadata::len);
         let kept_before = kept.len();
@@ -97,4 +103,12 @@ pub(super) fn resume(
         reused,
         needed_space,
     })
+}
+
+fn remove_if_present(path: &std::path::Path) -> Result<(), PrefetchError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(PrefetchError::local("remove", path.to_path_buf(), e)),
+    }
 }

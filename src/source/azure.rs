@@ -36,12 +36,10 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload
 use md5::{Digest, Md5};
 
 use super::{
-    BoxError, ByteStream, RemoteFile, RetryCause, Source, SourceError, SourceOptions, redact_url,
+    BoxError, ByteStream, MAX_LISTED_FILES, MAX_SMALL_FILE, RemoteFile, RetryCause, Source,
+    SourceError, SourceOptions, redact_url,
 };
 use crate::config::Environment;
-
-/// Largest manifest accepted, so a hostile source cannot exhaust memory.
-const MAX_SMALL_FILE: u64 = 64 << 20;
 
 /// The largest range Blob returns a transactional MD5 for.
 const MD5_RANGE_LIMIT: u64 = 4 << 20;
@@ -52,7 +50,8 @@ pub struct AzureSource {
     store: Arc<MicrosoftAzure>,
     prefix: Option<Path>,
     display: String,
-    /// Checked reads whose answer came without a checked MD5.
+    /// Checked reads answered without a checked MD5: each one signed with the account key,
+    /// whose signature covers every `x-ms-` header so the MD5 cannot be asked for.
     unchecked: Arc<AtomicU64>,
     /// Checked reads made.
     checked_reads: Arc<AtomicU64>,
@@ -174,6 +173,11 @@ impl Source for AzureSource {
                 Some(s) => full.strip_prefix(s.as_str()).unwrap_or(full),
                 None => full,
             };
+            if files.len() >= MAX_LISTED_FILES {
+                return Err(SourceError::TooManyFiles {
+                    limit: MAX_LISTED_FILES,
+                });
+            }
             files.push(RemoteFile {
                 path: rel.to_string(),
                 size: meta.size,
@@ -240,13 +244,10 @@ impl Source for AzureSource {
             Err(e) => return Err(map_error(path, e)),
         };
         if result.meta.size > MAX_SMALL_FILE {
-            return Err(SourceError::Other {
+            return Err(SourceError::TooLarge {
                 path: path.to_string(),
-                source: format!(
-                    "{} bytes is larger than the {MAX_SMALL_FILE}-byte limit for this file",
-                    result.meta.size
-                )
-                .into(),
+                size: result.meta.size,
+                limit: MAX_SMALL_FILE,
             });
         }
         result
@@ -390,7 +391,9 @@ fn map_error(path: &str, err: object_store::Error) -> SourceError {
             let transport = chain().find_map(|e| e.downcast_ref::<HttpError>());
             let (cause, retry_after) = match (answered, transport) {
                 _ if has(|e| e.is::<TransferCorrupt>()) => (Some(RetryCause::Corrupt), None),
-                _ if has(|e| e.is::<UncheckableAnswer>()) => (Some(RetryCause::BadRange), None),
+                _ if has(|e| e.is::<UncheckableAnswer>() || e.is::<MissingTransferMd5>()) => {
+                    (Some(RetryCause::BadRange), None)
+                }
                 (Some(a), _) => (Some(a.cause()), a.retry_after),
                 (None, Some(h)) if h.kind() == HttpErrorKind::Timeout => {
                     (Some(RetryCause::Timeout), None)
@@ -510,6 +513,12 @@ impl HttpService for StatusAwareService {
             .and_then(|v| v.to_str().ok())
             .and_then(decode_md5);
         match expected {
+            None if ask_md5 && status == 206 => {
+                // Blob sends the MD5 of every range of at most 4 MiB it was asked for; one that
+                // comes without is retried like any answer that is not what was asked for,
+                // rather than taken unchecked (which would mark the whole model `structural`).
+                Err(HttpError::new(HttpErrorKind::Unknown, MissingTransferMd5))
+            }
             Some(expected) if ask_md5 && status == 206 => {
                 let (mut parts, body) = response.into_parts();
                 parts.extensions.insert(TransferMd5Checked);
@@ -556,6 +565,18 @@ impl std::fmt::Display for UncheckableAnswer {
 }
 
 impl std::error::Error for UncheckableAnswer {}
+
+/// A checked read was answered without the transactional MD5 it asked for.
+#[derive(Debug)]
+struct MissingTransferMd5;
+
+impl std::fmt::Display for MissingTransferMd5 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a ranged answer without the transactional MD5 (Content-MD5) it was asked for")
+    }
+}
+
+impl std::error::Error for MissingTransferMd5 {}
 
 /// A range's bytes did not match the MD5 the server sent with them.
 #[derive(Debug)]
@@ -691,6 +712,7 @@ mod tests {
             &env,
             &SourceOptions {
                 account: Some("acct".into()),
+                confine: None,
             },
         )
         .unwrap();

@@ -103,6 +103,47 @@ pub enum SourceError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A `file://` source reaches outside the directory it is confined to, through a symbolic
+    /// link (a request may only name sources under `api.allowed_sources`).
+    #[error(
+        "{path} resolves to {target}, outside {allowed}: a source named by a request may not reach outside its allowed prefix"
+    )]
+    Outside {
+        /// The file or directory as listed.
+        path: String,
+        /// Where its links lead.
+        target: Box<str>,
+        /// The directory it must stay in.
+        allowed: Box<str>,
+    },
+    /// A `file://` source reaches one directory twice (a link loop, or a second link to it).
+    #[error(
+        "{path} leads to a directory already listed as {first} (a symbolic link loop, or a second link to it); a model must not contain one"
+    )]
+    LinkLoop {
+        /// The path that leads back.
+        path: String,
+        /// Where the directory was first listed.
+        first: String,
+    },
+    /// A small whole file (the manifest) is larger than any such file may be.
+    #[error("{path} holds {size} bytes, over the {limit}-byte limit for this file")]
+    TooLarge {
+        /// The file.
+        path: String,
+        /// Its size (at least).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The listing holds more files than a model may.
+    #[error(
+        "the source lists more than {limit} files under its prefix; that is not one model (hint: point the source at the model's own directory)"
+    )]
+    TooManyFiles {
+        /// The limit.
+        limit: usize,
+    },
     /// The source URL could not be understood.
     #[error("invalid source URL {url}: {reason}")]
     InvalidUrl {
@@ -280,7 +321,20 @@ pub trait Source: std::fmt::Debug + Send + Sync {
 pub struct SourceOptions {
     /// Storage account for `az://` URLs; falls back to `AZURE_STORAGE_ACCOUNT_NAME`.
     pub account: Option<String>,
+    /// For `file://` sources: a directory every file must lie beneath once symbolic links are
+    /// resolved (the allowed prefix a request named the source under). Unset, links are
+    /// followed anywhere (the operator's own sources: a Hugging Face snapshot links into its
+    /// cache's blob directory).
+    pub confine: Option<std::path::PathBuf>,
 }
+
+/// Largest small whole file ([`Source::read_small`], the manifest) read into memory: a
+/// manifest line is about 150 bytes, so this is over 100,000 files.
+pub const MAX_SMALL_FILE: u64 = 16 << 20;
+
+/// Most files a listing may hold: a model has tens; a prefix holding more is a mistake, and each
+/// listed file costs memory.
+pub const MAX_LISTED_FILES: usize = 100_000;
 
 /// Opens a source from a URL: `az://CONTAINER/PREFIX`,
 /// `https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX[?SAS]` or `file:///PATH`.
@@ -290,7 +344,10 @@ pub fn open(
     options: &SourceOptions,
 ) -> Result<Arc<dyn Source>, SourceError> {
     if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Arc::new(file::FileSource::new(path)?));
+        return Ok(Arc::new(file::FileSource::new(
+            path,
+            options.confine.as_deref(),
+        )?));
     }
     if url.starts_with("az://") || url.starts_with("https://") || url.starts_with("http://") {
         return Ok(Arc::new(azure::AzureSource::open(url, env, options)?));

@@ -48,6 +48,16 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A staged file's length is not the verified size.
+    #[error("the staged file {path} holds {actual} bytes where {expected} were verified")]
+    StagedSize {
+        /// The staged file.
+        path: PathBuf,
+        /// The verified size.
+        expected: u64,
+        /// Its length now.
+        actual: u64,
+    },
     /// A ready marker could not be read or written.
     #[error("the ready marker {path} is unreadable")]
     Marker {
@@ -406,7 +416,17 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
                 .map_err(StoreError::io("chmod", &from))?;
         }
         handle.sync_all().map_err(StoreError::io("fsync", &from))?;
-        file.mtime_ns = handle.metadata().ok().as_ref().and_then(mtime_ns);
+        let meta = handle.metadata().map_err(StoreError::io("stat", &from))?;
+        if meta.len() != file.size {
+            // Every check before ran on these bytes; a length that differs now means the
+            // staged file is not what was verified. Never publish it.
+            return Err(StoreError::StagedSize {
+                path: from,
+                expected: file.size,
+                actual: meta.len(),
+            });
+        }
+        file.mtime_ns = mtime_ns(&meta);
         drop(handle);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;

@@ -92,7 +92,7 @@ impl Agent {
     }
 
     /// Sends SIGTERM and returns how long the agent took to exit, and its status.
-    fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
+    pub(crate) fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
         let mut child = self.child.take().unwrap();
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
         let started = Instant::now();
@@ -110,7 +110,7 @@ impl Agent {
     }
 
     /// Polls until `GET path` on the admin address answers JSON for which `done` holds.
-    fn until(
+    pub(crate) fn until(
         &self,
         path: &str,
         limit: Duration,
@@ -132,7 +132,7 @@ impl Agent {
         }
     }
 
-    fn until_ready(&self, model: &str) -> serde_json::Value {
+    pub(crate) fn until_ready(&self, model: &str) -> serde_json::Value {
         self.until(
             &format!("/v1/models/{model}"),
             Duration::from_secs(90),
@@ -235,7 +235,7 @@ fn dechunk(body: &str) -> String {
 /// socket is set by [`Agent::start`]), small ranges, and,
 /// unless `extra` sets its own `[api]`, requests allowed to name any `file://` or `az://`
 /// source (the tests of other things POST sources of their own).
-fn config(cache: &Path, models: &str, extra: &str) -> String {
+pub(crate) fn config(cache: &Path, models: &str, extra: &str) -> String {
     let api = if extra.contains("[api]") {
         ""
     } else {
@@ -247,11 +247,11 @@ fn config(cache: &Path, models: &str, extra: &str) -> String {
     )
 }
 
-fn model_entry(name: &str, url: &str, pin: bool) -> String {
+pub(crate) fn model_entry(name: &str, url: &str, pin: bool) -> String {
     format!("[[models]]\nname = \"{name}\"\nsource = \"{url}\"\npin = {pin}\n")
 }
 
-fn metric(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+pub(crate) fn metric(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
     scrape
         .samples

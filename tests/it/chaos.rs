@@ -190,6 +190,7 @@ fn chaos_campaign_publishes_only_byte_identical_models() {
             Fault::WrongRange,
             Fault::NotPartial,
             Fault::LongBody(4096),
+            Fault::StripMd5,
         ],
         counts: BTreeMap::new(),
     });

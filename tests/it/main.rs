@@ -5,6 +5,7 @@ mod agent;
 mod azure;
 mod chaos;
 mod cli;
+mod consumer;
 mod deploy;
 mod disk;
 mod faults;

@@ -39,6 +39,9 @@ pub enum Fault {
     TooMany { retry_after_secs: u32 },
     /// Close the connection with a reset before answering anything.
     ResetBeforeHeaders,
+    /// Forward, but drop the `Content-MD5` header (a proxy or server hiccup that omits the
+    /// transactional MD5 it was asked for).
+    StripMd5,
     /// Forward, but send this many bytes past the asked range (`Content-Length` raised to
     /// match, `Content-Range` kept): a server that answers more than it was asked for.
     LongBody(usize),
@@ -61,6 +64,7 @@ impl Fault {
             Fault::TooMany { .. } => "429",
             Fault::ResetBeforeHeaders => "reset_before_headers",
             Fault::LongBody(_) => "long_body",
+            Fault::StripMd5 => "no_content_md5",
         }
     }
 }
@@ -369,6 +373,7 @@ async fn handle(
             }
             Some(Fault::NotPartial) if lower.starts_with("content-range:") => continue,
             Some(Fault::WrongRange) if lower.starts_with("content-range:") => shifted(line),
+            Some(Fault::StripMd5) if lower.starts_with("content-md5:") => continue,
             Some(Fault::LongBody(extra)) if lower.starts_with("content-length:") => {
                 format!("Content-Length: {}", resp_body.len() + extra)
             }

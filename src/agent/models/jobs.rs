@@ -12,6 +12,55 @@ use tracing::{error, info, warn};
 
 use super::lifecycle::{self, OnRequest, Outcome};
 use super::{Entry, Job, ModelError, Models, PrefetchOverride, millis};
+
+/// What a request builds on: the entry's spec and where it came from.
+struct Base<'a> {
+    spec: &'a ModelSpec,
+    configured: bool,
+    /// The source is the whole URL (false when adopted from a ready marker that redacted it).
+    source_kept: bool,
+}
+
+/// Checks a request on a configured model: it may join or refresh it, and repeat the
+/// configured source, account, pin and manifest requirement, but change none of them, nor name
+/// a selection. Returns the configured spec.
+fn operators_spec(
+    name: &ModelName,
+    spec: &ModelSpec,
+    o: &PrefetchOverride,
+) -> Result<ModelSpec, ModelError> {
+    let repoints = o.source.as_ref().is_some_and(|s| *s != spec.source)
+        || o.account
+            .as_ref()
+            .is_some_and(|a| Some(a) != spec.account.as_ref());
+    if repoints {
+        return Err(ModelError::Forbidden(
+            crate::agent::sources::SourceRefused::Repoint {
+                model: name.to_string(),
+            }
+            .to_string(),
+        ));
+    }
+    let mut changes = Vec::new();
+    if o.include.is_some() || o.exclude.is_some() {
+        changes.push("its selection (include, exclude)");
+    }
+    if o.pin.is_some_and(|pin| pin != spec.pin) {
+        changes.push("pin");
+    }
+    if o.require_manifest
+        .is_some_and(|r| r != spec.require_manifest)
+    {
+        changes.push("require_manifest");
+    }
+    if !changes.is_empty() {
+        return Err(ModelError::Forbidden(format!(
+            "{name} is configured by the operator: a request may start or join its prefetch but not change {} (change models[] in the agent's configuration instead)",
+            changes.join(" or ")
+        )));
+    }
+    Ok(spec.clone())
+}
 use crate::config::agent::ModelSpec;
 use crate::config::human_bytes;
 use crate::fetch::progress::Progress;
@@ -51,8 +100,15 @@ impl Models {
                 }
                 OnRequest::Start => {}
             }
-            entry.spec =
-                self.merged_spec(&model, Some((&entry.spec, entry.configured)), request)?;
+            entry.spec = self.merged_spec(
+                &model,
+                Some(Base {
+                    spec: &entry.spec,
+                    configured: entry.configured,
+                    source_kept: entry.source_kept,
+                }),
+                request,
+            )?;
             entry.last_used = SystemTime::now();
         } else {
             let spec = self.merged_spec(&model, None, request)?;
@@ -63,32 +119,31 @@ impl Models {
     }
 
     /// The spec a request asks for: the configured or earlier one, changed by the request.
-    /// A request may not repoint a configured model (source or account), and may name a
-    /// source for any other model only under `api.allowed_sources` (see [`crate::agent::sources`]).
+    ///
+    /// A configured model belongs to the operator's configuration: a request may join or
+    /// refresh it, never change its source, account, selection, pin or manifest requirement
+    /// (403 naming what it tried). Any other model may be changed, and named with a source
+    /// only under `api.allowed_sources` (see [`crate::agent::sources`]).
     fn merged_spec(
         &self,
         name: &ModelName,
-        base: Option<(&ModelSpec, bool)>,
+        base: Option<Base<'_>>,
         o: PrefetchOverride,
     ) -> Result<ModelSpec, ModelError> {
-        let configured = base.is_some_and(|(_, configured)| configured);
-        let base = base.map(|(spec, _)| spec);
-        if let (true, Some(b)) = (configured, base) {
-            let repoints = o.source.as_ref().is_some_and(|s| *s != b.source)
-                || o.account
-                    .as_ref()
-                    .is_some_and(|a| Some(a) != b.account.as_ref());
-            if repoints {
-                return Err(ModelError::Forbidden(
-                    crate::agent::sources::SourceRefused::Repoint {
-                        model: name.to_string(),
-                    }
-                    .to_string(),
-                ));
+        if let Some(b) = base.as_ref().filter(|b| b.configured) {
+            return operators_spec(name, b.spec, &o);
+        }
+        if let (Some(b), None) = (&base, &o.source) {
+            if !b.source_kept {
+                return Err(ModelError::Invalid(format!(
+                    "{name} was published before the agent restarted, and the query of its source ({}) is not kept on disk (it may hold a SAS token): name the source in the request body to refresh it",
+                    b.spec.source
+                )));
             }
         }
-        let named = o.source.is_some() && !configured;
-        if !configured && o.account.is_some() {
+        let base = base.map(|b| b.spec);
+        let named = o.source.is_some();
+        if o.account.is_some() {
             return Err(ModelError::Forbidden(
                 crate::agent::sources::SourceRefused::Account.to_string(),
             ));
@@ -119,6 +174,7 @@ impl Models {
             &self.env,
             &SourceOptions {
                 account: account.clone(),
+                confine: None,
             },
         )
         .map_err(|e| ModelError::Invalid(error_chain(&e)))?;
@@ -173,13 +229,13 @@ impl Models {
     ) {
         let mut delay = self.config.failed_retry_delay;
         loop {
-            let Some((spec, progress)) = self.begin_attempt(&name) else {
+            let Some((spec, progress, configured)) = self.begin_attempt(&name) else {
                 return;
             };
             let started = Instant::now();
             info!(model.name = %name, job = id, state = "downloading", "{name}: prefetch started (job {id})");
             let result = self
-                .prefetch_once(&spec, id, Arc::clone(&progress), cancel.clone())
+                .prefetch_once(&spec, configured, id, Arc::clone(&progress), cancel.clone())
                 .await;
             self.release_reservation(&spec.name);
             self.metrics.record_run(&name, &progress);
@@ -257,27 +313,39 @@ impl Models {
         }
     }
 
-    fn begin_attempt(&self, name: &str) -> Option<(ModelSpec, Arc<Progress>)> {
+    fn begin_attempt(&self, name: &str) -> Option<(ModelSpec, Arc<Progress>, bool)> {
         let mut entries = self.lock();
         let entry = entries.get_mut(name)?;
         entry.progress = Arc::new(Progress::new());
         entry.started = Some(Instant::now());
         entry.in_backoff = false;
-        Some((entry.spec.clone(), Arc::clone(&entry.progress)))
+        Some((
+            entry.spec.clone(),
+            Arc::clone(&entry.progress),
+            entry.configured,
+        ))
     }
 
     async fn prefetch_once(
         self: &Arc<Self>,
         spec: &ModelSpec,
+        configured: bool,
         job: u64,
         progress: Arc<Progress>,
         cancel: CancellationToken,
     ) -> Result<crate::fetch::Summary, PrefetchError> {
+        // A source a request named stays under the prefix that allowed it, links included.
+        let confine = (!configured)
+            .then(|| {
+                crate::agent::sources::confining_dir(&spec.source, &self.config.allowed_sources)
+            })
+            .flatten();
         let source = source::open(
             &spec.source,
             &self.env,
             &SourceOptions {
                 account: spec.account.clone(),
+                confine,
             },
         )
         .map_err(|source| PrefetchError::Source {

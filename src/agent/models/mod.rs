@@ -165,6 +165,9 @@ struct Job {
 struct Entry {
     spec: ModelSpec,
     configured: bool,
+    /// `spec.source` is the whole URL; false when adopted from a ready marker, which keeps the
+    /// source with its query (a SAS token) redacted.
+    source_kept: bool,
     state: State,
     in_backoff: bool,
     job: Option<Job>,
@@ -183,6 +186,7 @@ impl Entry {
         Self {
             spec,
             configured,
+            source_kept: true,
             state: State::Pending,
             in_backoff: false,
             job: None,
@@ -348,7 +352,7 @@ impl Models {
         for spec in &self.config.models {
             let published = self
                 .intact(&spec.name)
-                .filter(|(_, marker)| marker.source == redact_url(&spec.source));
+                .filter(|(revision, marker)| serves_spec(spec, revision, marker));
             let last_used = self.link_mtime(&spec.name);
             let mut entries = self.lock();
             let Some(entry) = entries.get_mut(spec.name.as_str()) else {
@@ -449,6 +453,8 @@ impl Models {
                 require_manifest: false,
             };
             let mut entry = Entry::new(spec, false);
+            // Markers record sources redacted: a query there was a SAS token, now lost.
+            entry.source_kept = !marker.source.contains('?');
             entry.state = State::Ready;
             entry.revision = Some(revision.clone());
             entry.verification = Some(marker.verification);
@@ -536,6 +542,36 @@ impl Models {
     }
 }
 
+/// Whether a published revision is what a configured spec asks for: from its source, every
+/// file one the selection picks, and verified against a manifest when the spec requires one.
+/// Anything else is fetched again rather than served (an operator who turns on
+/// `require_manifest` must not keep serving a revision that was only checked structurally).
+fn serves_spec(spec: &ModelSpec, revision: &str, marker: &ReadyMarker) -> bool {
+    let why_not = if marker.source != redact_url(&spec.source) {
+        Some("it came from another source".to_string())
+    } else if spec.require_manifest && marker.verification != Verification::Blake3 {
+        Some(format!(
+            "it was verified {} and the model requires a manifest (require_manifest = true)",
+            marker.verification
+        ))
+    } else {
+        marker
+            .files
+            .iter()
+            .find(|f| !spec.selection.is_selected(&f.path))
+            .map(|f| {
+                format!(
+                    "it holds {}, which the configured selection leaves out",
+                    f.path
+                )
+            })
+    };
+    if let Some(why) = &why_not {
+        info!(model.name = %spec.name, revision = %revision, "{} revision {revision} is published but not served: {why}; fetching it again", spec.name);
+    }
+    why_not.is_none()
+}
+
 /// Milliseconds for logs.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -566,6 +602,83 @@ fn remove_dir(dir: &Path) -> Result<(), PrefetchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Publishes a one-file model `name` under `cache` whose ready marker records `source`.
+    fn publish_fake(cache: &Path, name: &str, source: &str) {
+        let layout = Layout::new(cache);
+        layout.ensure().unwrap();
+        let model = ModelName::new(name).unwrap();
+        let partial = layout.partial_path(&model, "config.json");
+        std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+        std::fs::write(&partial, "{}").unwrap();
+        let marker = ReadyMarker {
+            name: name.into(),
+            source: source.into(),
+            revision: "r1".into(),
+            files: vec![crate::store::ReadyFile {
+                path: "config.json".into(),
+                size: 2,
+                blake3: None,
+                mtime_ns: None,
+                etag: None,
+            }],
+            bytes: 2,
+            verification: Verification::Structural,
+            verified_at: "now".into(),
+            warnings: Vec::new(),
+            damaged: Vec::new(),
+        };
+        crate::store::publish(
+            &layout,
+            &crate::store::StagedModel {
+                name: &model,
+                revision: "r1",
+                marker: &marker,
+                manifest: None,
+            },
+        )
+        .unwrap();
+    }
+
+    /// Issue 18: a model adopted after a restart keeps only the redacted source of its ready
+    /// marker; a bodiless request must not fetch with `?REDACTED` as its SAS.
+    #[test]
+    fn issue18_an_adopted_model_whose_source_was_redacted_needs_the_source_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        publish_fake(
+            &cache,
+            "sas",
+            "https://acct.blob.core.windows.net/models/sas?REDACTED",
+        );
+        let toml = format!(
+            "cache_root = \"{}\"\n[disk]\nenabled = false\n[api]\nallowed_sources = [\"https://acct.blob.core.windows.net/models/\"]\n",
+            cache.display()
+        );
+        let env = Environment::from_pairs(Vec::new());
+        let config = Arc::new(AgentConfig::from_toml(&toml, "test", &env, &[]).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        let models = Models::start(config, env, None).unwrap();
+        assert_eq!(models.get("sas").unwrap().state, State::Ready);
+        let err = models
+            .request_prefetch("sas", PrefetchOverride::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Invalid(m) if m.contains("name the source in the request body")),
+            "{err}"
+        );
+        // Named again in the body (under the allowed prefix), it is fetched.
+        let named = PrefetchOverride {
+            source: Some("https://acct.blob.core.windows.net/models/sas?sv=1&sig=x".into()),
+            ..PrefetchOverride::default()
+        };
+        let (_, joined) = models.request_prefetch("sas", named).unwrap();
+        assert!(!joined);
+    }
 
     /// Six simultaneous requests for a new model start exactly one job (issue: two jobs for one
     /// model). The runtime is not driven while they race, so no job can finish and make room for
