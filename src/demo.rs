@@ -231,7 +231,7 @@ mod tests {
             let name = shard_name(i, 3);
             shards.insert(
                 name.clone(),
-                check_safetensors(&dir.path().join(&name), &name).unwrap(),
+                check_safetensors(&dir.path().join(&name), &name).unwrap().0,
             );
         }
         assert_eq!(shard_name(0, 15), "model-00000-of-00014.safetensors");

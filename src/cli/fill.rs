@@ -81,6 +81,7 @@ pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitC
     options.hash = !args.no_hash;
     let source = args.source.open(env)?;
     let request = PrefetchRequest {
+        parse_budget: crate::verify::structure::ParseBudget::default(),
         model: model.clone(),
         selection,
         options,
@@ -398,6 +399,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
 
     let model = ModelName::new("gpt-oss-120b").map_err(invalid)?;
     let request = PrefetchRequest {
+        parse_budget: crate::verify::structure::ParseBudget::default(),
         model: model.clone(),
         selection,
         options,

@@ -13,7 +13,8 @@ use crate::store::{Layout, ModelName, ReadyFile, ReadyMarker, StagedModel, Verif
 use crate::verify::VerifyError;
 use crate::verify::hash::combine;
 use crate::verify::structure::{
-    ShardTensors, check_index, check_safetensors, is_index, is_safetensors,
+    ParseBudget, ShardTensors, add_header, check_index, check_safetensors, header_len, is_index,
+    is_safetensors, read_index,
 };
 
 /// Checks every staged safetensors header, then every index against those headers; returns
@@ -22,6 +23,7 @@ pub(super) async fn check_structure(
     layout: &Layout,
     name: &ModelName,
     plan: &Plan,
+    budget: &ParseBudget,
 ) -> Result<Vec<String>, PrefetchError> {
     let files: Vec<(String, PathBuf)> = plan
         .files
@@ -29,7 +31,8 @@ pub(super) async fn check_structure(
         .filter(|f| is_safetensors(&f.path) || is_index(&f.path))
         .map(|f| (f.path.clone(), layout.partial_path(name, &f.path)))
         .collect();
-    let warnings = tokio::task::spawn_blocking(move || check_files(&files))
+    let budget = budget.clone();
+    let warnings = tokio::task::spawn_blocking(move || check_files(&files, &budget))
         .await
         .map_err(|e| PrefetchError::Internal(e.to_string()))??;
     for warning in &warnings {
@@ -38,17 +41,23 @@ pub(super) async fn check_structure(
     Ok(warnings)
 }
 
-fn check_files(files: &[(String, PathBuf)]) -> Result<Vec<String>, VerifyError> {
+fn check_files(
+    files: &[(String, PathBuf)],
+    budget: &ParseBudget,
+) -> Result<Vec<String>, VerifyError> {
     let mut shards: HashMap<String, ShardTensors> = HashMap::new();
     let mut warnings = Vec::new();
+    let mut headers = 0;
     for (rel, path) in files.iter().filter(|(rel, _)| is_safetensors(rel)) {
-        shards.insert(rel.clone(), check_safetensors(path, rel)?);
+        let _held = budget.hold_blocking(header_len(path)?);
+        let (tensors, header_len) = check_safetensors(path, rel)?;
+        add_header(&mut headers, header_len, rel)?;
+        shards.insert(rel.clone(), tensors);
     }
     for (rel, path) in files.iter().filter(|(rel, _)| is_index(rel)) {
-        let bytes = std::fs::read(path).map_err(|source| VerifyError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        let _held = budget.hold_blocking(size);
+        let bytes = read_index(path, rel)?;
         warnings.extend(check_index(rel, &bytes, &shards)?);
     }
     Ok(warnings)

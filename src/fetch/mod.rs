@@ -251,6 +251,9 @@ pub struct PrefetchRequest {
     pub owner: String,
     /// Cancels the prefetch (shutdown); finished ranges stay journaled.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// Bounds the header and index bytes parsed at once; share one between prefetches that
+    /// run together (the agent's models do) to bound them all.
+    pub parse_budget: crate::verify::structure::ParseBudget,
     /// Called with the bytes still to be written before the free-space check, so a caller
     /// with a disk budget can evict other models first (or refuse with an error).
     pub make_room: Option<MakeRoom>,
@@ -417,8 +420,15 @@ async fn attempt(
         });
     }
 
-    let checked =
-        preflight::check_before_download(source, &plan, options, &request.cancel, progress).await?;
+    let checked = preflight::check_before_download(
+        source,
+        &plan,
+        options,
+        &request.cancel,
+        progress,
+        &request.parse_budget,
+    )
+    .await?;
     info!(
         model.name = %name,
         shards = checked.shards,
@@ -462,7 +472,7 @@ async fn attempt(
     enter_phase(progress, name, Phase::Downloading);
     let refetched =
         download::download_verified(&engine, &resumed.journal, &plan, layout, name).await?;
-    let warnings = finish::check_structure(layout, name, &plan).await?;
+    let warnings = finish::check_structure(layout, name, &plan, &request.parse_budget).await?;
     let verification = if plan.manifest.is_some() && options.hash {
         Verification::Blake3
     } else if every_range_checked(&plan, layout, name, options.chunk_size)? {

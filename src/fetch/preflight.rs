@@ -19,15 +19,14 @@ use super::plan::Plan;
 use super::progress::Progress;
 use crate::config::FetchOptions;
 use crate::source::{RemoteFile, RetryCause, Source, SourceError};
+use crate::verify::VerifyError;
 use crate::verify::structure::{
-    ShardTensors, check_index, check_safetensors_header, header_end, is_index, is_safetensors,
+    MAX_INDEX_BYTES, ParseBudget, ShardTensors, add_header, check_index, check_safetensors_header,
+    header_end, is_index, is_safetensors,
 };
 
 /// First read of each shard: most headers fit (GPT-OSS-120B's largest is about 60 KiB).
 const FIRST_READ: u64 = 256 << 10;
-
-/// Indexes larger than this are left to the final check rather than read twice.
-const MAX_INDEX_PREFLIGHT: u64 = 64 << 20;
 
 /// The largest read Blob's transactional MD5 covers.
 const MAX_CHECKED_READ: u64 = 4 << 20;
@@ -55,6 +54,7 @@ pub(super) async fn check_before_download(
     options: &FetchOptions,
     cancel: &CancellationToken,
     progress: &Progress,
+    budget: &ParseBudget,
 ) -> Result<Preflight, PrefetchError> {
     let reader = Reader {
         source: source.as_ref(),
@@ -62,28 +62,39 @@ pub(super) async fn check_before_download(
         options,
         cancel,
         progress,
+        budget,
     };
+    // Indexes over the limit are refused before any header is read.
+    for index in plan.files.iter().filter(|f| is_index(&f.path)) {
+        if index.size > MAX_INDEX_BYTES {
+            return Err(VerifyError::TooLarge {
+                path: index.path.clone(),
+                what: "index",
+                size: index.size,
+                limit: MAX_INDEX_BYTES,
+            }
+            .into());
+        }
+    }
     let checks: Vec<_> = plan
         .files
         .iter()
         .filter(|f| is_safetensors(&f.path))
         .map(|file| reader.shard(file))
         .collect();
-    let shards: Vec<(String, ShardTensors, u64)> = futures::stream::iter(checks)
-        .buffer_unordered(PARALLEL_HEADERS)
-        .try_collect()
-        .await?;
-    let mut report = Preflight {
-        shards: shards.len(),
-        bytes_read: shards.iter().map(|s| s.2).sum(),
-        ..Preflight::default()
-    };
-    let headers: HashMap<String, ShardTensors> =
-        shards.into_iter().map(|(path, t, _)| (path, t)).collect();
+    let mut report = Preflight::default();
+    let mut headers: HashMap<String, ShardTensors> = HashMap::new();
+    let mut header_total = 0;
+    let mut checked = futures::stream::iter(checks).buffer_unordered(PARALLEL_HEADERS);
+    while let Some((path, tensors, header_len)) = checked.try_next().await? {
+        add_header(&mut header_total, header_len, &path)?;
+        report.shards += 1;
+        report.bytes_read += header_len;
+        headers.insert(path, tensors);
+    }
+    drop(checked);
     for index in plan.files.iter().filter(|f| is_index(&f.path)) {
-        if index.size > MAX_INDEX_PREFLIGHT {
-            continue;
-        }
+        let _held = budget.hold(index.size).await;
         let bytes = reader.read(index, 0..index.size).await?;
         report.bytes_read += bytes.len() as u64;
         report.indexes += 1;
@@ -91,8 +102,10 @@ pub(super) async fn check_before_download(
             Ok(w) => w,
             Err(first) => {
                 // As for headers: refused only when a second read brings the same bytes.
+                let seen = blake3::hash(&bytes);
+                drop(bytes);
                 let again = reader.read(index, 0..index.size).await?;
-                if again == bytes {
+                if blake3::hash(&again) == seen {
                     return Err(first.into());
                 }
                 check_index(&index.path, &again, &headers)?
@@ -110,6 +123,8 @@ struct Reader<'a> {
     options: &'a FetchOptions,
     cancel: &'a CancellationToken,
     progress: &'a Progress,
+    /// Bounds the header and index bytes parsed at once, across prefetches.
+    budget: &'a ParseBudget,
 }
 
 impl Reader<'_> {
@@ -117,32 +132,45 @@ impl Reader<'_> {
     /// A header that fails is read once more and refused only if the same bytes come back: a bit
     /// flipped in transit must cost a retry, not a verdict on a good model.
     async fn shard(&self, file: &RemoteFile) -> Result<(String, ShardTensors, u64), PrefetchError> {
-        let head = self.header(file).await?;
+        let (head, _held) = self.header(file).await?;
+        let header_len = head.len() as u64;
         let tensors = match check_safetensors_header(&head, file.size, &file.path) {
             Ok(t) => t,
             Err(first) => {
-                let again = self.header(file).await?;
-                if again == head {
+                // Only the first copy's hash is kept while the second is read.
+                let seen = blake3::hash(&head);
+                drop((head, _held));
+                let (again, _held) = self.header(file).await?;
+                if blake3::hash(&again) == seen {
                     return Err(first.into());
                 }
                 check_safetensors_header(&again, file.size, &file.path)?
             }
         };
-        Ok((file.path.clone(), tensors, head.len() as u64))
+        Ok((file.path.clone(), tensors, header_len))
     }
 
-    async fn header(&self, file: &RemoteFile) -> Result<Vec<u8>, PrefetchError> {
+    /// Reads a shard's header; the permit returned covers its bytes and is held until the
+    /// caller has parsed them.
+    async fn header(
+        &self,
+        file: &RemoteFile,
+    ) -> Result<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>), PrefetchError> {
         if file.size < 8 {
             // Too short to hold a header: refused without asking the source for an empty range.
             header_end(&[], file.size, &file.path)?;
         }
         let mut head = self.read(file, 0..file.size.min(FIRST_READ)).await?;
+        // The length field is checked against the limit before any more is read.
         let end = header_end(&head, file.size, &file.path)?;
         let have = head.len() as u64;
+        // Held while the header is read and parsed, so what the preflight holds is bounded
+        // whatever the number of shards.
+        let held = self.budget.hold(end).await;
         if end > have {
             head.extend_from_slice(&self.read(file, have..end).await?);
         }
-        Ok(head)
+        Ok((head, held))
     }
 
     /// Reads `range` of `file` with the download's retries, stall timeout and errors (a range

@@ -334,7 +334,7 @@ pub const MAX_SMALL_FILE: u64 = 16 << 20;
 
 /// Most files a listing may hold: a model has tens; a prefix holding more is a mistake, and each
 /// listed file costs memory.
-pub const MAX_LISTED_FILES: usize = 100_000;
+pub const MAX_LISTED_FILES: usize = 20_000;
 
 /// Opens a source from a URL: `az://CONTAINER/PREFIX`,
 /// `https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX[?SAS]` or `file:///PATH`.

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use super::VerifyError;
 use super::hash::hash_local_file;
 use super::manifest::Manifest;
-use super::structure::{ShardTensors, check_index, check_safetensors, is_index, is_safetensors};
+use super::structure::{
+    ShardTensors, add_header, check_index, check_safetensors, is_index, is_safetensors, read_index,
+};
 use crate::store::{MANIFEST_COPY, RECORDS_DIR, ReadyFile, ReadyMarker, Verification};
 
 /// What a re-verification found.
@@ -63,6 +65,7 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
     let mut hashed_all = true;
     let mut bytes = 0;
     let mut shards: HashMap<String, ShardTensors> = HashMap::new();
+    let mut headers = 0;
     for file in &marker.files {
         let path = dir.join(&file.path);
         let size = std::fs::metadata(&path).map(|m| m.len()).ok();
@@ -93,13 +96,14 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
             None => hashed_all = false,
         }
         if is_safetensors(&file.path) {
-            shards.insert(file.path.clone(), check_safetensors(&path, &file.path)?);
+            let (tensors, header_len) = check_safetensors(&path, &file.path)?;
+            add_header(&mut headers, header_len, &file.path)?;
+            shards.insert(file.path.clone(), tensors);
         }
     }
     let mut warnings = Vec::new();
     for file in marker.files.iter().filter(|f| is_index(&f.path)) {
-        let path = dir.join(&file.path);
-        let data = std::fs::read(&path).map_err(|source| VerifyError::Io { path, source })?;
+        let data = read_index(&dir.join(&file.path), &file.path)?;
         warnings.extend(check_index(&file.path, &data, &shards)?);
     }
     Ok(CachedReport {

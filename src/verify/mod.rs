@@ -77,6 +77,20 @@ pub enum VerifyError {
         /// What disagrees.
         reason: String,
     },
+    /// A header or index is larger than any real model's, so it is refused before it is read.
+    #[error(
+        "{path}: its {what} is {size} bytes, over the {limit}-byte limit (real models stay far below it; this is not a model vLLM should load)"
+    )]
+    TooLarge {
+        /// The file, relative to the model.
+        path: String,
+        /// What is too large (`safetensors header`, `index`, `shard headers in all`).
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A published model's files changed on disk.
     #[error("{path} is missing or has the wrong size in the cache (expected {expected} bytes)")]
     CachedFile {

@@ -43,9 +43,20 @@ impl Agent {
         endpoint: &str,
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::start_in(dir, config, endpoint, envs, modelcache())
+    }
+
+    /// Starts the agent through `cmd` (the binary, or a wrapper that runs it, e.g. in a memory
+    /// cgroup) and returns as soon as it listens.
+    pub(crate) fn start_in(
+        dir: &Path,
+        config: &str,
+        endpoint: &str,
+        envs: &[(&str, &str)],
+        mut cmd: std::process::Command,
+    ) -> Self {
         let path = dir.join("agent.toml");
         std::fs::write(&path, config).unwrap();
-        let mut cmd = modelcache();
         with_emulator(&mut cmd, endpoint);
         // Each agent's admin socket in its own directory (the default is the node's).
         cmd.env("MODELCACHE_LISTEN_ADMIN", dir.join("run/admin.sock"));
@@ -85,6 +96,11 @@ impl Agent {
             admin: addrs[1].clone(),
             log,
         }
+    }
+
+    /// The agent's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
     }
 
     pub(crate) fn log(&self) -> String {

@@ -10,6 +10,7 @@ mod deploy;
 mod disk;
 mod faults;
 mod image;
+mod memory;
 mod nodeboot;
 mod podns;
 mod properties;

@@ -610,3 +610,122 @@ pub fn account_sas() -> String {
         .replace('=', "%3D");
     format!("sv={version}&ss=b&srt=sco&sp={permissions}&se={expiry}&spr=https,http&sig={sig}")
 }
+
+/// A memory cgroup with a limit (cgroup v2, or v1's memory controller), for running the binary
+/// under the DaemonSet's `limits.memory` as the kubelet would; removed on drop.
+pub struct MemoryCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    /// A new group limited to `limit` bytes; None (after a loud skip, or a failure in CI) when
+    /// not root or no memory controller can be written.
+    pub fn new(limit: u64) -> Option<Self> {
+        let made = is_root().then(|| Self::v2(limit).or_else(|| Self::v1(limit)));
+        match made.flatten() {
+            Some(group) => Some(group),
+            None => {
+                skip_or_fail(&format!(
+                    "a memory cgroup needs root ({}) and a writable cgroup v2 or v1 memory controller under /sys/fs/cgroup",
+                    is_root()
+                ));
+                None
+            }
+        }
+    }
+
+    fn name() -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        format!(
+            "modelcache-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
+    fn v2(limit: u64) -> Option<Self> {
+        let root = Path::new("/sys/fs/cgroup");
+        let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).ok()?;
+        if !controllers.split_whitespace().any(|c| c == "memory") {
+            return None;
+        }
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+        let dir = root.join(Self::name());
+        std::fs::create_dir(&dir).ok()?;
+        let group = Self { dir, v2: true };
+        std::fs::write(group.dir.join("memory.max"), limit.to_string()).ok()?;
+        std::fs::write(group.dir.join("memory.swap.max"), "0").ok();
+        Some(group)
+    }
+
+    fn v1(limit: u64) -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let path = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.trim_start_matches('/').to_string())
+        })?;
+        let dir = Path::new("/sys/fs/cgroup/memory")
+            .join(path)
+            .join(Self::name());
+        std::fs::create_dir(&dir).ok()?;
+        let group = Self { dir, v2: false };
+        std::fs::write(group.dir.join("memory.limit_in_bytes"), limit.to_string()).ok()?;
+        Some(group)
+    }
+
+    /// `modelcache` (as [`modelcache`] makes it) started inside the group.
+    pub fn modelcache(&self) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MODELCACHE_LOG", "info")
+            .stdin(Stdio::null())
+            .args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+            .arg(&self.dir)
+            .arg(bin());
+        cmd
+    }
+
+    /// Processes the kernel's OOM killer killed in the group.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill")
+        } else {
+            ("memory.oom_control", "oom_kill")
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Peak resident memory of a running process (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let kib: u64 = l
+                .strip_prefix("VmHWM:")?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}

@@ -73,7 +73,7 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 /// `1Gi` and friends, in bytes.
-fn quantity(q: &str) -> u64 {
+pub(crate) fn quantity(q: &str) -> u64 {
     let (digits, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
     let n: u64 = digits.parse().unwrap();
     n * match unit {

@@ -355,6 +355,7 @@ impl Models {
         let models = Arc::clone(self);
         let for_model = spec.name.clone();
         let request = PrefetchRequest {
+            parse_budget: self.parse_budget.clone(),
             model: spec.name.clone(),
             selection: spec.selection.clone(),
             options: self.config.fetch.clone(),

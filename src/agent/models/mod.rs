@@ -276,6 +276,9 @@ pub struct Models {
     budget: Mutex<()>,
     /// What running jobs reserved and have not written yet.
     reservations: Mutex<BTreeMap<ModelName, budget::Reservation>>,
+    /// Header and index bytes parsed at once, shared by every job so that models fetched
+    /// together stay within the agent's memory limit whatever their sources hold.
+    parse_budget: crate::verify::structure::ParseBudget,
     /// Metrics, updated as jobs finish and on scrape.
     pub metrics: Metrics,
 }
@@ -316,6 +319,7 @@ impl Models {
             next_job: AtomicU64::new(1),
             budget: Mutex::new(()),
             reservations: Mutex::new(BTreeMap::new()),
+            parse_budget: crate::verify::structure::ParseBudget::default(),
             metrics: Metrics::new(),
             config: Arc::clone(&config),
         });
