@@ -21,7 +21,7 @@ use tracing::error;
 
 use super::DiskStatus;
 use super::auth::Bearer;
-use super::models::{ModelError, ModelStatus, Models, PrefetchOverride};
+use super::models::{ModelError, ModelStatus, Models, PrefetchOverride, Reading};
 
 /// Largest accepted request body.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -142,6 +142,7 @@ fn read_routes() -> Router<AppState> {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(get_model))
         .route("/v1/models/{name}/ready", get(model_ready))
+        .route("/v1/models/{name}/readers", post(reader))
         .route("/v1/disk", get(disk))
 }
 
@@ -304,6 +305,103 @@ async fn model_ready(
     Ok((code, Json(status)))
 }
 
+/// Body of `POST /v1/models/NAME/readers`: the reading pod's UID, for a lease (or nothing).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaderBody {
+    pod: Option<String>,
+}
+
+/// The answer to a reader.
+#[derive(Serialize)]
+struct ReaderAnswer {
+    model: String,
+    ready: bool,
+    /// The revision directory to read for the reader's whole life, when ready.
+    revision: Option<String>,
+    /// That directory, relative to the cache root.
+    path: Option<String>,
+    /// Whether the pod's lease on it was recorded.
+    leased: bool,
+    status: ModelStatus,
+}
+
+/// `POST /v1/models/NAME/readers`: a reader (a vLLM pod's init container) asks for the model.
+/// 200 with the revision directory to read when it is ready (and the pod's lease recorded on
+/// it); 202 while it is not (it is fetched if nothing was fetching it). Served on the read
+/// listener without a token: it can only ask for models the agent already knows, record a
+/// lease for a pod that exists on this node, and never names a source or changes a setting.
+async fn reader(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<ReaderAnswer>), ApiError> {
+    let body = body.map_err(body_rejected)?;
+    let body: ReaderBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ReaderBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("invalid request body: {e}"),
+            )
+        })?
+    };
+    let models = Arc::clone(&state.models);
+    let asked = name.clone();
+    let reading = tokio::task::spawn_blocking(move || models.reader(&asked, body.pod.as_deref()))
+        .await
+        .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))??;
+    Ok(match reading {
+        Reading::Ready {
+            revision,
+            status,
+            leased,
+        } => (
+            StatusCode::OK,
+            Json(ReaderAnswer {
+                path: Some(format!("store/{name}/{revision}")),
+                model: name,
+                ready: true,
+                revision: Some(revision),
+                leased,
+                status,
+            }),
+        ),
+        Reading::Waiting(status) => (
+            StatusCode::ACCEPTED,
+            Json(ReaderAnswer {
+                model: name,
+                ready: false,
+                revision: None,
+                path: None,
+                leased: false,
+                status,
+            }),
+        ),
+    })
+}
+
+/// A body over the limit (or unreadable) is answered in the envelope like every other error.
+fn body_rejected(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "payload_too_large"
+    } else {
+        "invalid_request"
+    };
+    ApiError::new(
+        status,
+        code,
+        format!(
+            "{} (bodies are limited to {} bytes)",
+            rejection.body_text(),
+            BODY_LIMIT
+        ),
+    )
+}
+
 /// Body of `POST /v1/models/NAME/prefetch`; empty for a configured model.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,24 +448,7 @@ async fn prefetch(
     Path(name): Path<String>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    // A body over the limit is answered in the envelope like every other error.
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_request"
-        };
-        ApiError::new(
-            status,
-            code,
-            format!(
-                "{} (bodies are limited to {} bytes)",
-                rejection.body_text(),
-                BODY_LIMIT
-            ),
-        )
-    })?;
+    let body = body.map_err(body_rejected)?;
     let body = PrefetchBody::parse(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?;
     let (job, joined) = state.models.request_prefetch(&name, body.into_override())?;

@@ -233,6 +233,9 @@ async fn settle_disks(
     if let Some(status) = status {
         *disk.write().unwrap_or_else(|p| p.into_inner()) = status;
     }
+    if accepting {
+        tokio::spawn(Arc::clone(&models).maintain(stop.clone()));
+    }
     if let (true, Some(policy)) = (accepting, config.scrub) {
         info!(
             "background scrub: every {} at up to {}/s",

@@ -170,18 +170,43 @@ pub struct DiskArgs {
 
 /// `modelcache wait`.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("where").required(true).args(["cache_root", "api"])))]
+#[command(group(clap::ArgGroup::new("where").required(true).multiple(true).args(["cache_root", "api"])))]
 pub struct WaitArgs {
     /// The model to wait for.
     #[arg(long, env = "MODELCACHE_MODEL", value_name = "NAME")]
     pub model: String,
-    /// Watch the published link and ready marker under this cache root (no network needed).
+    /// The cache root as this container mounts it (the hostPath, read-only is enough).
+    ///
+    /// Alone, readiness is read from the published link and ready marker (no network needed).
+    /// With --api, the revision the agent answers is checked here before --link points at it.
     #[arg(long, value_name = "DIR")]
     pub cache_root: Option<PathBuf>,
-    /// Poll the agent's API: a URL such as http://$(NODE_IP):8080 (its read listener), or the
-    /// path of its admin socket (/run/modelcache/admin.sock).
+    /// Ask the agent: a URL such as http://$(NODE_IP):8080 (its read listener), or the path of
+    /// its admin socket (/run/modelcache/admin.sock).
+    ///
+    /// Waiting is asking: a model the agent knows but is not fetching (it was evicted, say) is
+    /// fetched again. Needed for --lease.
     #[arg(long, value_name = "URL|SOCKET")]
     pub api: Option<String>,
+    /// Once ready, make PATH a symbolic link to the revision directory it resolved
+    /// (CACHE_ROOT/store/NAME/REVISION) and serve PATH.
+    ///
+    /// vLLM opens shards one at a time, by path: read through CACHE_ROOT/models/NAME, a refresh
+    /// during its start would mix two revisions. PATH lives in a volume the server container
+    /// shares (an emptyDir), so the server reads one revision for as long as the pod lives.
+    /// Needs --cache-root.
+    #[arg(long, value_name = "PATH", requires = "cache_root")]
+    pub link: Option<PathBuf>,
+    /// Hold a lease for this pod (its UID, from the downward API: metadata.uid) on the
+    /// revision it resolves: the agent never removes or rewrites that revision while the pod
+    /// exists on the node. Needs --api.
+    #[arg(
+        long,
+        env = "MODELCACHE_POD_UID",
+        value_name = "POD_UID",
+        requires = "api"
+    )]
+    pub lease: Option<String>,
     /// Give up after this long [default: 30m].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,

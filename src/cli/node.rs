@@ -50,31 +50,77 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
 
 /// What one look at readiness found.
 enum Look {
-    Ready(String),
+    /// Ready: the revision directory to read, and a line saying so.
+    Ready {
+        revision: String,
+        line: String,
+    },
     Waiting(String),
     Failed(String),
+    /// The agent refused the request itself (a pod not on this node, a bad name): waiting
+    /// would not change it.
+    Refused(String),
 }
 
-/// `modelcache wait`.
+/// `modelcache wait`: until the model is ready, then the revision it resolved (linked at
+/// `--link`, leased with `--lease`, warmed with `--warm`).
 pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
     let name = ModelName::new(&args.model).map_err(invalid)?;
+    if let Some(pod) = &args.lease {
+        crate::store::leases::PodUid::new(pod).map_err(invalid)?;
+    }
     let timeout = args.timeout.unwrap_or(Duration::from_secs(1800));
     let interval = args.interval.unwrap_or(Duration::from_secs(2));
     let api = args.api.as_deref().map(AgentApi::new).transpose()?;
+    let view = args
+        .cache_root
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(invalid)?
+        .map(Layout::new);
     let started = Instant::now();
     let mut last_line = String::new();
     let mut last_sample: Option<(Instant, u64)> = None;
     loop {
-        let look = match (&args.cache_root, &api) {
-            (Some(root), _) => look_at_cache(&Layout::new(root), &name, &mut last_sample),
-            (None, Some(api)) => look_at_api(api, &name).await,
+        let look = match (&api, &view) {
+            (Some(api), _) => {
+                let look = ask_agent(api, &name, args.lease.as_deref()).await;
+                match (look, &view) {
+                    // The agent's answer must be visible here before it is served.
+                    (Look::Ready { revision, line }, Some(view)) => {
+                        visible_here(view, &name, revision, line)
+                    }
+                    // Progress from the cache while the agent cannot be reached.
+                    (Look::Waiting(line), Some(view)) if line.contains("waiting for the agent") => {
+                        match progress_from_cache(view, &name, &mut last_sample) {
+                            Some(progress) => Look::Waiting(format!("{progress} ({line})")),
+                            None => Look::Waiting(line),
+                        }
+                    }
+                    (look, _) => look,
+                }
+            }
+            (None, Some(view)) => look_at_cache(view, &name, &mut last_sample),
             (None, None) => return Err(invalid("give --cache-root or --api")),
         };
         match look {
-            Look::Ready(line) => {
-                println!("{line}");
-                if let (true, Some(root)) = (args.warm, &args.cache_root) {
-                    warm(&Layout::new(root), &name).await?;
+            Look::Ready { revision, line } => {
+                let Some(view) = &view else {
+                    println!("{line}");
+                    return Ok(ExitCode::SUCCESS);
+                };
+                let dir = view.revision_dir(&name, &revision);
+                let served = match &args.link {
+                    Some(link) => {
+                        point_link(link, &dir)?;
+                        link.clone()
+                    }
+                    None => dir.clone(),
+                };
+                println!("{line} -> {}", served.display());
+                if args.warm {
+                    warm(&dir, &name).await?;
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -83,6 +129,9 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
                     exit::MODEL_FAILED,
                     format!("{name} failed: {reason}"),
                 ));
+            }
+            Look::Refused(reason) => {
+                return Err(CommandError::new(exit::INVALID_INPUT, reason));
             }
             Look::Waiting(line) => {
                 if line != last_line {
@@ -104,11 +153,40 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
     }
 }
 
-/// `wait --warm`: reads the published model once, in this process's memory cgroup.
-async fn warm(layout: &Layout, name: &ModelName) -> Result<(), CommandError> {
-    let dir = layout.model_link(name);
+/// Makes `link` point at `dir` (absolute, as this container sees it), replacing whatever it
+/// pointed at with one rename: the server container, sharing `link`'s volume, then reads that
+/// revision directory and nothing else.
+fn point_link(link: &std::path::Path, dir: &std::path::Path) -> Result<(), CommandError> {
+    let failed = |what: &str, e: std::io::Error| {
+        CommandError::new(
+            exit::UNEXPECTED,
+            format!(
+                "failed to {what} {} (hint: --link names a path in a writable volume shared with the server container, such as an emptyDir): {e}",
+                link.display()
+            ),
+        )
+    };
+    let parent = link
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let file_name = link
+        .file_name()
+        .ok_or_else(|| invalid(format!("--link {}: expected a file path", link.display())))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(dir, &tmp).map_err(|e| failed("create a link beside", e))?;
+    std::fs::rename(&tmp, link).map_err(|e| failed("replace", e))
+}
+
+/// `wait --warm`: reads the resolved revision once, in this process's memory cgroup.
+async fn warm(dir: &std::path::Path, name: &ModelName) -> Result<(), CommandError> {
     let started = Instant::now();
-    let reading = dir.clone();
+    let reading = dir.to_path_buf();
     let bytes = tokio::task::spawn_blocking(move || crate::store::read_into_page_cache(&reading))
         .await
         .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?
@@ -131,39 +209,61 @@ async fn warm(layout: &Layout, name: &ModelName) -> Result<(), CommandError> {
 /// Ready when the link's revision has a ready marker whose files are intact.
 fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, u64)>) -> Look {
     if let Some((revision, marker)) = layout.linked_intact(name) {
-        return Look::Ready(format!(
-            "{name} is ready: revision {revision}, {} in {} files, verified {} -> {}",
-            human_bytes(marker.bytes),
-            marker.files.len(),
-            marker.verification,
-            layout.model_link(name).display()
-        ));
+        return Look::Ready {
+            line: format!(
+                "{name} is ready: revision {revision}, {} in {} files, verified {}",
+                human_bytes(marker.bytes),
+                marker.files.len(),
+                marker.verification,
+            ),
+            revision,
+        };
     }
-    let snapshot = std::fs::read(layout.progress_path(name))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<ProgressSnapshot>(&b).ok());
-    Look::Waiting(match snapshot {
-        Some(p) => {
-            let now = Instant::now();
-            let rate = match *last {
-                Some((t, bytes)) if now > t && p.fetched >= bytes => {
-                    #[expect(clippy::cast_precision_loss, reason = "display")]
-                    let r = (p.fetched - bytes) as f64 / now.duration_since(t).as_secs_f64();
-                    r
-                }
-                _ => 0.0,
-            };
-            *last = Some((now, p.fetched));
-            progress_text(
-                name.as_str(),
-                &p.phase,
-                (p.fetched + p.reused).min(p.total),
-                p.total,
-                rate,
-            )
+    Look::Waiting(
+        progress_from_cache(layout, name, last).unwrap_or_else(|| {
+            format!("{name}: not published yet; waiting for the agent to fetch it")
+        }),
+    )
+}
+
+/// The agent answered `revision`: ready once its directory is intact in this container's view
+/// of the cache (a mount still propagating, or a copy being repaired, is waited for).
+fn visible_here(view: &Layout, name: &ModelName, revision: String, line: String) -> Look {
+    let dir = view.revision_dir(name, &revision);
+    match crate::store::ReadyMarker::read(&dir) {
+        Ok(marker) if marker.files_present(&dir) => Look::Ready { revision, line },
+        _ => Look::Waiting(format!(
+            "{name}: the agent says revision {revision} is ready, but {} is not (yet) there intact; waiting",
+            dir.display()
+        )),
+    }
+}
+
+/// The progress record's line, if there is one.
+fn progress_from_cache(
+    layout: &Layout,
+    name: &ModelName,
+    last: &mut Option<(Instant, u64)>,
+) -> Option<String> {
+    let bytes = std::fs::read(layout.progress_path(name)).ok()?;
+    let p = serde_json::from_slice::<ProgressSnapshot>(&bytes).ok()?;
+    let now = Instant::now();
+    let rate = match *last {
+        Some((t, bytes)) if now > t && p.fetched >= bytes => {
+            #[expect(clippy::cast_precision_loss, reason = "display")]
+            let r = (p.fetched - bytes) as f64 / now.duration_since(t).as_secs_f64();
+            r
         }
-        None => format!("{name}: not published yet; waiting for the agent to fetch it"),
-    })
+        _ => 0.0,
+    };
+    *last = Some((now, p.fetched));
+    Some(progress_text(
+        name.as_str(),
+        &p.phase,
+        (p.fetched + p.reused).min(p.total),
+        p.total,
+        rate,
+    ))
 }
 
 /// The agent's API as a client reaches it: an `http://` URL or the admin socket's path.
@@ -204,6 +304,17 @@ impl AgentApi {
     async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
         self.client.get(format!("{}{path}", self.base)).send().await
     }
+
+    /// `POST path` with a JSON body (or none).
+    async fn post(&self, path: &str, body: String) -> reqwest::Result<reqwest::Response> {
+        let mut request = self.client.post(format!("{}{path}", self.base));
+        if !body.is_empty() {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        request.send().await
+    }
 }
 
 impl std::fmt::Display for AgentApi {
@@ -212,38 +323,72 @@ impl std::fmt::Display for AgentApi {
     }
 }
 
-/// Asks the agent.
-async fn look_at_api(api: &AgentApi, name: &ModelName) -> Look {
-    let response = match api.get(&format!("/v1/models/{name}")).await {
+/// Asks the agent for the model as a reader, naming the pod for a lease.
+async fn ask_agent(api: &AgentApi, name: &ModelName, pod: Option<&str>) -> Look {
+    let body = pod.map_or_else(String::new, |pod| {
+        serde_json::json!({ "pod": pod }).to_string()
+    });
+    let response = match api.post(&format!("/v1/models/{name}/readers"), body).await {
         Ok(r) => r,
-        Err(e) => return Look::Waiting(format!("{name}: waiting for the agent at {api}: {e}")),
+        Err(e) => {
+            return Look::Waiting(format!(
+                "{name}: waiting for the agent at {api}: {}",
+                crate::fetch::error_chain(&e)
+            ));
+        }
     };
-    if response.status() == reqwest::StatusCode::NOT_FOUND {
-        return Look::Waiting(format!("{name}: the agent does not know this model yet"));
-    }
+    let status = response.status();
     let body: serde_json::Value = match response.json().await {
         Ok(v) => v,
         Err(e) => return Look::Waiting(format!("{name}: unreadable answer from {api}: {e}")),
     };
-    match body["state"].as_str().unwrap_or("unknown") {
-        "ready" => Look::Ready(format!(
-            "{name} is ready: revision {}, verified {}",
-            body["revision"].as_str().unwrap_or("?"),
-            body["verification"].as_str().unwrap_or("?")
+    let message = || {
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string()
+    };
+    match status.as_u16() {
+        200 => Look::Ready {
+            revision: body["revision"].as_str().unwrap_or_default().to_string(),
+            line: format!(
+                "{name} is ready: revision {}, {}, verified {}{}",
+                body["revision"].as_str().unwrap_or("?"),
+                human_bytes(body["status"]["bytes_total"].as_u64().unwrap_or(0)),
+                body["status"]["verification"].as_str().unwrap_or("?"),
+                if body["leased"] == true {
+                    ", leased for this pod"
+                } else {
+                    ""
+                }
+            ),
+        },
+        202 => {
+            let s = &body["status"];
+            match s["state"].as_str().unwrap_or("unknown") {
+                "failed" => Look::Failed(
+                    s["last_error"]
+                        .as_str()
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                ),
+                phase => Look::Waiting(progress_text(
+                    name.as_str(),
+                    phase,
+                    s["bytes_done"].as_u64().unwrap_or(0),
+                    s["bytes_total"].as_u64().unwrap_or(0),
+                    s["rate_bytes_per_second"].as_f64().unwrap_or(0.0),
+                )),
+            }
+        }
+        404 => Look::Waiting(format!(
+            "{name}: the agent does not know this model: it is not in its configuration (models[]) and no request named its source"
         )),
-        "failed" => Look::Failed(
-            body["last_error"]
-                .as_str()
-                .unwrap_or("unknown error")
-                .to_string(),
-        ),
-        phase => Look::Waiting(progress_text(
-            name.as_str(),
-            phase,
-            body["bytes_done"].as_u64().unwrap_or(0),
-            body["bytes_total"].as_u64().unwrap_or(0),
-            body["rate_bytes_per_second"].as_f64().unwrap_or(0.0),
+        503 => Look::Waiting(format!(
+            "{name}: the agent cannot answer yet: {}",
+            message()
         )),
+        _ => Look::Refused(format!("the agent at {api} refused: {}", message())),
     }
 }
 

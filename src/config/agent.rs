@@ -38,6 +38,9 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("cache.proc_root", Kind::Text),
     ("cache.scrub_rate", Kind::Text),
     ("cache.scrub_interval", Kind::Text),
+    ("cache.private_mount", Kind::Text),
+    ("leases.pods_dir", Kind::Text),
+    ("leases.check_interval", Kind::Text),
     ("api.allowed_sources", Kind::List),
     ("disk.enabled", Kind::Bool),
     ("disk.models", Kind::List),
@@ -46,6 +49,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("disk.raid_chunk", Kind::Text),
     ("disk.label", Kind::Text),
     ("disk.discard", Kind::Bool),
+    ("disk.member_wait", Kind::Text),
     ("disk.sysfs_root", Kind::Text),
     ("disk.dev_root", Kind::Text),
 ];
@@ -113,7 +117,31 @@ struct FileConfig {
     #[serde(default)]
     api: ApiFile,
     #[serde(default)]
+    leases: LeasesFile,
+    #[serde(default)]
     models: Vec<ModelFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeasesFile {
+    #[serde(default = "default_pods_dir")]
+    pods_dir: PathBuf,
+    #[serde(default)]
+    check_interval: Option<String>,
+}
+
+impl Default for LeasesFile {
+    fn default() -> Self {
+        Self {
+            pods_dir: default_pods_dir(),
+            check_interval: None,
+        }
+    }
+}
+
+fn default_pods_dir() -> PathBuf {
+    PathBuf::from("/var/lib/kubelet/pods")
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +168,8 @@ struct DiskFile {
     label: String,
     #[serde(default)]
     discard: bool,
+    #[serde(default)]
+    member_wait: Option<String>,
     #[serde(default = "default_sysfs")]
     sysfs_root: PathBuf,
     #[serde(default = "default_dev")]
@@ -156,6 +186,7 @@ impl Default for DiskFile {
             raid_chunk: default_raid_chunk(),
             label: default_label(),
             discard: false,
+            member_wait: None,
             sysfs_root: default_sysfs(),
             dev_root: default_dev(),
         }
@@ -260,6 +291,8 @@ struct CacheFile {
     scrub_rate: Option<String>,
     #[serde(default)]
     scrub_interval: Option<String>,
+    #[serde(default)]
+    private_mount: Option<PathBuf>,
 }
 
 impl Default for CacheFile {
@@ -271,6 +304,7 @@ impl Default for CacheFile {
             proc_root: default_proc_root(),
             scrub_rate: None,
             scrub_interval: None,
+            private_mount: None,
         }
     }
 }
@@ -341,6 +375,15 @@ pub struct ScrubPolicy {
     pub rate: u64,
     /// Time from the start of one pass to the start of the next; the first starts at once.
     pub interval: Duration,
+}
+
+/// How readers' leases are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasePolicy {
+    /// The kubelet's pod directories: a lease counts while `pods_dir/POD_UID` exists.
+    pub pods_dir: PathBuf,
+    /// How often ended leases are dropped and old revisions no reader holds are removed.
+    pub check_interval: Duration,
 }
 
 /// One model the agent keeps published.
@@ -462,6 +505,8 @@ pub struct AgentConfig {
     pub scrub: Option<ScrubPolicy>,
     /// Source prefixes an API request may name for a model that is not configured.
     pub allowed_sources: Vec<String>,
+    /// Readers' leases.
+    pub leases: LeasePolicy,
     /// Where `/proc` is (for `meminfo` and `mountinfo`).
     pub proc_root: PathBuf,
     /// Disk setup.
@@ -675,7 +720,30 @@ impl AgentConfig {
                 require_manifest: m.require_manifest,
             });
         }
-        let disk = validate_disk(file.disk, &file.cache_root, &file.cache.proc_root)?;
+        let leases = LeasePolicy {
+            check_interval: duration(
+                "leases.check_interval",
+                &file.leases.check_interval,
+                Duration::from_secs(30),
+            )?,
+            pods_dir: file.leases.pods_dir,
+        };
+        if let Some(private) = &file.cache.private_mount {
+            if !private.is_absolute() || private.starts_with(&file.cache_root) {
+                return Err(InvalidValue::new(
+                    "cache.private_mount",
+                    private.display(),
+                    "expected an absolute directory outside cache_root (an emptyDir the agent alone mounts)",
+                )
+                .into());
+            }
+        }
+        let disk = validate_disk(
+            file.disk,
+            &file.cache_root,
+            &file.cache.proc_root,
+            file.cache.private_mount,
+        )?;
         Ok(Self {
             disk,
             cache_root: file.cache_root,
@@ -699,6 +767,7 @@ impl AgentConfig {
             warm,
             scrub,
             allowed_sources: file.api.allowed_sources,
+            leases,
             proc_root: file.cache.proc_root,
             models,
         })
@@ -709,7 +778,14 @@ fn validate_disk(
     d: DiskFile,
     cache_root: &Path,
     proc_root: &Path,
+    private_mount: Option<PathBuf>,
 ) -> Result<crate::disk::DiskConfig, InvalidValue> {
+    let member_wait = match &d.member_wait {
+        Some(raw) => {
+            parse_duration(raw).map_err(|e| InvalidValue::new("disk.member_wait", raw, e))?
+        }
+        None => Duration::from_secs(120),
+    };
     let filesystem = match d.filesystem.as_str() {
         "xfs" => crate::disk::Filesystem::Xfs,
         "ext4" => crate::disk::Filesystem::Ext4,
@@ -765,6 +841,8 @@ fn validate_disk(
             proc: proc_root.to_path_buf(),
         },
         target: cache_root.to_path_buf(),
+        private_mount,
+        member_wait,
     })
 }
 

@@ -59,8 +59,13 @@ pub struct DiskConfig {
     pub discard: bool,
     /// Host roots.
     pub host: HostPaths,
-    /// The mount point (the cache root).
+    /// The cache root: what consumers see.
     pub target: PathBuf,
+    /// Where the agent mounts the cache filesystem for itself, private to its pod, when
+    /// consumers are to see the cache root read-only (see [`view`]).
+    pub private_mount: Option<PathBuf>,
+    /// How long to wait for a missing member of our array before rebuilding without it.
+    pub member_wait: std::time::Duration,
 }
 
 /// A disk operation that failed, naming the device or path.

@@ -107,22 +107,20 @@ async fn run_with_checkpoints(
             }
         })
     };
+    write_progress(progress_file, &engine.progress);
     let result = engine.run(jobs).await;
     ticker.abort();
     let _ = ticker.await;
+    write_progress(progress_file, &engine.progress);
     let flushed = checkpoint(engine, journal).await;
     result?;
     flushed.map_err(PrefetchError::from)
 }
 
 /// Best effort: progress is for people watching, so a failure to write it is not an error.
-fn write_progress(path: &std::path::Path, progress: &Progress) {
-    let Ok(json) = serde_json::to_vec(&progress.snapshot()) else {
-        return;
-    };
-    let tmp = path.with_extension("json.tmp");
-    if std::fs::write(&tmp, json).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
+pub(super) fn write_progress(path: &std::path::Path, progress: &Progress) {
+    if let Ok(json) = serde_json::to_vec(&progress.snapshot()) {
+        let _ = crate::store::replace_readable(path, &json);
     }
 }
 

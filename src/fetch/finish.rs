@@ -120,8 +120,9 @@ pub(super) async fn publish_staged(
     Ok(linked)
 }
 
-/// Removes `staging/NAME` once its files are published (a leftover journal and progress file).
+/// Removes `staging/NAME` and the progress record once the files are published.
 pub(super) fn remove_staging(layout: &Layout, name: &ModelName) {
+    layout.remove_progress(name);
     let staging = layout.staging_dir(name);
     match std::fs::remove_dir_all(&staging) {
         Ok(()) => {}

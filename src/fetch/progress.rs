@@ -164,7 +164,7 @@ impl Progress {
     }
 }
 
-/// A point-in-time copy of the counters, written to `staging/NAME/progress.json` so that
+/// A point-in-time copy of the counters, written to `progress/NAME.json` so that
 /// `modelcache wait --cache-root` can report progress with no network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressSnapshot {

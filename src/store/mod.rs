@@ -4,6 +4,8 @@
 //! models/NAME            -> ../store/NAME/REVISION   (what vLLM opens)
 //! store/NAME/REVISION/   complete, verified files + .modelcache/{ready,manifest}.json
 //! staging/NAME/          FILE.partial files and journal.jsonl; never visible as a model
+//! progress/NAME.json     live progress of a download, world-readable
+//! leases/NAME/POD_UID    the revision a reading pod resolved (see [`leases`])
 //! locks/NAME             flock'd by whoever changes the three above (see [`lock`])
 //! ```
 //!
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod leases;
 pub mod lock;
 
 /// Subdirectory of a revision holding the cache's own records.
@@ -47,6 +50,12 @@ pub enum StoreError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// A pod UID that cannot name a lease.
+    #[error("invalid pod UID {uid:?}: expected the pod's metadata.uid (letters, digits and '-')")]
+    InvalidPod {
+        /// The UID as given (at most 80 characters of it).
+        uid: String,
     },
     /// A staged file's length is not the verified size.
     #[error("the staged file {path} holds {actual} bytes where {expected} were verified")]
@@ -161,9 +170,18 @@ impl Layout {
             .join(format!("{relative}.partial"))
     }
 
-    /// Live progress of a download, for `wait --cache-root`.
+    /// Live progress of a download, for `wait --cache-root`: outside `staging/` (the writer's
+    /// own), world-readable, so an init container running as any user can show it.
     pub fn progress_path(&self, name: &ModelName) -> PathBuf {
-        self.staging_dir(name).join("progress.json")
+        self.root
+            .join("progress")
+            .join(format!("{}.json", name.as_str()))
+    }
+
+    /// Removes the progress record of `name` (its download ended or its files went); best
+    /// effort, since a stale record only misleads a person watching.
+    pub fn remove_progress(&self, name: &ModelName) {
+        let _ = std::fs::remove_file(self.progress_path(name));
     }
 
     /// The resume journal of a model.
@@ -171,15 +189,17 @@ impl Layout {
         self.staging_dir(name).join("journal.jsonl")
     }
 
-    /// Creates `models/` and `store/` (readable by the pods that mount the cache), `staging/`
-    /// and `locks/` (the writer's own: half-fetched bytes are nobody else's business), and sets
-    /// those modes whatever the umask.
+    /// Creates `models/`, `store/` and `progress/` (readable by the pods that mount the cache),
+    /// `staging/`, `locks/` and `leases/` (the writer's own: half-fetched bytes are nobody
+    /// else's business), and sets those modes whatever the umask.
     pub fn ensure(&self) -> Result<(), StoreError> {
         for (dir, mode) in [
             ("models", PUBLISHED_DIR_MODE),
             ("store", PUBLISHED_DIR_MODE),
+            ("progress", PUBLISHED_DIR_MODE),
             ("staging", PRIVATE_DIR_MODE),
             ("locks", PRIVATE_DIR_MODE),
+            ("leases", PRIVATE_DIR_MODE),
         ] {
             let p = self.root.join(dir);
             std::fs::create_dir_all(&p).map_err(StoreError::io("create", &p))?;
@@ -368,7 +388,8 @@ pub struct StagedModel<'a> {
 /// changed since it was published, or marked damaged by a scrub: the very reason it was fetched
 /// again) is never linked again: the new copy goes to `REVISION-N`, the link swaps to it
 /// atomically, and only then is the damaged copy removed (readers that opened its files keep
-/// them; no reader ever finds the link dangling).
+/// them; no reader ever finds the link dangling), unless a pod holds a lease on it
+/// ([`leases`]): a leased revision is never removed from under its reader.
 pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, StoreError> {
     let name = staged.name;
     let model_store = layout.root().join("store").join(name.as_str());
@@ -461,6 +482,15 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
     fsync_dir(&model_store)?;
     link_revision(layout, name, &dir_name)?;
     for dir in damaged {
+        let revision = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !leases::readers_of(layout, name, &revision).is_empty() {
+            // A pod reads it: it stays, unlinked, until that pod is gone (the agent removes
+            // unlinked revisions no lease holds).
+            continue;
+        }
         let aside = model_store.join(format!(
             ".{}.damaged-{}",
             dir.file_name()
@@ -524,6 +554,19 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     f.sync_all().map_err(StoreError::io("fsync", path))
 }
 
+/// Replaces a small world-readable file (mode 0644 whatever the umask) with a rename, no
+/// fsync: for records that only inform, such as progress.
+pub fn replace_readable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(PUBLISHED_FILE_MODE))?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
 /// fsyncs a directory so renames and creations in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
@@ -534,7 +577,8 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 /// Recovers what interrupted publishes of `name` left in `store/NAME/`: the verified files of a
 /// `.REVISION.tmp-PID` directory (a revision being assembled when its process died) go back to
 /// their staging partials, so the resume finds them journaled and fetches nothing again; then
-/// that directory and any `.REVISION.damaged-PID` (a damaged copy being removed) are removed.
+/// that directory and any `.REVISION.damaged-PID` or `.REVISION.removing-PID` (a copy being
+/// removed) are removed.
 /// Returns what was removed.
 ///
 /// The caller must hold the model's [`lock`]: every publisher of `name` holds it, so under it
@@ -557,7 +601,9 @@ pub fn recover_publish_leftovers(
         let path = entry.path();
         if hidden.rsplit_once(".tmp-").is_some() {
             move_back_to_staging(layout, name, &path, &path)?;
-        } else if hidden.rsplit_once(".damaged-").is_none() {
+        } else if hidden.rsplit_once(".damaged-").is_none()
+            && hidden.rsplit_once(".removing-").is_none()
+        {
             continue;
         }
         std::fs::remove_dir_all(&path).map_err(StoreError::io("remove", &path))?;

@@ -14,12 +14,7 @@ fn prefetch_file(source: &Path, cache: &Path, extra: &[&str]) -> std::process::O
 }
 
 fn write_manifest(source: &Path) {
-    let mut cmd = modelcache();
-    cmd.args(["manifest", "--upload", "--chunk-size", "64KiB"])
-        .arg(format!("--source=file://{}", source.display()));
-    let out = run(&mut cmd, Duration::from_secs(60));
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(source.join("modelcache.manifest.json").exists());
+    upload_manifest(source);
 }
 
 #[test]

@@ -342,6 +342,8 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
         discard: false,
         host: HostPaths::default(),
         target: target.path().to_path_buf(),
+        private_mount: None,
+        member_wait: std::time::Duration::from_secs(120),
     };
     let md = RecordedMdadm {
         stand_in: array.path.clone(),

@@ -729,3 +729,24 @@ pub fn peak_rss(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Computes and uploads the manifest of a `file://` source with the binary's own
+/// `manifest --upload`.
+pub fn upload_manifest(source: &Path) {
+    let mut cmd = modelcache();
+    cmd.args(["manifest", "--upload", "--chunk-size", "64KiB"])
+        .arg(format!("--source=file://{}", source.display()));
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(source.join("modelcache.manifest.json").exists());
+}
+
+/// Replaces the files of the model in `dir` with a newly generated one (another revision).
+pub fn replace_model(dir: &Path, shard_bytes: usize, seed: u64) {
+    let fresh = small_model(shard_bytes, seed);
+    for f in files_under(fresh.path()) {
+        let to = dir.join(&f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fresh.path().join(&f), to).unwrap();
+    }
+}

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use tracing::info;
 
-use super::lifecycle::{self, AfterRemoval, Keep};
+use super::lifecycle::{self, AfterRemoval, Keep, Removal};
 use super::{ModelError, Models, State, dir_bytes, remove_dir};
 use crate::config::agent::Budget;
 use crate::fetch::{PrefetchError, error_chain};
@@ -243,12 +243,27 @@ impl Models {
                 r.bytes.saturating_sub(written)
             })
             .sum();
+        // Revisions pods read: never removed, nor their models.
+        let read: BTreeMap<ModelName, BTreeSet<String>> =
+            crate::store::leases::models(&self.layout)
+                .into_iter()
+                .map(|name| {
+                    let revisions = self
+                        .readers(&name)
+                        .into_iter()
+                        .map(|h| h.revision)
+                        .collect();
+                    (name, revisions)
+                })
+                .collect();
         let entries = self.lock();
-        // (pinned, has a job or is held, last used) of a model other than `for_model`.
+        // (pinned, has a job, is held or is read, last used) of a model other than `for_model`.
         let facts = |name: &ModelName| {
             let entry = entries.get(name.as_str());
             let pinned = entry.is_some_and(|e| e.spec.pin);
-            let taken = busy.contains(name) || entry.is_some_and(|e| e.job.is_some());
+            let taken = busy.contains(name)
+                || entry.is_some_and(|e| e.job.is_some())
+                || read.contains_key(name);
             let used = entry.map_or_else(|| self.link_mtime(name), |e| e.last_used);
             (pinned, taken, used)
         };
@@ -279,12 +294,13 @@ impl Models {
                 if linked.as_deref() == Some(revision.as_str()) {
                     continue;
                 }
+                let is_read = read.get(&name).is_some_and(|r| r.contains(&revision));
                 candidates.push(Candidate {
                     bytes: dir_bytes(&model_store.join(&revision)),
                     what: Reclaim::Revision(name.clone(), revision),
                     last_used,
                     pinned: false,
-                    busy: taken,
+                    busy: is_read || (taken && &name != for_model),
                 });
             }
             if let Some(revision) = linked.filter(|_| &name != for_model) {
@@ -331,24 +347,42 @@ impl Models {
                 let dir = self.layout.staging_dir(name);
                 info!(model.name = %name, path = %dir.display(), "removing the partial download of {name} ({}) to make room for {for_model}: no job is finishing it", dir.display());
                 remove_dir(&dir)?;
+                self.layout.remove_progress(name);
             }
             Reclaim::Revision(_, revision) => {
-                let dir = self.layout.revision_dir(name, revision);
-                info!(model.name = %name, path = %dir.display(), "removing unlinked revision {} to stay within the cache budget", dir.display());
-                remove_dir(&dir)?;
+                let store = self.layout.root().join("store").join(name.as_str());
+                let aside = {
+                    let _guard = self.lease_guard();
+                    if !crate::store::leases::readers_of(&self.layout, name, revision).is_empty() {
+                        return Ok(Removed::Busy);
+                    }
+                    self.set_aside(&store, revision)?
+                };
+                info!(model.name = %name, path = %store.join(revision).display(), "removing unlinked revision {} to stay within the cache budget", store.join(revision).display());
+                remove_dir(&aside)?;
             }
             Reclaim::Model(_) => {
+                let Some(aside) = self.unlink_unless_read(name)? else {
+                    return Ok(Removed::Busy);
+                };
                 info!(model.name = %name, "evicting {name} (least recently used, unpinned) to make room for {for_model}");
-                self.remove_model_files(name)?;
-                self.forget_files(name);
+                self.remove_unlinked(name, &aside)?;
+                self.forget_files(name, Removal::Evicted);
                 self.metrics.evicted();
             }
         }
         Ok(Removed::Done)
     }
 
-    /// Removes a model's link, store and staging; the caller holds its lock.
-    fn remove_model_files(&self, name: &ModelName) -> Result<(), PrefetchError> {
+    /// Under the lease guard, unless a pod reads the model (then `None`): removes its link,
+    /// sets its store directory aside and marks its entry as having no revision, so no lease
+    /// can be recorded on it any more and a reader asking for it has it fetched again. The
+    /// caller holds the model's lock.
+    fn unlink_unless_read(&self, name: &ModelName) -> Result<Option<Unlinked>, PrefetchError> {
+        let _guard = self.lease_guard();
+        if !self.readers(name).is_empty() {
+            return Ok(None);
+        }
         let link = self.layout.model_link(name);
         match std::fs::remove_file(&link) {
             Ok(()) => {}
@@ -356,17 +390,38 @@ impl Models {
             Err(e) => return Err(PrefetchError::local("remove", link, e)),
         }
         fsync_dir(&self.layout.root().join("models"))?;
-        remove_dir(&self.layout.root().join("store").join(name.as_str()))?;
+        if let Some(entry) = self.lock().get_mut(name.as_str()) {
+            entry.revision = None;
+        }
+        let store_root = self.layout.root().join("store");
+        let store = store_root.join(name.as_str());
+        let aside = store_root.join(format!(".{name}.removing-{}", std::process::id()));
+        match std::fs::rename(&store, &aside) {
+            Ok(()) => {
+                fsync_dir(&store_root)?;
+                Ok(Some(Unlinked(Some(aside))))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(Unlinked(None))),
+            Err(e) => Err(PrefetchError::local("rename", store, e)),
+        }
+    }
+
+    /// Removes what [`Models::unlink_unless_read`] set aside, and the model's staging.
+    fn remove_unlinked(&self, name: &ModelName, unlinked: &Unlinked) -> Result<(), PrefetchError> {
+        if let Some(aside) = &unlinked.0 {
+            remove_dir(aside)?;
+        }
+        self.layout.remove_progress(name);
         remove_dir(&self.layout.staging_dir(name))
     }
 
     /// Updates the registry after a model's files were removed.
-    fn forget_files(&self, name: &ModelName) {
+    fn forget_files(&self, name: &ModelName, why: Removal) {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(name.as_str()) else {
             return;
         };
-        match lifecycle::after_removal(entry.facts()) {
+        match lifecycle::after_removal(entry.facts(), why) {
             AfterRemoval::Forget => {
                 entries.remove(name.as_str());
             }
@@ -389,19 +444,27 @@ impl Models {
             )));
         }
         let check = |models: &Self| -> Result<(), ModelError> {
+            let readers = models.readers(&model);
             let entries = models.lock();
-            match entries.get(name) {
-                None if !models.layout.model_link(&model).exists() => {
+            let facts = entries.get(name).map(|entry| {
+                let mut facts = entry.facts();
+                facts.leased = !readers.is_empty();
+                facts
+            });
+            match facts {
+                None if !models.layout.model_link(&model).exists() && readers.is_empty() => {
                     Err(ModelError::NotFound(name.to_string()))
                 }
-                None => Ok(()),
-                Some(entry) => lifecycle::may_remove(entry.facts()).map_err(|keep| match keep {
+                None if readers.is_empty() => Ok(()),
+                None => Err(read_by(name, &readers)),
+                Some(facts) => lifecycle::may_remove(facts).map_err(|keep| match keep {
                     Keep::Pinned => ModelError::Conflict(format!(
                         "{name} is pinned and is never evicted (hint: unpin it in the configuration)"
                     )),
                     Keep::Busy(job) => ModelError::Conflict(format!(
                         "{name} has a prefetch in flight (job {job}); try again when it ends"
                     )),
+                    Keep::Leased => read_by(name, &readers),
                 }),
             }
         };
@@ -418,17 +481,37 @@ impl Models {
         };
         // Again under the lock: a job may have started and finished in between.
         check(self)?;
-        self.remove_model_files(&model)
+        let unlinked = self
+            .unlink_unless_read(&model)
+            .map_err(|e| ModelError::Internal(error_chain(&e)))?
+            .ok_or_else(|| read_by(name, &self.readers(&model)))?;
+        self.remove_unlinked(&model, &unlinked)
             .map_err(|e| ModelError::Internal(error_chain(&e)))?;
-        self.forget_files(&model);
+        self.forget_files(&model, Removal::Deleted);
         info!(model.name = %name, "evicted {name}");
         self.metrics.evicted();
         Ok(())
     }
 }
 
+/// What [`Models::unlink_unless_read`] set aside for removal: the model's store directory
+/// under a hidden name, if it had one.
+struct Unlinked(Option<std::path::PathBuf>);
+
+/// `DELETE` of a model pods read: 409 naming them.
+fn read_by(name: &str, readers: &[crate::store::leases::Held]) -> ModelError {
+    let pods: Vec<String> = readers
+        .iter()
+        .map(|h| format!("{} (revision {})", h.pod, h.revision))
+        .collect();
+    ModelError::Conflict(format!(
+        "{name} is read by pods on this node: {}; it is removed only when they are gone",
+        pods.join(", ")
+    ))
+}
+
 /// The model names of the directories under `dir` (hidden and invalid names skipped).
-fn model_dirs(dir: &Path) -> Vec<ModelName> {
+pub(super) fn model_dirs(dir: &Path) -> Vec<ModelName> {
     visible_entries(dir)
         .iter()
         .filter_map(|n| ModelName::new(n).ok())
@@ -436,7 +519,7 @@ fn model_dirs(dir: &Path) -> Vec<ModelName> {
 }
 
 /// The names of the directories under `dir` that do not start with `.`, sorted.
-fn visible_entries(dir: &Path) -> Vec<String> {
+pub(super) fn visible_entries(dir: &Path) -> Vec<String> {
     let Ok(read) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -17,6 +17,8 @@ pub(super) struct Facts {
     pub job: Option<u64>,
     /// Pinned: never removed.
     pub pinned: bool,
+    /// A pod reads one of its revisions: never removed while it does.
+    pub leased: bool,
 }
 
 /// What a prefetch request does.
@@ -88,14 +90,20 @@ pub(super) enum Keep {
     Pinned,
     /// A job works on it.
     Busy(u64),
+    /// Pods read it.
+    Leased,
 }
 
-/// Decides whether an eviction or `DELETE` may remove a model's files. The caller also holds
-/// the model's file lock while it removes them, so a holder outside this registry (a
-/// `modelcache prefetch` beside the agent) is excluded too.
+/// Decides whether an eviction or `DELETE` may remove a model's files: never a pinned one, one
+/// a pod reads, or one a job works on. The caller also holds the model's file lock while it
+/// removes them, so a holder outside this registry (a `modelcache prefetch` beside the agent)
+/// is excluded too, and the lease guard, so no lease is recorded meanwhile.
 pub(super) fn may_remove(facts: Facts) -> Result<(), Keep> {
     if facts.pinned {
         return Err(Keep::Pinned);
+    }
+    if facts.leased {
+        return Err(Keep::Leased);
     }
     match facts.job {
         Some(id) => Err(Keep::Busy(id)),
@@ -113,10 +121,20 @@ pub(super) enum AfterRemoval {
     Reset,
 }
 
+/// Why a model's files were removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Removal {
+    /// The budget evicted it: its entry stays, so a pod that waits for it again (a restart)
+    /// gets it fetched again.
+    Evicted,
+    /// A `DELETE` asked for it.
+    Deleted,
+}
+
 /// Decides what a removal leaves of the entry (looked at again after the removal, since a
 /// request may have started a job while the files were being removed).
-pub(super) fn after_removal(facts: Facts) -> AfterRemoval {
-    if facts.configured || facts.job.is_some() {
+pub(super) fn after_removal(facts: Facts, why: Removal) -> AfterRemoval {
+    if facts.configured || facts.job.is_some() || why == Removal::Evicted {
         AfterRemoval::Reset
     } else {
         AfterRemoval::Forget
@@ -134,6 +152,7 @@ mod tests {
             serving,
             job,
             pinned: false,
+            leased: false,
         }
     }
 
@@ -192,7 +211,7 @@ mod tests {
     }
 
     #[test]
-    fn pinned_and_busy_models_are_never_removed() {
+    fn pinned_busy_and_read_models_are_never_removed() {
         let mut pinned = facts(true, State::Ready, true, None);
         pinned.pinned = true;
         assert_eq!(may_remove(pinned), Err(Keep::Pinned));
@@ -201,20 +220,33 @@ mod tests {
             Err(Keep::Busy(3))
         );
         assert_eq!(may_remove(facts(false, State::Ready, true, None)), Ok(()));
+        let mut read = facts(false, State::Ready, true, None);
+        read.leased = true;
+        assert_eq!(may_remove(read), Err(Keep::Leased));
     }
 
     #[test]
     fn a_removal_never_forgets_an_entry_a_request_gave_a_job_meanwhile() {
+        let deleted = |f| after_removal(f, Removal::Deleted);
         assert_eq!(
-            after_removal(facts(false, State::Ready, true, None)),
+            deleted(facts(false, State::Ready, true, None)),
             AfterRemoval::Forget
         );
         assert_eq!(
-            after_removal(facts(false, State::Ready, true, Some(9))),
+            deleted(facts(false, State::Ready, true, Some(9))),
             AfterRemoval::Reset
         );
         assert_eq!(
-            after_removal(facts(true, State::Ready, true, None)),
+            deleted(facts(true, State::Ready, true, None)),
+            AfterRemoval::Reset
+        );
+    }
+
+    /// An evicted model stays known, so a reader waiting for it again has it fetched.
+    #[test]
+    fn an_evicted_model_is_kept_to_be_fetched_again() {
+        assert_eq!(
+            after_removal(facts(false, State::Ready, true, None), Removal::Evicted),
             AfterRemoval::Reset
         );
     }

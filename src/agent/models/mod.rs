@@ -1,6 +1,7 @@
 //! The agent's models: the registry of their state (this module), the one job that may run per
 //! model ([`jobs`]), the decisions of its lifecycle ([`lifecycle`]), the disk budget and
-//! eviction ([`budget`]), and page-cache warming after publish ([`warm`]).
+//! eviction ([`budget`]), the pods that read them ([`readers`]), the background scrub
+//! ([`scrub`]) and page-cache warming after publish ([`warm`]).
 //!
 //! A model's state is derived, not stored twice: a running job reports `downloading` or
 //! `verifying` from its live progress; otherwise the entry says `pending`, `ready` or `failed`.
@@ -9,8 +10,11 @@
 mod budget;
 mod jobs;
 mod lifecycle;
+mod readers;
 mod scrub;
 mod warm;
+
+pub use readers::Reading;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -113,6 +117,8 @@ pub struct ModelStatus {
     pub warnings: Vec<String>,
     /// Page-cache warming after publish.
     pub page_cache: Option<WarmReport>,
+    /// The pods reading it, and which revision each reads.
+    pub readers: Vec<crate::store::leases::Held>,
 }
 
 /// What a prefetch request asked for, when it is not the configured spec.
@@ -208,6 +214,7 @@ impl Entry {
             serving: self.revision.is_some(),
             job: self.job.as_ref().map(|j| j.id),
             pinned: self.spec.pin,
+            leased: false,
         }
     }
 
@@ -258,6 +265,7 @@ impl Entry {
             last_error: self.last_error.clone(),
             warnings: self.warnings.clone(),
             page_cache: self.warm.clone(),
+            readers: Vec::new(),
         }
     }
 }
@@ -274,6 +282,9 @@ pub struct Models {
     next_job: AtomicU64,
     /// Held while the budget decides and removes, so two decisions never interleave.
     budget: Mutex<()>,
+    /// Held while a lease is recorded and while a revision directory is set aside for
+    /// removal, so a lease is only recorded on a revision that stays (see [`readers`]).
+    leases: Mutex<()>,
     /// What running jobs reserved and have not written yet.
     reservations: Mutex<BTreeMap<ModelName, budget::Reservation>>,
     /// Header and index bytes parsed at once, shared by every job so that models fetched
@@ -318,6 +329,7 @@ impl Models {
             blocked: Mutex::new(Some(why.to_string())),
             next_job: AtomicU64::new(1),
             budget: Mutex::new(()),
+            leases: Mutex::new(()),
             reservations: Mutex::new(BTreeMap::new()),
             parse_budget: crate::verify::structure::ParseBudget::default(),
             metrics: Metrics::new(),
@@ -396,6 +408,20 @@ impl Models {
         }
         names.sort();
         names.dedup();
+        // Whole models set aside for removal by an eviction that was cut short.
+        if let Ok(read) = std::fs::read_dir(root.join("store")) {
+            for entry in read.flatten() {
+                let file_name = entry.file_name().to_string_lossy().into_owned();
+                if file_name.starts_with('.') && file_name.contains(".removing-") {
+                    match remove_dir(&entry.path()) {
+                        Ok(()) => {
+                            info!(path = %entry.path().display(), "removed {}, left by an eviction that was cut short", entry.path().display())
+                        }
+                        Err(e) => warn!("{}", error_chain(&e)),
+                    }
+                }
+            }
+        }
         for name in names {
             let held = match lock::try_lock(&self.layout, &name, "modelcache agent, cleaning up") {
                 Ok(lock::TryLock::Held(held)) => held,
@@ -421,6 +447,7 @@ impl Models {
             let configured = self.config.models.iter().any(|m| m.name == name);
             let staging = self.layout.staging_dir(&name);
             if !configured && staging.exists() {
+                self.layout.remove_progress(&name);
                 match remove_dir(&staging) {
                     Ok(()) => {
                         info!(model.name = %name, path = %staging.display(), "removed {} (a download of {name}, which is not configured, left by an earlier run)", staging.display())
@@ -473,6 +500,11 @@ impl Models {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The lease guard; taken before the registry's lock when both are held.
+    fn lease_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn blocked_reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.blocked.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -495,12 +527,14 @@ impl Models {
 
     /// Every model's status.
     pub fn list(&self) -> Vec<ModelStatus> {
-        self.lock().values().map(Entry::status).collect()
+        let statuses: Vec<ModelStatus> = self.lock().values().map(Entry::status).collect();
+        statuses.into_iter().map(|s| self.with_readers(s)).collect()
     }
 
     /// One model's status.
     pub fn get(&self, name: &str) -> Option<ModelStatus> {
-        self.lock().get(name).map(Entry::status)
+        let status = self.lock().get(name).map(Entry::status)?;
+        Some(self.with_readers(status))
     }
 
     /// Marks a model as used now (its LRU position for eviction).
