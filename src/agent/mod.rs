@@ -200,10 +200,12 @@ async fn settle_disks(
             dev: disk_config.host.dev.clone(),
         };
         let started = std::time::Instant::now();
-        let outcome =
-            tokio::task::spawn_blocking(move || crate::disk::apply(&disk_config, &arrays))
-                .await
-                .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
+        let stopping = stop.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::disk::apply(&disk_config, &arrays, &|| stopping.is_cancelled())
+        })
+        .await
+        .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
         status = Some(match outcome {
             Ok(report) => {
                 for note in &report.plan.notes {

@@ -464,9 +464,9 @@ pub async fn run_disk(command: DiskCommand, env: &Environment) -> Result<ExitCod
     };
     let result = tokio::task::spawn_blocking(move || {
         if apply {
-            crate::disk::apply(&disk, &arrays)
+            crate::disk::apply(&disk, &arrays, &|| false)
         } else {
-            crate::disk::plan(&disk).map(|plan| crate::disk::Report {
+            crate::disk::plan(&disk, false).map(|plan| crate::disk::Report {
                 plan,
                 mounted: None,
             })

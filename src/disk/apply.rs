@@ -368,6 +368,12 @@ pub fn execute(
                 mount_cache(config, &device)?;
                 mounted = device.display().to_string();
             }
+            Step::WaitForMembers { .. } => {
+                // `disk::apply` waits and decides again; a plan that still waits is not run.
+                return Err(DiskError::Internal(
+                    "a plan waiting for array members was carried out".into(),
+                ));
+            }
         }
     }
     Ok(mounted)

@@ -177,6 +177,9 @@ pub enum DiskError {
         #[source]
         source: nix::Error,
     },
+    /// The agent is stopping: disk setup ended while waiting.
+    #[error("stopped while waiting for the members of our array")]
+    Stopped,
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -191,8 +194,9 @@ pub struct Report {
     pub mounted: Option<String>,
 }
 
-/// Looks at the host and decides, changing nothing.
-pub fn plan(config: &DiskConfig) -> Result<Plan, DiskError> {
+/// Looks at the host and decides, changing nothing. A missing member of our array is waited
+/// for (the plan says so) until `waited_out`.
+pub fn plan(config: &DiskConfig, waited_out: bool) -> Result<Plan, DiskError> {
     let at_target = apply::at_target(config)?;
     let found = discover::discover(&config.host, &config.selector)?;
     let mut with_content = Vec::new();
@@ -221,12 +225,42 @@ pub fn plan(config: &DiskConfig) -> Result<Plan, DiskError> {
         arrays: &arrays,
         array_path: &config.host.dev.join("md").join(&config.label),
         explicit: !config.selector.devices.is_empty(),
+        waited_out,
     })
 }
 
-/// Decides and carries out the plan.
-pub fn apply(config: &DiskConfig, arrays: &dyn ArrayTool) -> Result<Report, DiskError> {
-    let plan = plan(config)?;
+/// How often a missing member of our array is looked for while waiting for it.
+const MEMBER_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Decides and carries out the plan. A plan that waits for a missing member of our array is
+/// decided again every two seconds, up to `disk.member_wait`, then decided without waiting
+/// (it rebuilds over the present disks). `stop` ends the wait early with
+/// [`DiskError::Stopped`].
+pub fn apply(
+    config: &DiskConfig,
+    arrays: &dyn ArrayTool,
+    stop: &dyn Fn() -> bool,
+) -> Result<Report, DiskError> {
+    let started = std::time::Instant::now();
+    let mut told = false;
+    let plan = loop {
+        let waited_out = started.elapsed() >= config.member_wait;
+        let plan = plan(config, waited_out)?;
+        let Some(plan::Step::WaitForMembers { present, expected }) = plan.steps.first() else {
+            break plan;
+        };
+        if !told {
+            tracing::warn!(
+                "disk: our {expected}-disk array has only {present} of its members; waiting up to {} for the others before rebuilding without them",
+                humantime::format_duration(config.member_wait)
+            );
+            told = true;
+        }
+        if stop() {
+            return Err(DiskError::Stopped);
+        }
+        std::thread::sleep(MEMBER_POLL.min(config.member_wait.saturating_sub(started.elapsed())));
+    };
     let mounted = apply::execute(config, &plan.steps, arrays)?;
     Ok(Report {
         plan,

@@ -12,12 +12,17 @@
 //!   string that hold foreign data are left alone and reported;
 //! - one usable device: use our filesystem on it, or make one if it is blank (or only holds an
 //!   old array member of ours);
-//! - several: use our array when it is running over exactly the usable devices (as udev
-//!   assembles it at boot); assemble it when every usable device is a member of the same array
-//!   of ours and none is missing; otherwise, when every usable device is ours or blank, stop
-//!   any partial array of ours, create a new array over all of them and always make a new
-//!   filesystem on it (a new array can show an old superblock through; this drops the old
-//!   cache, and says so).
+//! - several: use our array when it is running over exactly its members (as udev assembles
+//!   it at boot), or assemble it, whenever every member it was made with is present; disks
+//!   beside a complete array (blank, or left over from an earlier array of ours) are left
+//!   unused and reported, so a disk that comes back after a rebuild never triggers another;
+//! - an array of ours with a member missing and nothing to replace it (fewer usable devices
+//!   than it had members): wait up to `disk.member_wait` for the member (a disk can appear late
+//!   at boot), then rebuild once over the present devices, saying why. With replacements there
+//!   (a blank disk in the missing one's place), rebuild at once;
+//! - otherwise, when every usable device is ours or blank, stop any partial array of ours,
+//!   create a new array over all of them and always make a new filesystem on it (a new array
+//!   can show an old superblock through; this drops the old cache, and says so).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -87,6 +92,14 @@ pub enum Step {
         /// Devices the filesystem spans (for stripe alignment).
         stripe_width: u32,
     },
+    /// Our array has members missing and nothing to replace them: wait for them before
+    /// deciding again (after `disk.member_wait`, the decision rebuilds without them).
+    WaitForMembers {
+        /// How many of its members are present.
+        present: u32,
+        /// How many it was made with.
+        expected: u32,
+    },
     /// Mount at the cache root, shared.
     Mount {
         /// What.
@@ -96,7 +109,7 @@ pub enum Step {
 
 impl Step {
     /// A short name: `already-mounted`, `use-array`, `stop-array`, `assemble`, `create`,
-    /// `filesystem`, `mkfs`, `mount`.
+    /// `filesystem`, `mkfs`, `wait`, `mount`.
     pub fn kind(&self) -> &'static str {
         match self {
             Step::AlreadyMounted { .. } => "already-mounted",
@@ -106,6 +119,7 @@ impl Step {
             Step::CreateArray { .. } => "create",
             Step::EnsureFilesystem { .. } => "filesystem",
             Step::MakeFilesystem { .. } => "mkfs",
+            Step::WaitForMembers { .. } => "wait",
             Step::Mount { .. } => "mount",
         }
     }
@@ -167,6 +181,10 @@ impl std::fmt::Display for Step {
             Step::MakeFilesystem { target, .. } => {
                 write!(f, "make a new filesystem on {} (new array)", t(target))
             }
+            Step::WaitForMembers { present, expected } => write!(
+                f,
+                "wait for the missing member(s) of our {expected}-disk array ({present} present; a disk may still be appearing), up to disk.member_wait; then rebuild over the present disks"
+            ),
             Step::Mount { target } => {
                 write!(f, "mount {} at the cache root, noatime, shared", t(target))
             }
@@ -226,6 +244,8 @@ pub struct Snapshot<'a> {
     pub array_path: &'a std::path::Path,
     /// Whether devices were listed in `disk.devices` (then every one must be usable).
     pub explicit: bool,
+    /// Whether the wait for missing members of our array is over (`disk.member_wait`).
+    pub waited_out: bool,
 }
 
 /// Decides the steps for a snapshot of the host.
@@ -317,7 +337,6 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
         return Err(DiskError::NoUsableDisk { report });
     }
     let paths: Vec<PathBuf> = usable.iter().map(|(f, _)| f.device.path.clone()).collect();
-    let names: BTreeSet<&str> = usable.iter().map(|(f, _)| f.device.name.as_str()).collect();
     let width = u32::try_from(paths.len()).unwrap_or(u32::MAX);
     // Arrays of ours that hold usable devices: only these may be used or stopped.
     let ours: Vec<&MdArray> = snapshot
@@ -330,20 +349,85 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
             })
         })
         .collect();
-    let exact = ours.iter().find(|a| {
-        a.is_running()
-            && a.members
-                .iter()
-                .map(String::as_str)
-                .collect::<BTreeSet<_>>()
-                == names
-            && paths.len() > 1
-    });
+    // Our arrays by superblock: members present, and members each was made with.
+    let mut arrays_of_ours: Vec<(&str, u32, Vec<&Found>)> = Vec::new();
+    for (f, c) in &usable {
+        if let Content::OurArrayMember {
+            array_uuid,
+            raid_disks,
+        } = c
+        {
+            match arrays_of_ours.iter_mut().find(|(u, _, _)| u == array_uuid) {
+                Some((_, _, members)) => members.push(f),
+                None => arrays_of_ours.push((array_uuid.as_str(), *raid_disks, vec![f])),
+            }
+        }
+    }
+    let complete = arrays_of_ours
+        .iter()
+        .filter(|(_, disks, members)| {
+            *disks > 1 && usize::try_from(*disks).ok() == Some(members.len())
+        })
+        .max_by_key(|(_, disks, _)| *disks);
+    let array = snapshot.array_path.to_path_buf();
     let mut steps = Vec::new();
-    if let Some(array) = exact {
-        steps.push(Step::UseArray {
-            device: array.path.clone(),
+    if let Some((uuid, disks, members)) = complete {
+        // Every member it was made with is here: keep it (and the cache on it), whatever else
+        // is beside it.
+        let member_names: BTreeSet<&str> = members.iter().map(|f| f.device.name.as_str()).collect();
+        let member_paths: Vec<PathBuf> = members.iter().map(|f| f.device.path.clone()).collect();
+        for (f, c) in &usable {
+            if member_names.contains(f.device.name.as_str()) {
+                continue;
+            }
+            notes.push(match c {
+                Content::OurArrayMember { .. } => format!(
+                    "{} is left over from an earlier array of ours (it came back after that array was rebuilt without it): it stays unused and the cache on our {disks}-disk array is kept (hint: to use it, wipe it with `wipefs -a` and reboot the node, which rebuilds the array and drops the cache)",
+                    f.device.path.display()
+                ),
+                _ => format!(
+                    "{} is {}; it stays unused: our {disks}-disk array is complete without it and the cache on it is kept",
+                    f.device.path.display(),
+                    describe(c)
+                ),
+            });
+        }
+        let width = *disks;
+        let running = ours.iter().find(|a| {
+            a.is_running()
+                && a.members
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<BTreeSet<_>>()
+                    == member_names
         });
+        match running {
+            Some(a) => steps.push(Step::UseArray {
+                device: a.path.clone(),
+            }),
+            None => {
+                for a in ours.iter().filter(|a| {
+                    usable.iter().any(|(f, c)| {
+                        f.in_array.as_deref() == Some(a.name.as_str())
+                            && matches!(c, Content::OurArrayMember { array_uuid, .. } if array_uuid == uuid)
+                    })
+                }) {
+                    notes.push(format!(
+                        "our array {} ({}, members {}) is not running over all its members: it is stopped and assembled again",
+                        a.path.display(),
+                        a.state,
+                        a.members.join(" ")
+                    ));
+                    steps.push(Step::StopArray {
+                        device: a.path.clone(),
+                    });
+                }
+                steps.push(Step::AssembleArray {
+                    array,
+                    members: member_paths,
+                });
+            }
+        }
         steps.push(Step::EnsureFilesystem {
             target: Target::Array,
             may_overwrite: false,
@@ -357,6 +441,33 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
             steps,
             notes,
         });
+    }
+    // An array of ours missing members, with nothing in their place: they may yet appear.
+    let incomplete = arrays_of_ours
+        .iter()
+        .filter(|(_, disks, members)| {
+            *disks > 1 && usize::try_from(*disks).is_ok_and(|d| members.len() < d)
+        })
+        .max_by_key(|(_, _, members)| members.len());
+    if let Some((_, disks, members)) = incomplete {
+        let present = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        let replaced = usize::try_from(*disks).is_ok_and(|d| usable.len() >= d);
+        if !replaced {
+            if !snapshot.waited_out {
+                return Ok(Plan {
+                    devices,
+                    steps: vec![Step::WaitForMembers {
+                        present,
+                        expected: *disks,
+                    }],
+                    notes,
+                });
+            }
+            notes.push(format!(
+                "our {disks}-disk array still has only {present} of its members after disk.member_wait: rebuilding over the {} present disk(s); the old cache is dropped and refetched (if the missing disk comes back it stays unused, and the rebuilt array keeps serving)",
+                usable.len()
+            ));
+        }
     }
     for array in &ours {
         notes.push(format!(
@@ -390,49 +501,25 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
             notes,
         });
     }
-    let first_uuid = match usable[0].1 {
-        Content::OurArrayMember {
-            array_uuid,
-            raid_disks,
-        } => Some((array_uuid.clone(), *raid_disks)),
-        _ => None,
-    };
-    let complete_array = first_uuid.as_ref().is_some_and(|(uuid, disks)| {
-        usize::try_from(*disks).ok() == Some(usable.len())
-            && usable.iter().all(|(_, c)| matches!(c, Content::OurArrayMember { array_uuid, .. } if array_uuid == uuid))
-    });
-    let array = snapshot.array_path.to_path_buf();
-    if complete_array {
-        steps.push(Step::AssembleArray {
-            array,
-            members: paths,
-        });
-        steps.push(Step::EnsureFilesystem {
-            target: Target::Array,
-            may_overwrite: false,
-            stripe_width: width,
-        });
-    } else {
-        let old = usable
-            .iter()
-            .filter(|(_, c)| !matches!(c, Content::Blank))
-            .count();
-        if old > 0 {
-            notes.push(format!(
-                "{old} of {} devices hold our old data but do not form a complete array of ours: creating a new array over all {}; the old cache is dropped and refetched",
-                usable.len(),
-                usable.len()
-            ));
-        }
-        steps.push(Step::CreateArray {
-            array,
-            members: paths,
-        });
-        steps.push(Step::MakeFilesystem {
-            target: Target::Array,
-            stripe_width: width,
-        });
+    let old = usable
+        .iter()
+        .filter(|(_, c)| !matches!(c, Content::Blank))
+        .count();
+    if old > 0 {
+        notes.push(format!(
+            "{old} of {} devices hold our old data but do not form a complete array of ours: creating a new array over all {}; the old cache is dropped and refetched",
+            usable.len(),
+            usable.len()
+        ));
     }
+    steps.push(Step::CreateArray {
+        array,
+        members: paths,
+    });
+    steps.push(Step::MakeFilesystem {
+        target: Target::Array,
+        stripe_width: width,
+    });
     steps.push(Step::Mount {
         target: Target::Array,
     });
@@ -495,12 +582,23 @@ mod tests {
         arrays: &[MdArray],
         explicit: bool,
     ) -> Result<Plan, DiskError> {
+        decide_after(found, at_target, arrays, explicit, false)
+    }
+
+    fn decide_after(
+        found: &[(Found, Option<Content>)],
+        at_target: Option<(&Mount, Option<&Content>)>,
+        arrays: &[MdArray],
+        explicit: bool,
+        waited_out: bool,
+    ) -> Result<Plan, DiskError> {
         decide(&Snapshot {
             found,
             at_target,
             arrays,
             array_path: std::path::Path::new("/dev/md/modelcache"),
             explicit,
+            waited_out,
         })
     }
 
@@ -588,6 +686,95 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds(&plain(&found).unwrap()), ["create", "mkfs", "mount"]);
+    }
+
+    /// Issue 18: a member of our array missing, with nothing in its place, used to stop the
+    /// array, create a new one over the rest and run mkfs at once, and again at the next boot
+    /// when the disk came back. Now: wait for it, then rebuild once, saying why.
+    #[test]
+    fn issue18_a_missing_member_is_waited_for_then_rebuilt_once() {
+        let found: Vec<_> = (1..=3)
+            .map(|i| (held(i, "md127"), Some(member("aa", 4))))
+            .collect();
+        let udev = [md("inactive", &[1, 2, 3])];
+        let p = decide_with(&found, None, &udev, false).unwrap();
+        assert_eq!(kinds(&p), ["wait"]);
+        assert_eq!(
+            p.steps[0],
+            Step::WaitForMembers {
+                present: 3,
+                expected: 4
+            }
+        );
+        let p = decide_after(&found, None, &udev, false, true).unwrap();
+        assert_eq!(kinds(&p), ["stop-array", "create", "mkfs", "mount"]);
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("only 3 of its members after disk.member_wait")),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    /// The disk that was missing comes back after the rebuild: the rebuilt array (and the
+    /// cache on it) is kept, the returning disk stays unused and is reported. No rebuild loop.
+    #[test]
+    fn issue18_a_member_that_comes_back_after_a_rebuild_changes_nothing() {
+        let mut found: Vec<_> = (1..=3)
+            .map(|i| (dev(i, None), Some(member("bb", 3))))
+            .collect();
+        found.push((dev(4, None), Some(member("aa", 4))));
+        for waited_out in [false, true] {
+            let p = decide_after(&found, None, &[], false, waited_out).unwrap();
+            assert_eq!(kinds(&p), ["assemble", "mkfs-if-blank", "mount"]);
+            let Step::AssembleArray { members, .. } = &p.steps[0] else {
+                panic!("{p:?}")
+            };
+            assert!(
+                !members.contains(&PathBuf::from("/dev/nvme4n1")),
+                "{members:?}"
+            );
+            assert!(
+                p.notes
+                    .iter()
+                    .any(|n| n.contains("/dev/nvme4n1") && n.contains("earlier array")),
+                "{:?}",
+                p.notes
+            );
+        }
+        // Assembled by udev at boot, the returning disk beside it: used as it runs.
+        let found: Vec<_> = found
+            .into_iter()
+            .map(|(f, c)| {
+                if f.device.name == "nvme4n1" {
+                    (f, c)
+                } else {
+                    let i: u32 = f.device.name[4..5].parse().unwrap();
+                    (held(i, "md127"), c)
+                }
+            })
+            .collect();
+        let p = decide_with(&found, None, &[md("clean", &[1, 2, 3])], false).unwrap();
+        assert_eq!(kinds(&p), ["use-array", "mkfs-if-blank", "mount"]);
+    }
+
+    /// A blank disk beside a complete array of ours does not cost the cache.
+    #[test]
+    fn a_complete_array_keeps_its_cache_beside_a_new_blank_disk() {
+        let mut found: Vec<_> = (1..=4)
+            .map(|i| (dev(i, None), Some(member("aa", 4))))
+            .collect();
+        found.push((dev(5, None), Some(Content::Blank)));
+        let p = plain(&found).unwrap();
+        assert_eq!(kinds(&p), ["assemble", "mkfs-if-blank", "mount"]);
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("/dev/nvme5n1") && n.contains("stays unused")),
+            "{:?}",
+            p.notes
+        );
     }
 
     #[test]
@@ -726,7 +913,10 @@ mod tests {
 
     #[test]
     fn a_single_disk_needs_no_array() {
-        let p = plain(&[(dev(1, None), Some(member("aa", 2)))]).unwrap();
+        // The other member of its 2-disk array may still appear: waited for first.
+        let alone = [(dev(1, None), Some(member("aa", 2)))];
+        assert_eq!(kinds(&plain(&alone).unwrap()), ["wait"]);
+        let p = decide_after(&alone, None, &[], false, true).unwrap();
         assert_eq!(kinds(&p), ["mkfs-overwrite", "mount"]);
         let p = plain(&[(dev(1, None), Some(Content::OurFilesystem { fstype: "xfs" }))]).unwrap();
         assert_eq!(kinds(&p), ["mkfs-if-blank", "mount"]);

@@ -356,7 +356,7 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
         .join(" ");
 
     // First boot: three blank disks → create, mkfs (stripe-aware) and mount.
-    let report = modelcache::disk::apply(&config, &md).unwrap();
+    let report = modelcache::disk::apply(&config, &md, &|| false).unwrap();
     assert_eq!(kinds(&report.plan.steps), ["create", "mkfs", "mount"]);
     assert_eq!(
         md.calls.lock().unwrap().clone(),
@@ -375,7 +375,7 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
     // Reboot that kept the disks: the array is not running; its members are ours → assemble.
     target.unmount();
     md.calls.lock().unwrap().clear();
-    let report = modelcache::disk::apply(&config, &md).unwrap();
+    let report = modelcache::disk::apply(&config, &md, &|| false).unwrap();
     assert_eq!(
         kinds(&report.plan.steps),
         ["assemble", "filesystem", "mount"]
@@ -401,7 +401,7 @@ fn raid0_is_created_then_assembled_after_a_reboot_and_recreated_when_a_member_is
             .unwrap()
             .success()
     );
-    let plan = modelcache::disk::plan(&config).unwrap();
+    let plan = modelcache::disk::plan(&config, false).unwrap();
     assert_eq!(kinds(&plan.steps), ["create", "mkfs", "mount"]);
     assert!(
         plan.notes
