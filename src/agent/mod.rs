@@ -194,6 +194,20 @@ async fn settle_disks(
 ) -> Result<(), AgentError> {
     let mut blocked = None;
     let mut status = None;
+    if !config.disk.enabled && config.disk.private_mount.is_some() {
+        // No disk setup, but consumers still get a read-only view of the cache root.
+        let disk_config = config.disk.clone();
+        let outcome = tokio::task::spawn_blocking(move || crate::disk::view::expose(&disk_config))
+            .await
+            .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
+        if let Err(e) = outcome {
+            let line = crate::fetch::error_chain(&e);
+            tracing::error!(
+                "the read-only view of the cache failed; no model will be fetched: {line}"
+            );
+            blocked = Some(line);
+        }
+    }
     if config.disk.enabled {
         let disk_config = config.disk.clone();
         let arrays = crate::disk::apply::Mdadm {

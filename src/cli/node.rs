@@ -469,6 +469,7 @@ pub async fn run_disk(command: DiskCommand, env: &Environment) -> Result<ExitCod
             crate::disk::plan(&disk, false).map(|plan| crate::disk::Report {
                 plan,
                 mounted: None,
+                view: None,
             })
         }
     })
@@ -519,6 +520,19 @@ pub fn disk_report_text(report: &crate::disk::Report, target: &std::path::Path) 
     }
     if let Some(m) = &report.mounted {
         let _ = writeln!(out, "done: {} is mounted at {}", m, target.display());
+    }
+    if let Some(view) = &report.view {
+        let _ = writeln!(
+            out,
+            "consumers see {} read-only{}; the agent writes at {}",
+            target.display(),
+            if view.attached {
+                ""
+            } else {
+                " (as an earlier run left it)"
+            },
+            view.writable.display()
+        );
     }
     out
 }

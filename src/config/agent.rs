@@ -516,6 +516,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Where the agent reads and writes the cache: its private mount when consumers see the
+    /// cache root read-only (`cache.private_mount`), the cache root otherwise.
+    pub fn writable_root(&self) -> PathBuf {
+        match &self.disk.private_mount {
+            Some(private) => crate::disk::view::writable_root(private),
+            None => self.cache_root.clone(),
+        }
+    }
+
     /// Loads the file (if any), applies environment then `--set` overrides, and validates.
     pub fn load(
         file: Option<&Path>,

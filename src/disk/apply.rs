@@ -396,7 +396,8 @@ fn make_fs(config: &DiskConfig, device: &Path, width: u32, force: bool) -> Resul
 /// mounted there from this device; mounts over a bind mount of a directory (the pod's
 /// `hostPath` volume), so the mount propagates through it to the host.
 fn mount_cache(config: &DiskConfig, device: &Path) -> Result<(), DiskError> {
-    let target = &config.target;
+    let target = &config.mount_point();
+    let private = config.private_mount.is_some();
     if let Some(m) = topmost_at(mounts(&config.host)?, target) {
         if Some(&m.devno) == devno_of(device).as_ref() && !m.is_directory_bind() {
             info!(target = %target.display(), "{} is already mounted at {}", device.display(), target.display());
@@ -409,7 +410,9 @@ fn mount_cache(config: &DiskConfig, device: &Path) -> Result<(), DiskError> {
                 fstype: m.fstype,
             });
         }
-        info!(target = %target.display(), "{} is a bind mount of {} on {}: mounting over it", target.display(), m.root, m.source);
+        if !private {
+            info!(target = %target.display(), "{} is a bind mount of {} on {}: mounting over it", target.display(), m.root, m.source);
+        }
     }
     std::fs::create_dir_all(target).map_err(|source| DiskError::Probe {
         device: target.clone(),
@@ -429,6 +432,10 @@ fn mount_cache(config: &DiskConfig, device: &Path) -> Result<(), DiskError> {
         target: target.clone(),
         source,
     })?;
+    if private {
+        // The agent's own mount: the consumers get a read-only view of it (`view::expose`).
+        return Ok(());
+    }
     // Shared propagation: pods mounting the cache root with HostToContainer see this mount.
     mount(
         None::<&str>,

@@ -125,6 +125,10 @@ pub struct Mount {
     pub fstype: String,
     /// Mount source (device path).
     pub source: String,
+    /// Mounted read-only (this mount; the filesystem may be writable through another).
+    pub read_only: bool,
+    /// In a shared peer group: mounts made under it propagate to its peers.
+    pub shared: bool,
 }
 
 /// The entry names of a sysfs directory such as `holders/` or `slaves/`, sorted; none when it
@@ -168,6 +172,12 @@ fn parse_mountinfo_line(line: &str) -> Option<Mount> {
         target: PathBuf::from(unescape(fields.get(4)?)),
         fstype: (*right.first()?).to_string(),
         source: right.get(1).map_or(String::new(), |s| unescape(s)),
+        read_only: fields
+            .get(5)
+            .is_some_and(|options| options.split(',').any(|o| o == "ro")),
+        shared: fields
+            .get(6..)
+            .is_some_and(|optional| optional.iter().any(|f| f.starts_with("shared:"))),
     })
 }
 
@@ -182,6 +192,20 @@ impl Mount {
 /// mounted over a bind mount is listed after it.
 pub fn topmost_at(mounts: Vec<Mount>, target: &Path) -> Option<Mount> {
     mounts.into_iter().rfind(|m| m.target == target)
+}
+
+/// The mount a path lies on: the topmost mount at the path itself or, failing that, at its
+/// nearest ancestor that is a mount point.
+pub fn covering(mounts: &[Mount], path: &Path) -> Option<Mount> {
+    let deepest = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.target))
+        .map(|m| m.target.components().count())
+        .max()?;
+    mounts
+        .iter()
+        .rfind(|m| path.starts_with(&m.target) && m.target.components().count() == deepest)
+        .cloned()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -553,5 +577,23 @@ pub(crate) mod tests {
         assert!(m.is_directory_bind());
         assert_eq!(m.devno, "98:0");
         assert_eq!(m.fstype, "ext3");
+        assert!(!m.read_only && !m.shared);
+    }
+
+    #[test]
+    fn mountinfo_says_read_only_and_shared() {
+        let view = parse_mountinfo_line(
+            "612 35 9:127 / /mnt/modelcache ro,nosuid,nodev,noatime shared:301 master:7 - xfs /dev/md127 rw,attr2",
+        )
+        .unwrap();
+        assert!(view.read_only && view.shared);
+        let mounts = [
+            parse_mountinfo_line("1 0 8:1 / / rw shared:1 - ext4 /dev/sda1 rw").unwrap(),
+            parse_mountinfo_line("2 1 0:40 / /var/lib/modelcache rw - tmpfs emptydir rw").unwrap(),
+        ];
+        let on = covering(&mounts, Path::new("/var/lib/modelcache/cache")).unwrap();
+        assert_eq!(on.fstype, "tmpfs");
+        assert!(!on.shared);
+        assert_eq!(covering(&mounts, Path::new("/etc")).unwrap().fstype, "ext4");
     }
 }

@@ -1,12 +1,13 @@
 //! The node's local disks: find the local NVMe ([`discover`]), read what is on each before
 //! writing anything ([`classify`]), decide ([`plan`]), and carry it out ([`apply`]: RAID0 via
-//! mdadm, mkfs, mount). The only module that runs privileged operations; it refuses rather than
+//! mdadm, mkfs, mount); then show consumers the cache read-only ([`view`]). The only module that runs privileged operations; it refuses rather than
 //! guesses, and never touches a device holding data it did not create.
 
 pub mod apply;
 pub mod classify;
 pub mod discover;
 pub mod plan;
+pub mod view;
 
 use std::path::PathBuf;
 
@@ -177,6 +178,35 @@ pub enum DiskError {
         #[source]
         source: nix::Error,
     },
+    /// `cache.private_mount` lies on a mount that propagates.
+    #[error(
+        "cache.private_mount {path} lies on {mount}, a shared mount: the agent's writable mount made there would propagate to its peers (hint: mount an emptyDir at {path}, as the DaemonSet does)"
+    )]
+    PrivateMountShared {
+        /// The private mount point.
+        path: PathBuf,
+        /// The mount it lies on.
+        mount: PathBuf,
+    },
+    /// The cache root is not a mount point, so a view attached there would reach no one.
+    #[error(
+        "the cache root {target} is not a mount point (hint: in a pod it is the hostPath volume's mount; outside one, unset cache.private_mount)"
+    )]
+    ViewNeedsMount {
+        /// The cache root.
+        target: PathBuf,
+    },
+    /// A step of the read-only view's sequence failed.
+    #[error("failed to {op} {path}")]
+    MountStep {
+        /// What was being done (`bind`, `make private`, `remount read-only`, `move`).
+        op: &'static str,
+        /// The mount point acted on.
+        path: PathBuf,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
     /// The agent is stopping: disk setup ended while waiting.
     #[error("stopped while waiting for the members of our array")]
     Stopped,
@@ -192,6 +222,8 @@ pub struct Report {
     pub plan: Plan,
     /// The device mounted at the cache root after `apply`.
     pub mounted: Option<String>,
+    /// The consumers' read-only view, with `cache.private_mount`.
+    pub view: Option<view::View>,
 }
 
 /// Looks at the host and decides, changing nothing. A missing member of our array is waited
@@ -261,9 +293,25 @@ pub fn apply(
         }
         std::thread::sleep(MEMBER_POLL.min(config.member_wait.saturating_sub(started.elapsed())));
     };
+    if let Some(private) = &config.private_mount {
+        // Before anything is mounted there.
+        view::check_private(config, private)?;
+    }
     let mounted = apply::execute(config, &plan.steps, arrays)?;
+    let view = view::expose(config)?;
     Ok(Report {
         plan,
         mounted: Some(mounted),
+        view,
     })
+}
+
+impl DiskConfig {
+    /// Where the cache filesystem is mounted by disk setup: the agent's private mount when
+    /// consumers get a read-only view ([`view`]), the cache root otherwise.
+    pub fn mount_point(&self) -> PathBuf {
+        self.private_mount
+            .as_deref()
+            .map_or_else(|| self.target.clone(), view::writable_root)
+    }
 }

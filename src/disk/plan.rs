@@ -870,6 +870,8 @@ mod tests {
             target: "/mnt/modelcache".into(),
             fstype: "xfs".into(),
             source: source.into(),
+            read_only: false,
+            shared: true,
         }
     }
 

@@ -299,13 +299,85 @@ fn manifests_pass_only_arguments_variables_and_keys_modelcache_knows() {
     let vllm_c = &spec["containers"][0];
     assert_eq!(
         mounted_at(vllm_c),
-        Some((root.clone(), "HostToContainer".to_string()))
+        Some((root.clone(), "HostToContainer".to_string())),
+        "the server mounts the cache where the init container's link points"
+    );
+    // One revision per reader: vLLM serves the link the init container makes, in a volume
+    // both mount (an emptyDir), leased for the pod's UID, asked of the agent on the node.
+    let value_after = |flag: &str| &args[args.iter().position(|a| a == flag).unwrap() + 1];
+    let link = value_after("--link");
+    assert_eq!(value_after("--lease"), "$(POD_UID)");
+    assert_eq!(
+        value_after("--api"),
+        &format!("http://$(NODE_IP):{}", config.read_addr.port())
+    );
+    let field_ref = |c: &Value, var: &str| {
+        c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == var)
+            .and_then(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+            .map(str::to_string)
+    };
+    assert_eq!(field_ref(init, "POD_UID").as_deref(), Some("metadata.uid"));
+    assert_eq!(field_ref(init, "NODE_IP").as_deref(), Some("status.hostIP"));
+    let link_dir = std::path::Path::new(link).parent().unwrap();
+    let model_volume_at = |c: &Value| {
+        c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == link_dir.to_str())
+            .and_then(|m| m["name"].as_str())
+            .map(str::to_string)
+    };
+    let volume = model_volume_at(init).expect("the init container mounts the link's volume");
+    assert_eq!(model_volume_at(vllm_c).as_ref(), Some(&volume));
+    assert!(
+        spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == volume.as_str() && !v["emptyDir"].is_null()),
+        "the link lives in an emptyDir"
     );
     let vargs = strings(&vllm_c["args"]);
-    let model_dir = format!("{root}/models/{model}");
+    let model_dir = link.clone();
     assert_eq!(
         vargs[vargs.iter().position(|a| a == "--model").unwrap() + 1],
         model_dir
+    );
+    // The agent: its private mount is an emptyDir (propagation none) at cache.private_mount,
+    // and it sees the kubelet's pod directories, read-only, at leases.pods_dir.
+    let agent_c = &ds_spec["containers"][0];
+    let agent_mount_of = |path: &std::path::Path| {
+        agent_c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == path.to_str())
+            .cloned()
+    };
+    let private = config
+        .disk
+        .private_mount
+        .as_ref()
+        .expect("cache.private_mount");
+    let private_mount = agent_mount_of(private).expect("a volume at cache.private_mount");
+    assert!(private_mount["mountPropagation"].is_null());
+    assert!(
+        ds_spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == private_mount["name"] && !v["emptyDir"].is_null())
+    );
+    let pods = agent_mount_of(&config.leases.pods_dir).expect("a volume at leases.pods_dir");
+    assert_eq!(pods["readOnly"], true);
+    assert_eq!(
+        host_path(ds_spec, pods["name"].as_str().unwrap()).as_deref(),
+        config.leases.pods_dir.to_str()
     );
     let tp = &vargs[vargs
         .iter()

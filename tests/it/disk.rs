@@ -38,8 +38,9 @@ impl Target {
     pub(crate) fn mount_line(&self) -> Option<String> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let target = self.path().display().to_string();
+        // The topmost mount there (a filesystem mounted over a bind is listed after it).
         text.lines()
-            .find(|l| l.split_whitespace().nth(4) == Some(target.as_str()))
+            .rfind(|l| l.split_whitespace().nth(4) == Some(target.as_str()))
             .map(str::to_string)
     }
     fn unmount(&self) {

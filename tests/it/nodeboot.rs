@@ -1,9 +1,11 @@
 //! A node's boot, played on this machine as closely as it can be: a loop device as the local
 //! NVMe, Azurite holding a GPT-OSS-shaped model and its manifest under the ConfigMap's source,
-//! the agent started with the ConfigMap's own config.toml (only the endpoint, listen addresses,
-//! cache root and device overridden), the vLLM example's init container command waiting on the
-//! cache root, and then a consumer that opens every shard the way vLLM does (`safe_open`) and
-//! checks every tensor's bytes against the source.
+//! the agent started in a mount namespace of its own (the host path a shared bind, an emptyDir
+//! at its private mount point) with the ConfigMap's own config.toml (only the endpoint, listen
+//! addresses, paths and device overridden), the vLLM example's init container command, as its
+//! user, asking the agent, linking and leasing the revision, and then a consumer that opens
+//! every shard the way vLLM does (`safe_open`) through that link and checks every tensor's bytes
+//! against the source.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -103,30 +105,49 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
     assert!(config_toml.contains("source = \"az://models/gpt-oss-120b\""));
     let source = publish_at_configmap_source(az, 42);
 
-    // The node boots: the DaemonSet's agent with the ConfigMap's config.
+    // The node boots: the host path is a shared mount, as kubelet requires of a Bidirectional
+    // hostPath; the DaemonSet's agent runs in a mount namespace of its own with an emptyDir at
+    // its private mount point, with the ConfigMap's config.
     let hostpath = Target::new();
+    make_shared_mount(hostpath.path());
+    let private = tempfile::tempdir().unwrap();
+    let pods = tempfile::tempdir().unwrap();
+    let pod_uid = "0b9f6a52-4a5e-4c1e-9d9b-7f3a2c1e5d40";
+    std::fs::create_dir(pods.path().join(pod_uid)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let nvme_path = nvme.path.display().to_string();
     let started = Instant::now();
-    let agent = crate::agent::Agent::start(
+    let agent = crate::agent::Agent::start_in(
         dir.path(),
         &config_toml,
         &az.endpoint(),
         &[
             ("MODELCACHE_CACHE_ROOT", hostpath.path().to_str().unwrap()),
+            (
+                "MODELCACHE_CACHE_PRIVATE_MOUNT",
+                private.path().to_str().unwrap(),
+            ),
+            ("MODELCACHE_LEASES_PODS_DIR", pods.path().to_str().unwrap()),
             ("MODELCACHE_LISTEN_READ", "127.0.0.1:0"),
             ("MODELCACHE_DISK_DEVICES", &nvme_path),
         ],
+        in_agent_pod(private.path()),
     );
 
-    // The vLLM pod's init container, with its exact arguments; its mount path maps to the
-    // hostPath here.
+    // The vLLM pod's init container, with its exact arguments, as its user (uid 10001): its
+    // mount path maps to the hostPath here, its emptyDir to a directory it may write, the
+    // downward API's values to the agent's address and a pod of this "node".
     let example = yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
     let init = &example[0]["spec"]["template"]["spec"]["initContainers"][0];
     let mount_path = init["volumeMounts"][0]["mountPath"]
         .as_str()
         .unwrap()
         .to_string();
+    let empty_dir = tempfile::tempdir().unwrap();
+    for (path, mode) in [(empty_dir.path(), 0o777), (hostpath.path(), 0o755)] {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
     let args: Vec<String> = init["args"]
         .as_sequence()
         .unwrap()
@@ -135,13 +156,21 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
             let a = a.as_str().unwrap();
             if a == mount_path {
                 hostpath.path().display().to_string()
+            } else if let Some(name) = a.strip_prefix("/model/") {
+                empty_dir.path().join(name).display().to_string()
             } else {
-                a.to_string()
+                a.replace("$(POD_UID)", pod_uid)
+                    .replace("$(NODE_IP):8080", &agent.read)
             }
         })
         .collect();
-    let mut wait = modelcache();
-    wait.args(&args);
+    let link =
+        std::path::PathBuf::from(&args[args.iter().position(|a| a == "--link").unwrap() + 1]);
+    let mut wait = std::process::Command::new("setpriv");
+    wait.env_clear()
+        .args(["--reuid=10001", "--regid=10001", "--clear-groups"])
+        .arg(bin())
+        .args(&args);
     let out = run(&mut wait, Duration::from_secs(300));
     assert!(
         out.status.success(),
@@ -156,12 +185,13 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
         to_ready.as_secs_f64()
     );
     assert!(
-        stdout(&out).contains("gpt-oss-120b is ready"),
+        stdout(&out).contains("gpt-oss-120b is ready") && stdout(&out).contains("leased"),
         "{}",
         stdout(&out)
     );
 
-    // The disk is the cache, the model is verified, the node is ready.
+    // The disk is the cache, shown read-only at the host path: even root on the node cannot
+    // write there; the model is verified, leased for the pod, and the node is ready.
     let line = hostpath
         .mount_line()
         .expect("the NVMe is mounted at the cache root");
@@ -169,9 +199,22 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
         line.contains(&nvme_path) && line.contains(" - xfs "),
         "{line}"
     );
+    let write = std::fs::write(hostpath.path().join("node-write"), "x").unwrap_err();
+    assert_eq!(
+        write.raw_os_error(),
+        Some(nix::errno::Errno::EROFS as i32),
+        "{write}"
+    );
     let (status, body) = crate::agent::http(&agent.read, "GET", "/readyz", &[], "");
     assert_eq!(status, 200, "{body}");
-    let model_dir = hostpath.path().join("models/gpt-oss-120b");
+    let (_, body) = crate::agent::http(&agent.read, "GET", "/v1/models/gpt-oss-120b", &[], "");
+    assert!(body.contains(pod_uid), "the lease: {body}");
+    let model_dir = link.clone();
+    assert!(
+        std::fs::read_link(&link)
+            .unwrap()
+            .starts_with(hostpath.path().join("store/gpt-oss-120b"))
+    );
     let marker: serde_json::Value =
         serde_json::from_slice(&std::fs::read(model_dir.join(".modelcache/ready.json")).unwrap())
             .unwrap();

@@ -750,3 +750,42 @@ pub fn replace_model(dir: &Path, shard_bytes: usize, seed: u64) {
         std::fs::copy(fresh.path().join(&f), to).unwrap();
     }
 }
+
+/// `modelcache` started in a mount namespace of its own, as a container runtime starts the
+/// agent's container: its mounts start as copies of this one's (a shared cache root stays a
+/// peer, so what the agent mounts there reaches this namespace), and an emptyDir (a private
+/// tmpfs) is mounted at `private`. Arguments added to the command go to `modelcache`.
+pub fn in_agent_pod(private: &Path) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MODELCACHE_LOG", "info")
+        .stdin(Stdio::null())
+        .args(["-m", "--propagation", "unchanged", "sh", "-c"])
+        // The bind makes the mount point private before the tmpfs lands on it, so nothing
+        // mounted there reaches this namespace, whatever its own propagation.
+        .arg(
+            r#"mount --bind "$0" "$0" && mount --make-private "$0" &&
+            mount -t tmpfs -o size=16m emptydir "$0" && mount --make-private "$0" && exec "$@""#,
+        )
+        .arg(private)
+        .arg(bin());
+    cmd
+}
+
+/// Makes `dir` what kubelet requires of a Bidirectional hostPath: a shared mount (a bind of
+/// itself), so mounts made under it in a pod's namespace reach this one. Target's drop, or
+/// `umount -l`, undoes it.
+pub fn make_shared_mount(dir: &Path) {
+    for args in [
+        vec![
+            "--bind".into(),
+            dir.display().to_string(),
+            dir.display().to_string(),
+        ],
+        vec!["--make-shared".into(), dir.display().to_string()],
+    ] {
+        let status = Command::new("mount").args(&args).status().unwrap();
+        assert!(status.success(), "mount {args:?}");
+    }
+}

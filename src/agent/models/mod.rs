@@ -323,7 +323,8 @@ impl Models {
     /// the state while the cache disks are being set up (`why` says so in each model's status).
     pub fn waiting(config: Arc<AgentConfig>, env: Environment, why: &str) -> Arc<Self> {
         let models = Arc::new(Self {
-            layout: Layout::new(&config.cache_root),
+            // With a read-only view for consumers, the agent's own writable mount.
+            layout: Layout::new(config.writable_root()),
             env,
             entries: Mutex::new(BTreeMap::new()),
             blocked: Mutex::new(Some(why.to_string())),
