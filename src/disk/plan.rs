@@ -412,15 +412,7 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
                             && matches!(c, Content::OurArrayMember { array_uuid, .. } if array_uuid == uuid)
                     })
                 }) {
-                    notes.push(format!(
-                        "our array {} ({}, members {}) is not running over all its members: it is stopped and assembled again",
-                        a.path.display(),
-                        a.state,
-                        a.members.join(" ")
-                    ));
-                    steps.push(Step::StopArray {
-                        device: a.path.clone(),
-                    });
+                    stop(a, "is not running over all its members: it is stopped and assembled again", &mut notes, &mut steps);
                 }
                 steps.push(Step::AssembleArray {
                     array,
@@ -470,15 +462,12 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
         }
     }
     for array in &ours {
-        notes.push(format!(
-            "our array {} ({}, members {}) does not span exactly the usable devices: it is stopped first",
-            array.path.display(),
-            array.state,
-            array.members.join(" ")
-        ));
-        steps.push(Step::StopArray {
-            device: array.path.clone(),
-        });
+        stop(
+            array,
+            "does not span exactly the usable devices: it is stopped first",
+            &mut notes,
+            &mut steps,
+        );
     }
     if let [(only, content)] = usable.as_slice() {
         let may_overwrite = matches!(content, Content::OurArrayMember { .. });
@@ -528,6 +517,19 @@ pub fn decide(snapshot: &Snapshot<'_>) -> Result<Plan, DiskError> {
         steps,
         notes,
     })
+}
+
+/// Stops an array of ours, noting why.
+fn stop(array: &MdArray, why: &str, notes: &mut Vec<String>, steps: &mut Vec<Step>) {
+    notes.push(format!(
+        "our array {} ({}, members {}) {why}",
+        array.path.display(),
+        array.state,
+        array.members.join(" ")
+    ));
+    steps.push(Step::StopArray {
+        device: array.path.clone(),
+    });
 }
 
 #[cfg(test)]

@@ -323,6 +323,34 @@ pub struct ReadyMarker {
 }
 
 impl ReadyMarker {
+    /// A structurally checked marker of one file, for tests.
+    #[cfg(test)]
+    pub(crate) fn of_one_file(
+        name: &str,
+        source: &str,
+        revision: &str,
+        path: &str,
+        size: u64,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            source: source.into(),
+            revision: revision.into(),
+            files: vec![ReadyFile {
+                path: path.into(),
+                size,
+                blake3: None,
+                mtime_ns: None,
+                etag: None,
+            }],
+            bytes: size,
+            verification: Verification::Structural,
+            verified_at: "now".into(),
+            warnings: Vec::new(),
+            damaged: Vec::new(),
+        }
+    }
+
     /// Reads the marker of a revision directory.
     pub fn read(revision_dir: &Path) -> Result<Self, StoreError> {
         let path = revision_dir.join(RECORDS_DIR).join(READY_FILE);
@@ -735,23 +763,7 @@ mod tests {
             let partial = layout.partial_path(&name, "sub/a.bin");
             std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
             std::fs::write(&partial, rev).unwrap();
-            let marker = ReadyMarker {
-                name: "m".into(),
-                source: "file:///x".into(),
-                revision: rev.into(),
-                files: vec![ReadyFile {
-                    path: "sub/a.bin".into(),
-                    size: 2,
-                    blake3: None,
-                    mtime_ns: None,
-                    etag: None,
-                }],
-                bytes: 2,
-                verification: Verification::Structural,
-                verified_at: "now".into(),
-                warnings: Vec::new(),
-                damaged: Vec::new(),
-            };
+            let marker = ReadyMarker::of_one_file("m", "file:///x", rev, "sub/a.bin", 2);
             let staged = StagedModel {
                 name: &name,
                 revision: rev,

@@ -642,6 +642,22 @@ fn remove_dir(dir: &Path) -> Result<(), PrefetchError> {
 mod tests {
     use super::*;
 
+    /// A started registry for `toml`, on a current-thread runtime that is not driven (so no job
+    /// it spawns makes progress unless a test drives it).
+    fn registry(toml: &str) -> (tokio::runtime::Runtime, Arc<Models>) {
+        let env = Environment::from_pairs(Vec::new());
+        let config = Arc::new(AgentConfig::from_toml(toml, "test", &env, &[]).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let models = {
+            let _in_runtime = rt.enter();
+            Models::start(config, env, None).unwrap()
+        };
+        (rt, models)
+    }
+
     /// Publishes a one-file model `name` under `cache` whose ready marker records `source`.
     fn publish_fake(cache: &Path, name: &str, source: &str) {
         let layout = Layout::new(cache);
@@ -650,23 +666,7 @@ mod tests {
         let partial = layout.partial_path(&model, "config.json");
         std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
         std::fs::write(&partial, "{}").unwrap();
-        let marker = ReadyMarker {
-            name: name.into(),
-            source: source.into(),
-            revision: "r1".into(),
-            files: vec![crate::store::ReadyFile {
-                path: "config.json".into(),
-                size: 2,
-                blake3: None,
-                mtime_ns: None,
-                etag: None,
-            }],
-            bytes: 2,
-            verification: Verification::Structural,
-            verified_at: "now".into(),
-            warnings: Vec::new(),
-            damaged: Vec::new(),
-        };
+        let marker = ReadyMarker::of_one_file(name, source, "r1", "config.json", 2);
         crate::store::publish(
             &layout,
             &crate::store::StagedModel {
@@ -694,14 +694,8 @@ mod tests {
             "cache_root = \"{}\"\n[disk]\nenabled = false\n[api]\nallowed_sources = [\"https://acct.blob.core.windows.net/models/\"]\n",
             cache.display()
         );
-        let env = Environment::from_pairs(Vec::new());
-        let config = Arc::new(AgentConfig::from_toml(&toml, "test", &env, &[]).unwrap());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (rt, models) = registry(&toml);
         let _in_runtime = rt.enter();
-        let models = Models::start(config, env, None).unwrap();
         assert_eq!(models.get("sas").unwrap().state, State::Ready);
         let err = models
             .request_prefetch("sas", PrefetchOverride::default())
@@ -732,16 +726,7 @@ mod tests {
             dir.path().join("cache").display(),
             dir.path().display()
         );
-        let env = Environment::from_pairs(Vec::new());
-        let config = Arc::new(AgentConfig::from_toml(&toml, "test", &env, &[]).unwrap());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let models = {
-            let _in_runtime = rt.enter();
-            Models::start(config, env, None).unwrap()
-        };
+        let (rt, models) = registry(&toml);
         let url = format!("file://{}", source.display());
         for round in 0..100 {
             let name = format!("m{round}");

@@ -64,31 +64,48 @@ impl Models {
         }
         {
             let _guard = self.lease_guard();
-            let mut entries = self.lock();
-            let Some(entry) = entries.get_mut(name) else {
-                return Err(ModelError::NotFound(name.to_string()));
+            let (state, revision, job) = {
+                let entries = self.lock();
+                let Some(entry) = entries.get(name) else {
+                    return Err(ModelError::NotFound(name.to_string()));
+                };
+                (entry.state(), entry.revision.clone(), entry.job.is_some())
             };
-            if let (State::Ready, Some(revision)) = (entry.state(), entry.revision.clone()) {
-                let dir = self.layout.revision_dir(&model, &revision);
-                let intact = ReadyMarker::read(&dir).is_ok_and(|m| m.files_present(&dir));
-                if intact {
-                    if let Some(pod) = &pod {
-                        leases::record(&self.layout, &model, pod, &revision)
-                            .map_err(|e| ModelError::Internal(error_chain(&e)))?;
-                        info!(model.name = %name, revision = %revision, pod = %pod, "{name}: pod {pod} reads revision {revision}");
-                    }
-                    entry.last_used = SystemTime::now();
-                    let status = entry.status();
-                    drop(entries);
-                    return Ok(Reading::Ready {
-                        revision,
-                        status: self.with_readers(status),
-                        leased: pod.is_some(),
-                    });
+            // The entry's revision, or the one the link points to when a `modelcache prefetch`
+            // beside the agent published another.
+            let intact = |revision: &str| {
+                let dir = self.layout.revision_dir(&model, revision);
+                ReadyMarker::read(&dir).is_ok_and(|m| m.files_present(&dir))
+            };
+            let serving = match (state, revision) {
+                (State::Ready, Some(r)) if intact(&r) => Some(r),
+                (State::Ready, Some(_)) => self.layout.linked_intact(&model).map(|(r, _)| r),
+                _ => None,
+            };
+            if let Some(revision) = serving {
+                // Under the guard: no removal can take the revision between this and the
+                // reader's first open.
+                if let Some(pod) = &pod {
+                    leases::record(&self.layout, &model, pod, &revision)
+                        .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+                    info!(model.name = %name, revision = %revision, pod = %pod, "{name}: pod {pod} reads revision {revision}");
                 }
+                let status = {
+                    let mut entries = self.lock();
+                    let entry = entries
+                        .get_mut(name)
+                        .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
+                    entry.revision = Some(revision.clone());
+                    entry.last_used = SystemTime::now();
+                    entry.status()
+                };
+                return Ok(Reading::Ready {
+                    revision,
+                    status: self.with_readers(status),
+                    leased: pod.is_some(),
+                });
             }
-            let ask = entry.job.is_none() && entry.state == State::Pending;
-            drop(entries);
+            let ask = !job && state == State::Pending;
             if !ask {
                 return Ok(Reading::Waiting(self.status_of(name)?));
             }
@@ -195,11 +212,19 @@ impl Models {
         let store = self.layout.root().join("store").join(name.as_str());
         let aside = {
             let _guard = self.lease_guard();
-            let linked = self.layout.published_revision(name);
-            let read: Vec<String> = self.readers(name).into_iter().map(|h| h.revision).collect();
+            // Kept: the linked revision, those pods read, and the one the registry serves
+            // (readers are given it; it is the linked one but for a moment after a publish).
+            let mut keep: Vec<String> =
+                self.readers(name).into_iter().map(|h| h.revision).collect();
+            keep.extend(self.layout.published_revision(name));
+            keep.extend(
+                self.lock()
+                    .get(name.as_str())
+                    .and_then(|e| e.revision.clone()),
+            );
             let mut aside = Vec::new();
             for revision in super::budget::visible_entries(&store) {
-                if linked.as_deref() == Some(revision.as_str()) || read.contains(&revision) {
+                if keep.contains(&revision) {
                     continue;
                 }
                 aside.push((revision.clone(), self.set_aside(&store, &revision)?));
