@@ -32,8 +32,20 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MIN_CHUNK_SIZE: u64 = 64 * KIB;
 /// Largest accepted chunk size.
 pub const MAX_CHUNK_SIZE: u64 = GIB;
-/// Globs excluded by default: each is another model-sized download that vLLM never reads.
-pub const DEFAULT_EXCLUDES: &[&str] = &["original/**", "metal/**"];
+/// Globs excluded by default: another model-sized download that vLLM never reads
+/// (`original/**`, `metal/**`), and what download tools leave in a model directory (`hf
+/// download --local-dir` keeps its bookkeeping, locks and incomplete files under `.cache/`; a
+/// git clone has `.git/` and `.gitattributes`).
+pub const DEFAULT_EXCLUDES: &[&str] = &[
+    "original/**",
+    "metal/**",
+    ".cache/**",
+    ".git/**",
+    ".gitattributes",
+    ".gitignore",
+    "**/*.incomplete",
+    "**/*.lock",
+];
 
 /// The most a `Retry-After` wait is lengthened by, as a fraction of it.
 const RETRY_AFTER_JITTER: f64 = 0.5;

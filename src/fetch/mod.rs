@@ -115,6 +115,19 @@ pub enum PrefetchError {
         #[source]
         source: SourceError,
     },
+    /// A range's read was refused in a way no retry changes (not found, no permission).
+    #[error("cannot read {path} bytes {start}..{end}")]
+    RangeRefused {
+        /// The file.
+        path: String,
+        /// First byte of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// Why.
+        #[source]
+        source: SourceError,
+    },
     /// A file changed during the download (handled by restarting from a new listing).
     #[error("{path} changed in the source during the download")]
     SourceChanged {
@@ -213,10 +226,12 @@ impl PrefetchError {
             PrefetchError::UnsafeName(_)
             | PrefetchError::FileIsDirectory { .. }
             | PrefetchError::NothingSelected { .. } => ErrorKind::InvalidInput,
-            PrefetchError::RangeFailed { source, .. } => match source {
+            PrefetchError::RangeFailed { source, .. }
+            | PrefetchError::RangeRefused { source, .. } => match source {
                 SourceError::NotFound { .. }
                 | SourceError::Unauthenticated { .. }
-                | SourceError::PermissionDenied { .. } => ErrorKind::SourceUnavailable,
+                | SourceError::PermissionDenied { .. }
+                | SourceError::Unreadable { .. } => ErrorKind::SourceUnavailable,
                 _ => ErrorKind::DownloadFailed,
             },
             PrefetchError::SourceChanged { .. } | PrefetchError::SourceKeptChanging { .. } => {

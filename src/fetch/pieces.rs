@@ -700,12 +700,19 @@ impl FailedAttempt<'_> {
                 );
                 Ok(delay)
             }
-            _ => Err(PrefetchError::RangeFailed {
+            Some(_) => Err(PrefetchError::RangeFailed {
                 path: self.path.to_string(),
                 start: self.range.start,
                 end: self.range.end,
                 attempts: self.attempts,
                 elapsed: self.began.elapsed(),
+                source: err,
+            }),
+            // Not worth a retry (refused, not found): said as it is, with its own hint.
+            None => Err(PrefetchError::RangeRefused {
+                path: self.path.to_string(),
+                start: self.range.start,
+                end: self.range.end,
                 source: err,
             }),
         }

@@ -127,7 +127,7 @@ impl FileSource {
             std::io::ErrorKind::NotFound => SourceError::NotFound {
                 path: self.root.join(path).display().to_string(),
             },
-            std::io::ErrorKind::PermissionDenied => SourceError::PermissionDenied {
+            std::io::ErrorKind::PermissionDenied => SourceError::Unreadable {
                 path: self.root.join(path).display().to_string(),
                 source: Box::new(e),
             },

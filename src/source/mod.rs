@@ -72,6 +72,17 @@ pub enum SourceError {
         #[source]
         source: BoxError,
     },
+    /// A local file or directory of a `file://` source that this user may not read.
+    #[error(
+        "permission denied reading {path} (hint: the user running modelcache needs read permission on the file and search permission on every directory above it)"
+    )]
+    Unreadable {
+        /// The file or directory.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: BoxError,
+    },
     /// A failure worth retrying: throttling, a 5xx, a timeout, a reset, a short body or a stall.
     #[error("{cause} while reading {path}")]
     Transient {
