@@ -248,16 +248,25 @@ pub(crate) fn progress_text(name: &str, phase: &str, done: u64, total: u64, rate
 }
 
 /// `modelcache verify`.
-pub async fn run_verify(args: VerifyArgs) -> Result<ExitCode, CommandError> {
-    let dir = match (&args.dir, &args.cache_root, &args.model) {
-        (Some(dir), _, _) => dir.clone(),
-        (None, Some(root), Some(model)) => {
+pub async fn run_verify(args: VerifyArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    let from_config = |config: &std::path::Path| {
+        crate::config::agent::AgentConfig::load(Some(config), env, &[])
+            .map(|c| c.cache_root)
+            .map_err(invalid)
+    };
+    let dir = match (&args.dir, &args.cache_root, &args.model, &args.config) {
+        (Some(dir), _, _, _) => dir.clone(),
+        (None, Some(root), Some(model), _) => {
             let name = ModelName::new(model).map_err(invalid)?;
             Layout::new(root).model_link(&name)
         }
+        (None, None, Some(model), Some(config)) => {
+            let name = ModelName::new(model).map_err(invalid)?;
+            Layout::new(from_config(config)?).model_link(&name)
+        }
         _ => {
             return Err(invalid(
-                "give a model directory, or --cache-root and --model",
+                "give a model directory, or --model with --cache-root (or --config, MODELCACHE_CONFIG)",
             ));
         }
     };
@@ -334,9 +343,10 @@ pub async fn run_manifest(args: ManifestArgs, env: &Environment) -> Result<ExitC
 
 /// `modelcache demo`.
 pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
-    let dir = args
-        .dir
-        .unwrap_or_else(|| std::env::temp_dir().join("modelcache-demo"));
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => own_demo_dir()?,
+    };
     let shard_bytes = usize::try_from(args.shard_size.unwrap_or(20 << 20)).map_err(invalid)?;
     let shape = crate::demo::DemoShape {
         shard_bytes,
@@ -439,10 +449,34 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         summary.path.display()
     );
     println!(
-        "\ndone in {:.1} s; run again to see the published revision reused (nothing fetched).",
-        started.elapsed().as_secs_f64()
+        "\ndone in {:.1} s; {}",
+        started.elapsed().as_secs_f64(),
+        if summary.already_published {
+            "the published revision was reused: nothing was fetched."
+        } else {
+            "run again to see the published revision reused (nothing fetched)."
+        }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's default folder: one per user (`$TMPDIR/modelcache-demo-UID`), so users of one
+/// machine never share or trip over each other's files. One that exists but belongs to
+/// someone else (made by another user to mislead) is refused.
+fn own_demo_dir() -> Result<std::path::PathBuf, CommandError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::getuid().as_raw();
+    let dir = std::env::temp_dir().join(format!("modelcache-demo-{uid}"));
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) if meta.uid() != uid || !meta.is_dir() => Err(CommandError::new(
+            exit::INVALID_INPUT,
+            format!(
+                "{} is not a directory of yours (hint: remove it, or give the demo another folder with --dir)",
+                dir.display()
+            ),
+        )),
+        _ => Ok(dir),
+    }
 }
 
 /// Starts the agent on loopback over the demo's cache for a moment and asks it what an init
@@ -473,6 +507,7 @@ async fn demo_api(
     let server = tokio::spawn(crate::agent::serve(
         config,
         Environment::default(),
+        None,
         stop.clone(),
         move |l| {
             let _ = tx.send(l);
