@@ -35,6 +35,8 @@ pub struct AppState {
     pub models: Arc<Models>,
     /// The disk setup, as it goes.
     pub disk: Arc<std::sync::RwLock<super::DiskStatus>>,
+    /// The configuration file's later changes: what needs a restart, what was refused.
+    pub config: Arc<std::sync::RwLock<super::reload::ConfigStatus>>,
 }
 
 /// The JSON error envelope: `{"error": {"code": "...", "message": "..."}}`.
@@ -144,6 +146,7 @@ fn read_routes() -> Router<AppState> {
         .route("/v1/models/{name}/ready", get(model_ready))
         .route("/v1/models/{name}/readers", post(reader))
         .route("/v1/disk", get(disk))
+        .route("/v1/config", get(config))
 }
 
 fn mutating_routes() -> Router<AppState> {
@@ -270,6 +273,16 @@ async fn disk(State(state): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn config(State(state): State<AppState>) -> Json<super::reload::ConfigStatus> {
+    Json(
+        state
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+    )
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Vec<ModelStatus>> {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod http;
 pub mod metrics;
 pub mod models;
+pub mod reload;
 mod serve;
 pub mod socket;
 pub mod sources;
@@ -57,8 +58,13 @@ pub struct Listening {
     pub admin: std::path::PathBuf,
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError> {
+/// Runs the agent until SIGTERM or SIGINT; with `source`, the file's later changes are applied
+/// as they come (see [`reload`]).
+pub async fn run(
+    config: AgentConfig,
+    env: Environment,
+    source: Option<reload::ConfigSource>,
+) -> Result<(), AgentError> {
     let stop = CancellationToken::new();
     let signals = {
         let stop = stop.clone();
@@ -68,7 +74,7 @@ pub async fn run(config: AgentConfig, env: Environment) -> Result<(), AgentError
             stop.cancel();
         })
     };
-    let result = serve(config, env, stop, |_| {}).await;
+    let result = serve(config, env, source, stop, |_| {}).await;
     signals.abort();
     result
 }
@@ -99,10 +105,15 @@ pub enum DiskStatus {
 pub async fn serve(
     config: AgentConfig,
     env: Environment,
+    source: Option<reload::ConfigSource>,
     stop: CancellationToken,
     listening: impl FnOnce(Listening),
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
+    let config_status = Arc::new(std::sync::RwLock::new(reload::ConfigStatus {
+        file: source.as_ref().map(|s| s.path.display().to_string()),
+        ..reload::ConfigStatus::default()
+    }));
     let read = bind(config.read_addr, "listen.read").await?;
     // Removed when the agent returns, whatever the reason.
     let (admin, _admin_file) = socket::bind(&config.admin_socket)?;
@@ -111,10 +122,11 @@ pub async fn serve(
     } else {
         DiskStatus::Disabled
     }));
-    let models = Models::waiting(Arc::clone(&config), env, "disk setup in progress");
+    let models = Models::waiting(Arc::clone(&config), env.clone(), "disk setup in progress");
     let state = AppState {
         models: Arc::clone(&models),
         disk: Arc::clone(&disk),
+        config: Arc::clone(&config_status),
     };
     let read_addr = read.local_addr().map_err(AgentError::Serve)?;
     info!(
@@ -148,6 +160,7 @@ pub async fn serve(
         Arc::clone(&disk),
         Arc::clone(&models),
         stop.clone(),
+        source.map(|source| (source, env, config_status)),
     );
     tokio::pin!(setup);
     let mut setup_done = false;
@@ -191,6 +204,11 @@ async fn settle_disks(
     disk: Arc<std::sync::RwLock<DiskStatus>>,
     models: Arc<Models>,
     stop: CancellationToken,
+    reload: Option<(
+        reload::ConfigSource,
+        Environment,
+        Arc<std::sync::RwLock<reload::ConfigStatus>>,
+    )>,
 ) -> Result<(), AgentError> {
     let mut blocked = None;
     let mut status = None;
@@ -251,6 +269,16 @@ async fn settle_disks(
     }
     if accepting {
         tokio::spawn(Arc::clone(&models).maintain(stop.clone()));
+        if let Some((source, env, status)) = reload {
+            tokio::spawn(reload::watch(
+                Arc::clone(&models),
+                Arc::clone(&config),
+                source,
+                env,
+                status,
+                stop.clone(),
+            ));
+        }
     }
     if let (true, Some(policy)) = (accepting, config.scrub) {
         info!(

@@ -227,14 +227,13 @@ pub struct WaitArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The agent's API: the path of its admin socket, or a URL such as http://NODE_IP:8080
-    /// (its read listener).
-    #[arg(
-        long,
-        env = "MODELCACHE_API",
-        value_name = "SOCKET|URL",
-        default_value = crate::config::agent::DEFAULT_ADMIN_SOCKET
-    )]
-    pub api: String,
+    /// (its read listener) [default: the admin socket of --config's file, else
+    /// /run/modelcache/admin.sock].
+    #[arg(long, env = "MODELCACHE_API", value_name = "SOCKET|URL")]
+    pub api: Option<String>,
+    /// The agent's configuration file, for its admin socket (set in the agent's pod).
+    #[arg(long, env = "MODELCACHE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Print the agent's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -262,10 +261,13 @@ pub struct SelectionArgs {
     /// Only files matching this glob (repeatable) [default: every file].
     #[arg(long = "include", value_name = "GLOB")]
     pub include: Vec<String>,
-    /// Skip files matching this glob (repeatable), in addition to original/** and metal/**.
+    /// Skip files matching this glob (repeatable), in addition to the defaults: original/**,
+    /// metal/** and what download tools leave (.cache/**, .git/**, .gitattributes, .gitignore,
+    /// **/*.incomplete, **/*.lock).
     #[arg(long = "exclude", value_name = "GLOB")]
     pub exclude: Vec<String>,
-    /// Do not skip original/** and metal/** (each another model-sized download vLLM ignores).
+    /// Do not skip the defaults (original/** and metal/**, each another model-sized download
+    /// vLLM ignores, and download tools' leftovers).
     #[arg(long)]
     pub no_default_excludes: bool,
 }
@@ -380,7 +382,7 @@ pub struct VerifyArgs {
     /// A published model directory (instead of --cache-root and --model).
     #[arg(value_name = "DIR", conflicts_with_all = ["cache_root", "model"])]
     pub dir: Option<PathBuf>,
-    /// The cache's root directory.
+    /// The cache's root directory [default: cache_root of --config's file].
     #[arg(
         long,
         env = "MODELCACHE_CACHE_ROOT",
@@ -388,9 +390,12 @@ pub struct VerifyArgs {
         requires = "model"
     )]
     pub cache_root: Option<PathBuf>,
-    /// The model to verify.
-    #[arg(long, value_name = "NAME", requires = "cache_root")]
+    /// The model to verify (under --cache-root).
+    #[arg(long, value_name = "NAME")]
     pub model: Option<String>,
+    /// The agent's configuration file, for its cache root (set in the agent's pod).
+    #[arg(long, env = "MODELCACHE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -419,7 +424,8 @@ pub struct ManifestArgs {
 /// `modelcache demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Folder for the generated source and the cache [default: $TMPDIR/modelcache-demo].
+    /// Folder for the generated source and the cache [default: $TMPDIR/modelcache-demo-UID,
+    /// one per user].
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Bytes per generated shard (15 shards) [default: 20MiB].
@@ -481,11 +487,11 @@ pub fn run(cli: Cli, env: &Environment) -> Result<ExitCode, CommandError> {
     runtime.block_on(async {
         match cli.command {
             Command::Prefetch(args) => run_prefetch(args, env).await,
-            Command::Verify(args) => run_verify(args).await,
+            Command::Verify(args) => run_verify(args, env).await,
             Command::Manifest(args) => run_manifest(args, env).await,
             Command::Agent(args) => node::run_agent(args, env).await,
             Command::Wait(args) => node::run_wait(args).await,
-            Command::Status(args) => node::run_status(args).await,
+            Command::Status(args) => node::run_status(args, env).await,
             Command::Disk(command) => node::run_disk(command, env).await,
             Command::Demo(args) => run_demo(args).await,
         }

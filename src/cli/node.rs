@@ -17,7 +17,29 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
         print!("{DEFAULT_CONFIG}");
         return Ok(ExitCode::SUCCESS);
     }
-    let config = AgentConfig::load(args.config.as_deref(), env, &args.set).map_err(invalid)?;
+    // The file is read once here, and its hash kept: the agent applies later changes of it.
+    let (config, source) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| {
+                invalid(crate::config::agent::ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            })?;
+            let config = AgentConfig::from_toml(&text, &path.display().to_string(), env, &args.set)
+                .map_err(invalid)?;
+            let source = crate::agent::reload::ConfigSource {
+                path: path.clone(),
+                sets: args.set.clone(),
+                loaded: blake3::hash(text.as_bytes()),
+            };
+            (config, Some(source))
+        }
+        None => (
+            AgentConfig::load(None, env, &args.set).map_err(invalid)?,
+            None,
+        ),
+    };
     if args.check {
         let models: Vec<String> = config
             .models
@@ -42,7 +64,7 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
         );
         return Ok(ExitCode::SUCCESS);
     }
-    crate::agent::run(config, env.clone())
+    crate::agent::run(config, env.clone(), source)
         .await
         .map_err(|e| CommandError::new(exit::UNEXPECTED, e))?;
     Ok(ExitCode::SUCCESS)
@@ -393,20 +415,34 @@ async fn ask_agent(api: &AgentApi, name: &ModelName, pod: Option<&str>) -> Look 
 }
 
 /// `modelcache status`.
-pub async fn run_status(args: StatusArgs) -> Result<ExitCode, CommandError> {
-    let api = AgentApi::new(&args.api)?;
+pub async fn run_status(args: StatusArgs, env: &Environment) -> Result<ExitCode, CommandError> {
+    let address = match (&args.api, &args.config) {
+        (Some(api), _) => api.clone(),
+        (None, Some(config)) => AgentConfig::load(Some(config), env, &[])
+            .map_err(invalid)?
+            .admin_socket
+            .display()
+            .to_string(),
+        (None, None) => crate::config::agent::DEFAULT_ADMIN_SOCKET.to_string(),
+    };
+    let api = AgentApi::new(&address)?;
     let unavailable = |e: &reqwest::Error| {
         CommandError::new(
             exit::SOURCE_UNAVAILABLE,
             format!(
                 "cannot reach the agent at {}: {} (hint: the admin socket is root-only, so run this as root on the node or with `kubectl exec ds/modelcache -- modelcache status`; --api or MODELCACHE_API names another socket or the read listener's URL)",
-                args.api,
+                address,
                 crate::fetch::error_chain(e)
             ),
         )
     };
     let response = api.get("/v1/models").await.map_err(|e| unavailable(&e))?;
     let models: Vec<serde_json::Value> = response.json().await.map_err(|e| unavailable(&e))?;
+    // An agent from before /v1/config answers 404 there: no configuration line then.
+    let config: Option<serde_json::Value> = match api.get("/v1/config").await {
+        Ok(r) if r.status().is_success() => r.json().await.ok(),
+        _ => None,
+    };
     if args.json {
         println!(
             "{}",
@@ -441,7 +477,32 @@ pub async fn run_status(args: StatusArgs) -> Result<ExitCode, CommandError> {
             m["last_error"].as_str().unwrap_or("")
         );
     }
+    if let Some(config) = config {
+        print!("{}", config_text(&config));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `GET /v1/config` says, for people: nothing when all is applied.
+fn config_text(config: &serde_json::Value) -> String {
+    let file = config["file"].as_str().unwrap_or("the configuration file");
+    let mut out = String::new();
+    if let Some(why) = config["refused"].as_str() {
+        out.push_str(&format!(
+            "configuration: the current {file} is refused, the running configuration is kept: {why}\n"
+        ));
+    }
+    let restart: Vec<&str> = config["restart_needed"]
+        .as_array()
+        .map(|keys| keys.iter().filter_map(|k| k.as_str()).collect())
+        .unwrap_or_default();
+    if !restart.is_empty() {
+        out.push_str(&format!(
+            "configuration: {file} changes {}, which take effect when the agent restarts (kubectl -n modelcache rollout restart ds/modelcache)\n",
+            restart.join(", ")
+        ));
+    }
+    out
 }
 
 /// `modelcache disk plan` and `modelcache disk apply`.

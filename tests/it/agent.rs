@@ -47,7 +47,8 @@ impl Agent {
     }
 
     /// Starts the agent through `cmd` (the binary, or a wrapper that runs it, e.g. in a memory
-    /// cgroup) and returns as soon as it listens.
+    /// cgroup) and returns as soon as it listens. With `config` empty, the agent finds its file
+    /// through `MODELCACHE_CONFIG`, which `cmd` sets.
     pub(crate) fn start_in(
         dir: &Path,
         config: &str,
@@ -55,17 +56,19 @@ impl Agent {
         envs: &[(&str, &str)],
         mut cmd: std::process::Command,
     ) -> Self {
-        let path = dir.join("agent.toml");
-        std::fs::write(&path, config).unwrap();
         with_emulator(&mut cmd, endpoint);
         // Each agent's admin socket in its own directory (the default is the node's).
         cmd.env("MODELCACHE_LISTEN_ADMIN", dir.join("run/admin.sock"));
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        cmd.arg("agent");
+        if !config.is_empty() {
+            let path = dir.join("agent.toml");
+            std::fs::write(&path, config).unwrap();
+            cmd.arg("--config").arg(&path);
+        }
         let mut child = cmd
-            .args(["agent", "--config"])
-            .arg(&path)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -12,6 +12,7 @@ mod faults;
 mod image;
 mod memory;
 mod nodeboot;
+mod operator;
 mod podns;
 mod properties;
 mod proxy;

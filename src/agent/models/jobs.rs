@@ -287,7 +287,9 @@ impl Models {
                 }
                 if next.retry {
                     entry.in_backoff = true;
-                } else {
+                } else if entry.job.as_ref().is_some_and(|j| j.id == id) {
+                    // Only its own: a job the configuration took over may end after another
+                    // started.
                     entry.job = None;
                 }
                 next
@@ -303,7 +305,12 @@ impl Models {
             warn!(model.name = %name, delay_ms = millis(delay), "{name}: trying again in {}s", delay.as_secs());
             tokio::select! {
                 () = cancel.cancelled() => {
-                    if let Some(e) = self.lock().get_mut(&name) { e.job = None; e.in_backoff = false; }
+                    if let Some(e) = self.lock().get_mut(&name) {
+                        if e.job.as_ref().is_some_and(|j| j.id == id) {
+                            e.job = None;
+                        }
+                        e.in_backoff = false;
+                    }
                     return;
                 }
                 () = wake.notified() => {}

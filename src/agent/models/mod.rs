@@ -11,10 +11,12 @@ mod budget;
 mod jobs;
 mod lifecycle;
 mod readers;
+mod reconcile;
 mod scrub;
 mod warm;
 
 pub use readers::Reading;
+pub use reconcile::Reconciled;
 
 use std::collections::BTreeMap;
 use std::path::Path;
