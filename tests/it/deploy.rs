@@ -16,10 +16,10 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every manifest file (not the kustomization) and its documents.
+/// Every manifest file (not the kustomizations) and its documents.
 fn manifests() -> Vec<(PathBuf, Vec<Value>)> {
     let mut out = Vec::new();
-    for dir in ["deploy/kubernetes", "deploy/examples"] {
+    for dir in ["deploy/kubernetes", "deploy/examples", "deploy/gpu"] {
         for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -39,6 +39,48 @@ fn manifests() -> Vec<(PathBuf, Vec<Value>)> {
 
 fn kind(doc: &Value) -> &str {
     doc["kind"].as_str().unwrap_or("")
+}
+
+/// `kubectl kustomize DIR` (kustomize as kubectl ships it), as documents; None after a loud
+/// skip (a failure in CI) when kubectl is not installed.
+pub(crate) fn render(dir: &str) -> Option<Vec<Value>> {
+    let found = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skip_or_fail("kubectl is not installed (the test command installs kubernetes-client)");
+        return None;
+    }
+    let mut cmd = std::process::Command::new("kubectl");
+    cmd.arg("kustomize").arg(repo().join(dir));
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).trim().is_empty(),
+        "kubectl kustomize {dir} warns: {}",
+        stderr(&out)
+    );
+    Some(
+        serde_norway::Deserializer::from_str(&stdout(&out))
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect(),
+    )
+}
+
+/// The one document of `kind` (named `name`, when given).
+fn one<'a>(docs: &'a [Value], kind_of: &str, name: Option<&str>) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| kind(d) == kind_of)
+        .filter(|d| name.is_none_or(|n| d["metadata"]["name"] == n))
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind_of} {name:?}");
+    found[0]
 }
 
 /// Every container and init container of workloads, with the document it came from.
@@ -83,17 +125,38 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         skip_or_fail("kubernetes-validate is not installed in .tools/py (run ./scripts/test)");
         return;
     }
-    let files: Vec<PathBuf> = manifests().into_iter().map(|(p, _)| p).collect();
+    let raw = manifests();
+    let mut documents: usize = raw.iter().map(|(_, docs)| docs.len()).sum();
+    let mut files: Vec<PathBuf> = raw.into_iter().map(|(p, _)| p).collect();
     assert!(files.len() >= 5, "{files:?}");
+    // And what kustomize makes of the base and of the guide's overlay (the ConfigMap is
+    // generated there), as applied.
+    let rendered = tempfile::tempdir().unwrap();
+    for dir in ["deploy", "deploy/overlays/aks"] {
+        let Some(docs) = render(dir) else { return };
+        let path = rendered
+            .path()
+            .join(format!("{}.yaml", dir.replace('/', "-")));
+        let text: Vec<String> = docs
+            .iter()
+            .map(|d| serde_norway::to_string(d).unwrap())
+            .collect();
+        std::fs::write(&path, text.join("---\n")).unwrap();
+        documents += docs.len();
+        files.push(path);
+    }
     let mut cmd = std::process::Command::new(&validator);
     cmd.args(["--strict", "--no-warn"]).args(&files);
     let out = run(&mut cmd, Duration::from_secs(120));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(
         stdout(&out).matches("passed").count() + stderr(&out).matches("passed").count(),
-        files.len()
+        documents,
+        "every document passed: {}",
+        stdout(&out)
     );
-    // The kustomization lists exactly the resource files beside it.
+    // The kustomization lists exactly the resource files beside it (config.toml is generated
+    // into the ConfigMap).
     let kustomization: Value = serde_norway::from_str(
         &std::fs::read_to_string(repo().join("deploy/kubernetes/kustomization.yaml")).unwrap(),
     )
@@ -112,10 +175,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         &std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).unwrap(),
     )
     .unwrap();
-    assert_eq!(
-        strings(&top["resources"]),
-        ["kubernetes", "examples/vllm-gpt-oss-120b.yaml"]
-    );
+    assert_eq!(strings(&top["resources"]), ["kubernetes", "examples"]);
     let name = top["images"][0]["name"].as_str().unwrap();
     let ours: Vec<(String, Value)> = containers(&manifests())
         .into_iter()
@@ -132,20 +192,27 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
 }
 
 #[test]
-fn the_vllm_example_tolerates_every_taint_the_guide_puts_on_the_gpu_pool() {
+fn every_workload_tolerates_every_taint_the_guide_puts_on_the_gpu_pool() {
     let guide = std::fs::read_to_string(repo().join("docs/aks.md")).unwrap();
-    let taints: Vec<&str> = guide
+    let mut taints: Vec<&str> = guide
         .split("--node-taints ")
         .skip(1)
         .filter_map(|rest| rest.split_whitespace().next())
         .collect();
     assert!(!taints.is_empty(), "the guide adds a tainted GPU pool");
+    // Spot GPU pools carry this one; the guide says every workload tolerates it.
+    taints.push("kubernetes.azure.com/scalesetpriority=spot:NoSchedule");
+    let mut workloads = 0;
     for (path, docs) in manifests() {
         for doc in docs {
-            let spec = &doc["spec"]["template"]["spec"];
-            let Some(tolerations) = spec["tolerations"].as_sequence() else {
+            if !matches!(kind(&doc), "DaemonSet" | "Deployment") {
                 continue;
-            };
+            }
+            workloads += 1;
+            let spec = &doc["spec"]["template"]["spec"];
+            let tolerations = spec["tolerations"]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("{} tolerates nothing", path.display()));
             for taint in &taints {
                 let (kv, effect) = taint.split_once(':').unwrap();
                 let (key, value) = kv.split_once('=').unwrap();
@@ -159,11 +226,19 @@ fn the_vllm_example_tolerates_every_taint_the_guide_puts_on_the_gpu_pool() {
             }
         }
     }
+    assert_eq!(
+        workloads, 3,
+        "the agent, the vLLM example and the device plugin"
+    );
 }
 
 #[test]
 fn manifests_pass_only_arguments_variables_and_keys_modelcache_knows() {
-    let docs = manifests();
+    // As the guide applies them: the overlay, rendered.
+    let Some(rendered) = render("deploy/overlays/aks") else {
+        return;
+    };
+    let docs = vec![(PathBuf::from("deploy/overlays/aks"), rendered)];
     // Every MODELCACHE_* variable the binary reads: clap's and the configuration's.
     let mut known: BTreeSet<String> = modelcache::config::agent::env_vars().into_iter().collect();
     known.insert("MODELCACHE_LOG".into());
@@ -214,15 +289,21 @@ fn manifests_pass_only_arguments_variables_and_keys_modelcache_knows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut check = modelcache();
-    check.args(["agent", "--check", "--config"]).arg(&path);
-    let out = run(&mut check, Duration::from_secs(30));
-    assert!(out.status.success(), "config.toml: {}", stderr(&out));
-    assert!(
-        stdout(&out).contains("gpt-oss-120b (pinned)"),
-        "{}",
-        stdout(&out)
-    );
+    for file in [
+        path.clone(),
+        repo().join("deploy/kubernetes/config.toml"),
+        repo().join("deploy/overlays/aks/config.toml"),
+    ] {
+        let mut check = modelcache();
+        check.args(["agent", "--check", "--config"]).arg(&file);
+        let out = run(&mut check, Duration::from_secs(30));
+        assert!(out.status.success(), "{}: {}", file.display(), stderr(&out));
+        assert!(
+            stdout(&out).contains("gpt-oss-120b (pinned)"),
+            "{}",
+            stdout(&out)
+        );
+    }
 
     // The paths agree: the DaemonSet's hostPath is the cache root; the vLLM pod mounts the same
     // hostPath where its init container waits and where vLLM loads from.
@@ -471,4 +552,252 @@ fn the_dockerfile_names_only_paths_and_tools_that_exist() {
         Path::new(&repo().join("Cargo.lock")).exists(),
         "--locked needs Cargo.lock"
     );
+}
+
+/// Issue 19: the guide's overlay holds the operator's values, and kustomize puts them where they
+/// belong: the image of every modelcache container, the ConfigMap (generated, with a hash in its
+/// name, so a change rolls the DaemonSet), the identity and the account. The guide never edits
+/// the base: its commands name no file under deploy/kubernetes or deploy/examples, and no `sed
+/// -i` (which only GNU sed takes as written).
+#[test]
+fn issue19_the_aks_overlay_carries_the_operators_values_and_the_base_stays_as_shipped() {
+    let Some(docs) = render("deploy/overlays/aks") else {
+        return;
+    };
+    let overlay: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/overlays/aks/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let image = format!(
+        "{}:{}",
+        overlay["images"][0]["newName"].as_str().unwrap(),
+        overlay["images"][0]["newTag"].as_str().unwrap()
+    );
+    let ours: Vec<(String, Value)> = containers(&[(PathBuf::from("aks"), docs.clone())])
+        .into_iter()
+        .filter(|(_, c)| c["image"].as_str().unwrap_or("").contains("modelcache"))
+        .collect();
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    for (at, c) in &ours {
+        assert_eq!(c["image"].as_str(), Some(image.as_str()), "{at}");
+    }
+    let configmap = one(&docs, "ConfigMap", None);
+    let name = configmap["metadata"]["name"].as_str().unwrap();
+    assert!(
+        name.starts_with("modelcache-") && name.len() > "modelcache-".len(),
+        "a generated name with a hash: {name}"
+    );
+    assert_eq!(
+        configmap["data"]["config.toml"].as_str(),
+        Some(
+            std::fs::read_to_string(repo().join("deploy/overlays/aks/config.toml"))
+                .unwrap()
+                .as_str()
+        )
+    );
+    let ds = one(&docs, "DaemonSet", Some("modelcache"));
+    let config_volume = ds["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    assert_eq!(config_volume["configMap"]["name"].as_str(), Some(name));
+    let identity =
+        std::fs::read_to_string(repo().join("deploy/overlays/aks/identity.yaml")).unwrap();
+    let sa = one(&docs, "ServiceAccount", Some("modelcache"));
+    let client_id = sa["metadata"]["annotations"]["azure.workload.identity/client-id"]
+        .as_str()
+        .unwrap();
+    assert!(identity.contains(client_id));
+    let account = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "AZURE_STORAGE_ACCOUNT_NAME")
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    assert!(identity.contains(account));
+
+    // The base renders as shipped, with its own configuration and no operator's value.
+    let Some(base) = render("deploy") else { return };
+    let base_cm = one(&base, "ConfigMap", None);
+    assert_eq!(
+        base_cm["data"]["config.toml"].as_str(),
+        Some(
+            std::fs::read_to_string(repo().join("deploy/kubernetes/config.toml"))
+                .unwrap()
+                .as_str()
+        )
+    );
+    let guide = std::fs::read_to_string(repo().join("docs/aks.md")).unwrap();
+    for block in shell_blocks(&guide) {
+        for forbidden in ["deploy/kubernetes", "deploy/examples", "sed -i"] {
+            assert!(
+                !block.contains(forbidden),
+                "the guide's commands must leave the base alone ({forbidden}):\n{block}"
+            );
+        }
+    }
+    assert!(guide.contains("deploy/overlays/aks/identity.yaml"));
+}
+
+/// The vLLM example as an operator needs it: replaced, not surged, on a full GPU pool; run as a
+/// non-root user with the writable places it needs; a startup probe for its long load; a
+/// Service. The PodMonitor scrapes the agents' port.
+#[test]
+fn issue19_the_vllm_example_recreates_runs_as_non_root_and_has_probes_and_a_service() {
+    let Some(docs) = render("deploy/overlays/aks") else {
+        return;
+    };
+    let deployment = one(&docs, "Deployment", None);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert!(pod["securityContext"]["runAsUser"].as_u64().unwrap() > 0);
+    let vllm = &pod["containers"][0];
+    assert_eq!(vllm["securityContext"]["allowPrivilegeEscalation"], false);
+    assert!(vllm["securityContext"]["privileged"].is_null());
+    let env = |var: &str| {
+        vllm["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == var)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_string)
+    };
+    let mounts: Vec<(String, String)> = vllm["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["mountPath"].as_str().unwrap().to_string(),
+                m["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let empty_dirs: Vec<&str> = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["emptyDir"].is_null())
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    let writable = |path: &str| {
+        mounts.iter().any(|(at, volume)| {
+            path.starts_with(at.as_str()) && empty_dirs.contains(&volume.as_str())
+        })
+    };
+    for var in [
+        "HOME",
+        "XDG_CACHE_HOME",
+        "HF_HOME",
+        "VLLM_CACHE_ROOT",
+        "TRITON_CACHE_DIR",
+    ] {
+        let path = env(var).unwrap_or_else(|| panic!("{var} is set"));
+        assert!(writable(&path), "{var}={path} is in a writable emptyDir");
+    }
+    assert!(writable("/tmp"), "/tmp is writable");
+    assert_eq!(vllm["startupProbe"]["httpGet"]["path"], "/health");
+    assert!(vllm["startupProbe"]["failureThreshold"].as_u64().unwrap() >= 60);
+    assert_eq!(vllm["readinessProbe"]["httpGet"]["path"], "/health");
+    let service = one(&docs, "Service", None);
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in service["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(
+            &labels[k.as_str().unwrap()],
+            v,
+            "the Service selects the pods"
+        );
+    }
+    let port_name = service["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+    assert!(
+        vllm["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port_name)
+    );
+
+    let monitor: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/monitoring/podmonitor.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(monitor["apiVersion"], "azmonitoring.coreos.com/v1");
+    let ds = one(&docs, "DaemonSet", Some("modelcache"));
+    let ds_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(&ds_labels[k.as_str().unwrap()], v);
+    }
+    let port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    assert!(
+        ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port)
+    );
+}
+
+/// The ```sh blocks of a document, in order.
+fn shell_blocks(text: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```sh") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// Issue 19: the guide's commands, in order, as one script, pass `shellcheck` (quoting, portable
+/// syntax), and so do the test command and the image script.
+#[test]
+fn issue19_the_guides_shell_commands_pass_shellcheck() {
+    let found = std::process::Command::new("shellcheck")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skip_or_fail("shellcheck is not installed (the test command installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = Vec::new();
+    for doc in ["docs/aks.md", "README.md"] {
+        let text = std::fs::read_to_string(repo().join(doc)).unwrap();
+        let blocks = shell_blocks(&text);
+        assert!(!blocks.is_empty(), "{doc} has shell commands");
+        let script = dir.path().join(doc.replace('/', "-") + ".sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\nset -eu\n{}", blocks.join("\n")),
+        )
+        .unwrap();
+        checked.push(script);
+    }
+    checked.push(repo().join("scripts/test"));
+    checked.push(repo().join("scripts/build-image"));
+    let mut cmd = std::process::Command::new("shellcheck");
+    cmd.args(["--severity=warning"]).args(&checked);
+    let out = run(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
 }

@@ -97,11 +97,8 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
     };
 
     // The ConfigMap's source is az://models/gpt-oss-120b: publish the model exactly there.
-    let configmap = yaml_docs("deploy/kubernetes/configmap.yaml");
-    let config_toml = configmap[0]["data"]["config.toml"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let config_toml =
+        std::fs::read_to_string(repo().join("deploy/kubernetes/config.toml")).unwrap();
     assert!(config_toml.contains("source = \"az://models/gpt-oss-120b\""));
     let source = publish_at_configmap_source(az, 42);
 

@@ -316,8 +316,9 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
     let proxy = FaultProxy::start(az.port);
 
     // The DaemonSet, its ConfigMap and the vLLM example, as shipped.
-    let configmap = crate::nodeboot::yaml_docs("deploy/kubernetes/configmap.yaml");
-    let config_toml = configmap[0]["data"]["config.toml"].as_str().unwrap();
+    let config_text =
+        std::fs::read_to_string(repo().join("deploy/kubernetes/config.toml")).unwrap();
+    let config_toml = config_text.as_str();
     let config = modelcache::config::agent::AgentConfig::from_toml(
         config_toml,
         "configmap",
