@@ -110,6 +110,20 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits until the agent has logged `needle`: its stderr reaches the log through a reader
+    /// thread, so a line the agent wrote before answering a request may not be there yet.
+    pub(crate) fn until_logged(&self, needle: &str) {
+        let started = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the agent never logged {needle:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and returns how long the agent took to exit, and its status.
     pub(crate) fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
         let mut child = self.child.take().unwrap();
@@ -617,11 +631,7 @@ fn sigterm_mid_download_then_restart_resumes_and_a_published_model_is_ready_at_o
     let (took, status) = first.terminate();
     assert!(status.success(), "{status:?}: {}", first.log());
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
-    assert!(
-        first.log().contains("stopped by shutdown"),
-        "{}",
-        first.log()
-    );
+    first.until_logged("stopped by shutdown");
     // Bytes of the ranges the journal holds: exactly what the next run must not fetch again.
     let journaled = journaled_bytes(&journal);
     assert!(journaled > 0);
@@ -1196,11 +1206,7 @@ fn the_scrub_finds_a_flipped_byte_and_refetches_just_that_file() {
         1.0
     );
     assert!(metric(&text, "modelcache_scrubbed_bytes_total", None) > 0.0);
-    let log = agent.log();
-    assert!(
-        log.contains("changed since publish (model-00005-of-00014.safetensors)"),
-        "{log}"
-    );
+    agent.until_logged("changed since publish (model-00005-of-00014.safetensors)");
 }
 
 /// The agent runs as root: a request naming `file:///etc` or the node's service-account tokens

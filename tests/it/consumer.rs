@@ -178,11 +178,7 @@ fn issue18_an_existing_structural_revision_is_not_served_under_require_manifest(
     assert!(failed["revision"].is_null(), "{failed}");
     let (status, body) = http(&agent.read, "GET", "/readyz", &[], "");
     assert_eq!(status, 503, "{body}");
-    assert!(
-        agent.log().contains("requires a manifest"),
-        "{}",
-        agent.log()
-    );
+    agent.until_logged("requires a manifest");
 }
 
 /// Two `-> .` links in a `file://` source used to make the walk exponential (each level
@@ -413,7 +409,7 @@ fn issue18_a_reader_keeps_one_revision_through_a_refresh_until_its_pod_is_gone()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(agent.log().contains("pod pod-1 is gone"), "{}", agent.log());
+    agent.until_logged("pod pod-1 is gone");
     let now = agent.until_ready("m");
     assert!(now["readers"].as_array().unwrap().is_empty(), "{now}");
     assert!(cache.join("models/m").join(shard2).exists());

@@ -57,7 +57,8 @@ fn model_toml(name: &str, source: &Path, pin: bool) -> String {
 
 /// Issue 19: edit the configuration file of a running agent, as a ConfigMap update does, in
 /// the pod's mount namespace: a model added is fetched, a pin changed takes effect, a model
-/// removed is no longer pinned (the node is ready without it), a broken file is refused and the
+/// removed is no longer pinned (the node is ready without it), a model whose source changed is
+/// fetched again from the new one, a broken file is refused and the
 /// running configuration kept, and a setting that needs a restart says so in the log, in
 /// `GET /v1/config` and in `modelcache status`. The agent never restarts.
 #[test]
@@ -123,25 +124,29 @@ fn issue19_config_changes_take_effect_without_a_restart() {
     assert_published_identical(b.path(), &cache_root.path().join("models/b"));
     let a_now = ready("a");
     assert_eq!(a_now["pinned"], false);
-    assert!(
-        agent.log().contains("configuration: b added"),
-        "{}",
-        agent.log()
-    );
-    assert!(
-        agent.log().contains("a no longer pinned"),
-        "{}",
-        agent.log()
-    );
+    agent.until_logged("configuration: b added");
+    agent.until_logged("a no longer pinned");
 
     // Remove a: it stays published but neither pinned nor refreshed; b alone gates readiness.
     let before = config();
     volume.update(&(head.clone() + &model_toml("b", b.path(), true)));
     until_changed(&before);
-    assert!(agent.log().contains("a removed"), "{}", agent.log());
+    agent.until_logged("a removed");
     assert_eq!(ready("a")["pinned"], false);
     let (status, body) = http(&agent.read, "GET", "/readyz", &[], "");
     assert_eq!(status, 200, "{body}");
+
+    // Point b at another source: it is fetched again and the new revision is the new source.
+    let c = small_model(20_000, 94);
+    let before = config();
+    volume.update(&(head.clone() + &model_toml("b", c.path(), true)));
+    until_changed(&before);
+    agent.until_logged("b changed: fetched again with its new settings");
+    let refetched = agent.until("/v1/models/b", Duration::from_secs(60), |_, j| {
+        j["state"] == "ready" && j["revision"] != b_now["revision"]
+    });
+    assert_eq!(refetched["pinned"], true);
+    assert_published_identical(c.path(), &cache_root.path().join("models/b"));
 
     // A broken file is refused; the running configuration is kept.
     let before = config();
@@ -151,31 +156,19 @@ fn issue19_config_changes_take_effect_without_a_restart() {
         refused["refused"].as_str().is_some_and(|r| !r.is_empty()),
         "{refused}"
     );
-    assert!(
-        agent
-            .log()
-            .contains("refused; the running configuration is kept"),
-        "{}",
-        agent.log()
-    );
+    agent.until_logged("refused; the running configuration is kept");
     assert_eq!(ready("b")["pinned"], true);
 
     // A setting that needs a restart says so; the models still apply.
     let before = config();
     volume.update(
         &(head.replace("[fetch]\n", "[fetch]\nconcurrency = 8\n")
-            + &model_toml("b", b.path(), true)),
+            + &model_toml("b", c.path(), true)),
     );
     let restart = until_changed(&before);
     assert!(restart["refused"].is_null(), "{restart}");
     assert_eq!(restart["restart_needed"], serde_json::json!(["fetch"]));
-    assert!(
-        agent
-            .log()
-            .contains("fetch take effect when the agent restarts"),
-        "{}",
-        agent.log()
-    );
+    agent.until_logged("fetch take effect when the agent restarts");
     let mut status = modelcache();
     status.args(["status", "--api", &agent.admin]);
     let out = run(&mut status, Duration::from_secs(30));
