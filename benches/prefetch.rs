@@ -18,8 +18,20 @@ mod support;
 
 #[path = "loopback/blobserver.rs"]
 mod blobserver;
+#[expect(
+    dead_code,
+    reason = "shared with the integration tests; the benchmark uses part of it"
+)]
+#[path = "../tests/it/dragonfly/daemon.rs"]
+mod dfdaemon;
 #[path = "loopback/peers.rs"]
 mod peers;
+#[expect(
+    dead_code,
+    reason = "shared with the integration tests; the benchmark uses part of it"
+)]
+#[path = "../tests/it/dragonfly/scheduler.rs"]
+mod scheduler;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -775,6 +787,130 @@ fn bench_loopback(shard_mb: usize) {
     }
 }
 
+/// The Dragonfly path against the direct one, on loopback: modelcache's own ranged GETs;
+/// through dfdaemon A, which reads the source (back to source); through dfdaemon B, which takes
+/// every piece from A (a peer), with each piece hashed as it lands; through dfdaemon C from a
+/// peer, with one read after; and through B again, which then holds the model itself.
+/// Every round starts two fresh daemons and a fresh scheduler, so each task is new. CPU is
+/// modelcache's and, separately, the daemons' (both of them for the peer path: A uploads, B
+/// downloads).
+fn bench_dragonfly(shard_mb: usize) {
+    let Some(bin) = dfdaemon::dfdaemon_bin() else {
+        println!("\n## Dragonfly\n\nnot run: dfdaemon is not built (see scripts/test)");
+        return;
+    };
+    // One filesystem for the blob server's model, the caches and dfdaemon's storage (hard
+    // links), in RAM, so that the network path and the CPU are what is measured.
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let (files, total) = loopback_model(base.path(), shard_mb);
+    let (_server, host) = loopback_server(base.path(), None);
+    type Run = (&'static str, Option<&'static str>, &'static [&'static str]);
+    // A third daemon for the second peer row: a daemon that already holds the task answers
+    // from its own storage, which is the last row.
+    let runs: [Run; 5] = [
+        ("direct: modelcache's ranged GETs", None, &[]),
+        (
+            "dfdaemon back to the source, pieces hashed as they land",
+            Some("a"),
+            &[],
+        ),
+        (
+            "dfdaemon from a peer, pieces hashed as they land",
+            Some("b"),
+            &[],
+        ),
+        (
+            "dfdaemon from a peer, one read after (`--dragonfly-hash after`)",
+            Some("c"),
+            &["--dragonfly-hash", "after"],
+        ),
+        (
+            "dfdaemon that already holds the model (its own storage), pieces hashed",
+            Some("b"),
+            &[],
+        ),
+    ];
+    let mut figures: Vec<Vec<(Figure, f64)>> = vec![Vec::new(); runs.len()];
+    for round in 0..REPS {
+        let scheduler = scheduler::TestScheduler::start();
+        let daemons = base.path().join(format!("daemons-{round}"));
+        let a =
+            dfdaemon::Daemon::start(&bin, "node-a", &daemons.join("a"), scheduler.port, "50GiB");
+        let b =
+            dfdaemon::Daemon::start(&bin, "node-b", &daemons.join("b"), scheduler.port, "50GiB");
+        let c =
+            dfdaemon::Daemon::start(&bin, "node-c", &daemons.join("c"), scheduler.port, "50GiB");
+        for (i, (label, via, extra)) in runs.iter().enumerate() {
+            let dest = base.path().join("run");
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::create_dir_all(&dest).unwrap();
+            let mut args: Vec<&str> = extra.to_vec();
+            let daemon = match via {
+                Some("a") => Some(&a),
+                Some("b") => Some(&b),
+                Some(_) => Some(&c),
+                None => None,
+            };
+            let socket;
+            if let Some(d) = daemon {
+                socket = d.socket.display().to_string();
+                args.extend(["--dragonfly-socket", socket.as_str()]);
+            }
+            args.extend(["--concurrency", "16"]);
+            let before = a.cpu_seconds() + b.cpu_seconds() + c.cpu_seconds();
+            let (figure, out) = peers::measure_with_output(
+                label,
+                &mut loopback_prefetch(&host, &dest, &args),
+                &dest,
+                total,
+            );
+            let daemons_cpu = a.cpu_seconds() + b.cpu_seconds() + c.cpu_seconds() - before;
+            let summary: serde_json::Value =
+                serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or_default();
+            let origin = &summary["bytes_by_origin"];
+            let expected = match via {
+                None => "direct",
+                Some("a") => "back_to_source",
+                Some(_) => "peer",
+            };
+            let share = origin[expected].as_u64().unwrap_or(0) as f64 / total as f64;
+            assert!(
+                share > 0.95,
+                "{label}: only {:.0}% came {expected}: {summary}",
+                share * 100.0
+            );
+            figures[i].push((figure, daemons_cpu / (total as f64 / 1e9)));
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        drop((a, b, c));
+        let _ = std::fs::remove_dir_all(&daemons);
+    }
+    println!(
+        "\n## Dragonfly\n\n### Loopback Blob endpoint, {:.2} GB ({} files), tmpfs, concurrency 16 (median of {REPS} rounds)\n",
+        total as f64 / 1e9,
+        files.len()
+    );
+    println!("| path | GB/s | modelcache CPU s/GB | dfdaemon CPU s/GB | GB/s vs direct |");
+    println!("|---|---|---|---|---|");
+    let medians: Vec<(Figure, f64)> = figures
+        .into_iter()
+        .map(|mut f| {
+            f.sort_by(|x, y| x.0.gb_per_s.total_cmp(&y.0.gb_per_s));
+            f[f.len() / 2]
+        })
+        .collect();
+    let direct = medians[0].0.gb_per_s;
+    for ((label, _, _), (f, daemon_cpu)) in runs.iter().zip(&medians) {
+        println!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.2}× |",
+            f.gb_per_s,
+            f.cpu_s_per_gb,
+            daemon_cpu,
+            f.gb_per_s / direct
+        );
+    }
+}
+
 /// Kills the child when dropped, also when the benchmark panics.
 struct ChildGuard(std::process::Child);
 
@@ -827,6 +963,9 @@ fn main() {
     }
     if only.is_empty() || only == "file" {
         bench_file(env_usize("MODELCACHE_BENCH_SHARD_MB", 64));
+    }
+    if only.is_empty() || only == "dragonfly" {
+        bench_dragonfly(env_usize("MODELCACHE_BENCH_DRAGONFLY_SHARD_MB", 64));
     }
     if only.is_empty() || only == "azurite" {
         bench_azurite(env_usize("MODELCACHE_BENCH_AZURITE_SHARD_MB", 8));

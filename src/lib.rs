@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod disk;
+pub mod dragonfly;
 pub mod fetch;
 pub mod signal;
 pub mod source;

@@ -24,6 +24,17 @@ struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OriginLabel {
+    model: String,
+    origin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabel {
     cause: String,
 }
@@ -45,13 +56,36 @@ struct Totals {
     reused: u64,
     hedged: u64,
     retries: [u64; RetryCause::ALL.len()],
+    /// Direct, peer, back to source.
+    origin: [u64; 3],
+    /// Verified, fallback, rejected.
+    dragonfly: [u64; 3],
 }
+
+const ORIGINS: [&str; 3] = ["direct", "peer", "back_to_source"];
+const OUTCOMES: [&str; 3] = ["verified", "fallback", "rejected"];
 
 impl Totals {
     fn add(&mut self, p: &Progress) {
         self.fetched += p.fetched();
         self.reused += p.reused();
         self.hedged += p.hedged_ranges();
+        let o = p.by_origin();
+        for (slot, n) in self
+            .origin
+            .iter_mut()
+            .zip([o.direct, o.peer, o.back_to_source])
+        {
+            *slot += n;
+        }
+        let d = p.dragonfly();
+        for (slot, n) in self
+            .dragonfly
+            .iter_mut()
+            .zip([d.files, d.fallbacks, d.rejected])
+        {
+            *slot += n;
+        }
         for (i, (_, n)) in p.retries().into_iter().enumerate() {
             if let Some(slot) = self.retries.get_mut(i) {
                 *slot += n;
@@ -65,6 +99,8 @@ pub struct Metrics {
     registry: Registry,
     fetched: Family<ModelLabel, Counter>,
     reused: Family<ModelLabel, Counter>,
+    by_origin: Family<OriginLabel, Counter>,
+    dragonfly: Family<OutcomeLabel, Counter>,
     retries: Family<CauseLabel, Counter>,
     throttled: Counter,
     hedged: Counter,
@@ -94,6 +130,8 @@ impl Metrics {
         let fetched = Family::<ModelLabel, Counter>::default();
         let reused = Family::<ModelLabel, Counter>::default();
         let retries = Family::<CauseLabel, Counter>::default();
+        let by_origin = Family::<OriginLabel, Counter>::default();
+        let dragonfly = Family::<OutcomeLabel, Counter>::default();
         let throttled = Counter::default();
         let hedged = Counter::default();
         let verify_failures = Counter::default();
@@ -117,6 +155,16 @@ impl Metrics {
             "modelcache_bytes_reused",
             "Bytes reused from earlier runs or published revisions",
             reused.clone(),
+        );
+        registry.register(
+            "modelcache_bytes_fetched_by_origin",
+            "Bytes received, by origin: direct (modelcache's own GETs), peer (through dfdaemon from another node or its cache), back_to_source (through dfdaemon from the source)",
+            by_origin.clone(),
+        );
+        registry.register(
+            "modelcache_dragonfly_files",
+            "Files asked of dfdaemon, by outcome: verified (matched the manifest), fallback (fetched directly; see the log for why), rejected (did not match the manifest)",
+            dragonfly.clone(),
         );
         registry.register(
             "modelcache_range_retries",
@@ -182,6 +230,8 @@ impl Metrics {
             registry,
             fetched,
             reused,
+            by_origin,
+            dragonfly,
             retries,
             throttled,
             hedged,
@@ -273,6 +323,23 @@ impl Metrics {
                 by_cause_before[i] += before.retries[i];
             }
             self.hedged.inc_by(now.hedged.saturating_sub(before.hedged));
+            for (i, origin) in ORIGINS.iter().enumerate() {
+                self.by_origin
+                    .get_or_create(&OriginLabel {
+                        model: model.clone(),
+                        origin: (*origin).to_string(),
+                    })
+                    .inc_by(now.origin[i].saturating_sub(before.origin[i]));
+                before.origin[i] = before.origin[i].max(now.origin[i]);
+            }
+            for (i, outcome) in OUTCOMES.iter().enumerate() {
+                self.dragonfly
+                    .get_or_create(&OutcomeLabel {
+                        outcome: (*outcome).to_string(),
+                    })
+                    .inc_by(now.dragonfly[i].saturating_sub(before.dragonfly[i]));
+                before.dragonfly[i] = before.dragonfly[i].max(now.dragonfly[i]);
+            }
             // Only ever move forward, so a counter never goes down.
             before.hedged = before.hedged.max(now.hedged);
             before.fetched = before.fetched.max(now.fetched);

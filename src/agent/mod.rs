@@ -262,6 +262,25 @@ async fn settle_disks(
         });
     }
     let accepting = blocked.is_none();
+    if let (true, Some(host_path)) = (accepting, config.dragonfly_storage.clone()) {
+        let (disk_config, writable) = (config.disk.clone(), config.writable_root());
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::disk::view::share_dragonfly_storage(&disk_config, &writable, &host_path)
+        })
+        .await
+        .map_err(|e| AgentError::Serve(std::io::Error::other(e)))?;
+        match outcome {
+            Ok(shared) => info!(
+                "Dragonfly's client can keep its storage on the cache filesystem at {}",
+                shared.storage.display()
+            ),
+            // Models still come: each file dfdaemon cannot hand over is fetched directly.
+            Err(e) => tracing::error!(
+                "dfdaemon's storage cannot be shown on the cache filesystem; files it cannot hard-link into the cache are fetched directly: {}",
+                crate::fetch::error_chain(&e)
+            ),
+        }
+    }
     models.activate(blocked).map_err(AgentError::Cache)?;
     // Published after the models are activated: whoever sees the disk settled can prefetch.
     if let Some(status) = status {

@@ -128,6 +128,22 @@ pub fn summary_line(s: &Summary) -> String {
             s.refetched_files.len()
         ));
     }
+    let o = &s.bytes_by_origin;
+    if o.peer + o.back_to_source > 0 || s.dragonfly.fallbacks > 0 {
+        extra.push_str(&format!(
+            ", through Dragonfly {} files ({} from peers, {} from the source), {} direct",
+            s.dragonfly.files,
+            human_bytes(o.peer),
+            human_bytes(o.back_to_source),
+            human_bytes(o.direct)
+        ));
+        if s.dragonfly.rejected > 0 {
+            extra.push_str(&format!(
+                ", {} files from Dragonfly failed verification and were fetched directly",
+                s.dragonfly.rejected
+            ));
+        }
+    }
     if !s.warnings.is_empty() {
         extra.push_str(&format!(
             ", {} warnings (logged above and kept in ready.json)",
@@ -212,8 +228,19 @@ fn progress_line(model: &str, p: &Progress, elapsed: Duration) -> String {
         total,
         rate,
     );
-    if p.phase() == Phase::Downloading && p.concurrency() > 0 {
+    let line = if p.phase() == Phase::Downloading && p.concurrency() > 0 {
         format!("{line}, {} ranges in flight", p.concurrency())
+    } else {
+        line
+    };
+    let origin = p.by_origin();
+    if origin.peer + origin.back_to_source > 0 {
+        format!(
+            "{line}; via Dragonfly: {} from peers, {} from the source; {} direct",
+            human_bytes(origin.peer),
+            human_bytes(origin.back_to_source),
+            human_bytes(origin.direct)
+        )
     } else {
         line
     }

@@ -19,8 +19,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, Environment, FetchOptions,
-    InvalidValue, Selection, parse_duration, parse_size,
+    DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DragonflyOptions, Environment,
+    FetchOptions, InvalidValue, Selection, parse_duration, parse_size,
 };
 use crate::fetch::{ErrorKind, PrefetchError, error_chain};
 use crate::source::{self, SourceOptions};
@@ -322,6 +322,28 @@ pub struct FetchArgs {
     /// it (not tmpfs; a file's last partial block goes through the page cache) [default: true].
     #[arg(long, env = "MODELCACHE_DIRECT_IO", value_name = "BOOL")]
     pub direct_io: Option<bool>,
+    /// Ask Dragonfly's dfdaemon on this socket for each file first (P2P: from a node that has
+    /// it, else dfdaemon reads the source once for the fleet). Every file is still checked
+    /// against the manifest, which this needs; any file dfdaemon cannot deliver, or delivers
+    /// wrong, is fetched directly [default: off].
+    #[arg(long, env = "MODELCACHE_FETCH_DRAGONFLY_SOCKET", value_name = "PATH")]
+    pub dragonfly_socket: Option<std::path::PathBuf>,
+    /// With --dragonfly-socket: fetch a file directly when no piece of it arrives through
+    /// dfdaemon for this long [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "dragonfly_socket")]
+    pub dragonfly_stall_timeout: Option<Duration>,
+    /// With --dragonfly-socket: fetch a file directly when it arrives through dfdaemon slower
+    /// than this, per second, after --dragonfly-grace [default: 50MB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "dragonfly_socket")]
+    pub dragonfly_min_rate: Option<u64>,
+    /// With --dragonfly-socket: how long a file may take to reach --dragonfly-min-rate
+    /// [default: 20s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "dragonfly_socket")]
+    pub dragonfly_grace: Option<Duration>,
+    /// With --dragonfly-socket: `pieces` hashes each piece as dfdaemon reports it written;
+    /// `after` reads each file once when dfdaemon is done [default: pieces].
+    #[arg(long, value_name = "WHEN", value_parser = ["pieces", "after"], requires = "dragonfly_socket")]
+    pub dragonfly_hash: Option<String>,
 }
 
 impl FetchArgs {
@@ -335,6 +357,16 @@ impl FetchArgs {
             backoff_max: self.retry_max_delay.unwrap_or(defaults.backoff_max),
             direct_io: self.direct_io.unwrap_or(defaults.direct_io),
             adaptive: self.adaptive_concurrency.unwrap_or(defaults.adaptive),
+            dragonfly: self.dragonfly_socket.as_ref().map(|socket| {
+                let d = DragonflyOptions::new(socket.clone());
+                DragonflyOptions {
+                    stall_timeout: self.dragonfly_stall_timeout.unwrap_or(d.stall_timeout),
+                    min_rate: self.dragonfly_min_rate.unwrap_or(d.min_rate),
+                    hash_pieces: self.dragonfly_hash.as_deref() != Some("after"),
+                    grace: self.dragonfly_grace.unwrap_or(d.grace),
+                    ..d
+                }
+            }),
             ..defaults
         };
         options.validate()?;
@@ -540,6 +572,11 @@ mod tests {
             retry_max_delay: None,
             direct_io: None,
             adaptive_concurrency: None,
+            dragonfly_socket: None,
+            dragonfly_stall_timeout: None,
+            dragonfly_min_rate: None,
+            dragonfly_hash: None,
+            dragonfly_grace: None,
         };
         let err = args.resolve().unwrap_err();
         assert!(err.to_string().contains("--concurrency"), "{err}");

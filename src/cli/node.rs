@@ -62,6 +62,25 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
                 models.join(", ")
             }
         );
+        if let Some(d) = &config.fetch.dragonfly {
+            match &d.exchange {
+                Some(x) => println!(
+                    "dragonfly: dfdaemon at {}, writing into {} (the agent's {}); storage shown at {}",
+                    d.socket.display(),
+                    x.dfdaemon_dir.display(),
+                    x.local_dir.display(),
+                    config
+                        .dragonfly_storage
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("?"))
+                        .display()
+                ),
+                None => println!(
+                    "dragonfly: dfdaemon at {}, writing into each model's staging directory",
+                    d.socket.display()
+                ),
+            }
+        }
         return Ok(ExitCode::SUCCESS);
     }
     crate::agent::run(config, env.clone(), source)
@@ -454,7 +473,7 @@ pub async fn run_status(args: StatusArgs, env: &Environment) -> Result<ExitCode,
         "{:<24} {:<12} {:>21} {:>11} {:>6} {:<16} {:<10} ERROR",
         "MODEL", "STATE", "PROGRESS", "RATE", "ETA", "REVISION", "VERIFIED"
     );
-    for m in models {
+    for m in &models {
         let done = m["bytes_done"].as_u64().unwrap_or(0);
         let total = m["bytes_total"].as_u64().unwrap_or(0);
         #[expect(
@@ -477,10 +496,38 @@ pub async fn run_status(args: StatusArgs, env: &Environment) -> Result<ExitCode,
             m["last_error"].as_str().unwrap_or("")
         );
     }
+    for m in models_via_dragonfly(&models) {
+        println!("{m}");
+    }
     if let Some(config) = config {
         print!("{}", config_text(&config));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per model whose last run went through Dragonfly: bytes by origin and file outcomes.
+fn models_via_dragonfly(models: &[serde_json::Value]) -> Vec<String> {
+    models
+        .iter()
+        .filter_map(|m| {
+            let o = &m["bytes_by_origin"];
+            let d = &m["dragonfly"];
+            let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+            let asked = n(d, "files") + n(d, "fallbacks");
+            (asked > 0).then(|| {
+                format!(
+                    "{}: {} from Dragonfly peers, {} through Dragonfly from the source, {} direct; {} files verified from Dragonfly, {} fetched directly instead ({} failed verification)",
+                    m["name"].as_str().unwrap_or("?"),
+                    human_bytes(n(o, "peer")),
+                    human_bytes(n(o, "back_to_source")),
+                    human_bytes(n(o, "direct")),
+                    n(d, "files"),
+                    n(d, "fallbacks"),
+                    n(d, "rejected"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// What `GET /v1/config` says, for people: nothing when all is applied.

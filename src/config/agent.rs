@@ -11,8 +11,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Environment, FetchOptions, InvalidValue, Selection, parse_duration, parse_size};
+use super::{
+    DragonflyOptions, Environment, Exchange, FetchOptions, InvalidValue, Selection, parse_duration,
+    parse_size,
+};
 use crate::store::ModelName;
+
+/// Dragonfly's client keeps its storage here (its Helm chart's `storage.dir`).
+pub const DFDAEMON_STORAGE_DIR: &str = "/var/lib/dragonfly";
+
+/// The directory inside dfdaemon's storage that modelcache asks it to write files into.
+const EXCHANGE_DIR: &str = "modelcache";
 
 /// The default configuration, with every key and its override.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
@@ -32,6 +41,14 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("fetch.failed_retry_delay", Kind::Text),
     ("fetch.direct_io", Kind::Bool),
     ("fetch.adaptive_concurrency", Kind::Bool),
+    ("fetch.dragonfly.socket", Kind::Text),
+    ("fetch.dragonfly.concurrent_files", Kind::Integer),
+    ("fetch.dragonfly.stall_timeout", Kind::Text),
+    ("fetch.dragonfly.min_rate", Kind::Text),
+    ("fetch.dragonfly.grace", Kind::Text),
+    ("fetch.dragonfly.hash", Kind::Text),
+    ("fetch.dragonfly.storage_host_path", Kind::Text),
+    ("fetch.dragonfly.dfdaemon_storage_dir", Kind::Text),
     ("cache.budget", Kind::Text),
     ("cache.warm_page_cache", Kind::Text),
     ("cache.warm_max_ram_fraction", Kind::Float),
@@ -274,6 +291,21 @@ struct FetchFile {
     failed_retry_delay: Option<String>,
     direct_io: Option<bool>,
     adaptive_concurrency: Option<bool>,
+    #[serde(default)]
+    dragonfly: Option<DragonflyFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DragonflyFile {
+    socket: Option<PathBuf>,
+    concurrent_files: Option<usize>,
+    stall_timeout: Option<String>,
+    min_rate: Option<String>,
+    grace: Option<String>,
+    hash: Option<String>,
+    storage_host_path: Option<PathBuf>,
+    dfdaemon_storage_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -495,6 +527,9 @@ pub struct AgentConfig {
     pub max_connections: usize,
     /// Download tuning.
     pub fetch: FetchOptions,
+    /// `fetch.dragonfly.storage_host_path`: where the agent shows dfdaemon the directory on the
+    /// cache filesystem that dfdaemon keeps its storage in.
+    pub dragonfly_storage: Option<PathBuf>,
     /// First delay before retrying a failed model (doubles up to ten minutes).
     pub failed_retry_delay: Duration,
     /// Disk budget.
@@ -619,6 +654,25 @@ impl AgentConfig {
             None => Ok(default),
         };
         let defaults = FetchOptions::default();
+        let writable = match &file.cache.private_mount {
+            Some(private) => crate::disk::view::writable_root(private),
+            None => file.cache_root.clone(),
+        };
+        let dragonfly_storage = file
+            .fetch
+            .dragonfly
+            .as_ref()
+            .and_then(|d| d.storage_host_path.clone());
+        if let Some(p) = &dragonfly_storage {
+            if !p.is_absolute() {
+                return Err(InvalidValue::new(
+                    "fetch.dragonfly.storage_host_path",
+                    p.display(),
+                    "expected an absolute path (a hostPath volume of the agent's pod, mountPropagation: Bidirectional)",
+                )
+                .into());
+            }
+        }
         let fetch = FetchOptions {
             concurrency: file.fetch.concurrency.unwrap_or(defaults.concurrency),
             chunk_size: size(
@@ -639,6 +693,73 @@ impl AgentConfig {
             )?,
             direct_io: file.fetch.direct_io.unwrap_or(defaults.direct_io),
             adaptive: file.fetch.adaptive_concurrency.unwrap_or(defaults.adaptive),
+            dragonfly: match &file.fetch.dragonfly {
+                Some(DragonflyFile {
+                    socket: Some(socket),
+                    concurrent_files,
+                    stall_timeout,
+                    min_rate,
+                    grace,
+                    hash,
+                    storage_host_path,
+                    dfdaemon_storage_dir,
+                }) => {
+                    let d = DragonflyOptions::new(socket.clone());
+                    let concurrent_files = concurrent_files.unwrap_or(d.concurrent_files);
+                    if !(1..=64).contains(&concurrent_files) {
+                        return Err(InvalidValue::new(
+                            "fetch.dragonfly.concurrent_files",
+                            concurrent_files,
+                            "expected an integer from 1 to 64",
+                        )
+                        .into());
+                    }
+                    let hash_pieces = match hash.as_deref() {
+                        None | Some("pieces") => true,
+                        Some("after") => false,
+                        Some(other) => {
+                            return Err(InvalidValue::new(
+                                "fetch.dragonfly.hash",
+                                other,
+                                "expected pieces (hash each piece as dfdaemon writes it) or after (read the file once when it is done)",
+                            )
+                            .into());
+                        }
+                    };
+                    Some(DragonflyOptions {
+                        concurrent_files,
+                        stall_timeout: duration(
+                            "fetch.dragonfly.stall_timeout",
+                            stall_timeout,
+                            d.stall_timeout,
+                        )?,
+                        min_rate: size("fetch.dragonfly.min_rate", min_rate, d.min_rate)?,
+                        grace: duration("fetch.dragonfly.grace", grace, d.grace)?,
+                        hash_pieces,
+                        // dfdaemon in its own pod sees the shared directory at its storage
+                        // path; the agent at the cache filesystem's `dragonfly/storage`.
+                        exchange: storage_host_path.as_ref().map(|_| Exchange {
+                            dfdaemon_dir: dfdaemon_storage_dir
+                                .clone()
+                                .unwrap_or_else(|| PathBuf::from(DFDAEMON_STORAGE_DIR))
+                                .join(EXCHANGE_DIR),
+                            local_dir: writable
+                                .join(crate::disk::view::DRAGONFLY_STORAGE)
+                                .join(EXCHANGE_DIR),
+                        }),
+                        ..d
+                    })
+                }
+                Some(DragonflyFile { socket: None, .. }) => {
+                    return Err(InvalidValue::new(
+                        "fetch.dragonfly.socket",
+                        "(unset)",
+                        "the [fetch.dragonfly] section needs socket = \"/run/dragonfly/dfdaemon.sock\" (or remove the section to fetch directly)",
+                    )
+                    .into());
+                }
+                None => None,
+            },
             ..defaults
         };
         fetch.validate()?;
@@ -771,6 +892,7 @@ impl AgentConfig {
                 n => n,
             },
             fetch,
+            dragonfly_storage,
             failed_retry_delay,
             budget,
             warm,

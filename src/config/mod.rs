@@ -145,6 +145,57 @@ pub struct FetchOptions {
     pub direct_io: bool,
     /// Choose the ranges in flight from measured throughput, with `concurrency` as the ceiling.
     pub adaptive: bool,
+    /// Fetch files through Dragonfly's dfdaemon first (off when `None`).
+    pub dragonfly: Option<DragonflyOptions>,
+}
+
+/// The Dragonfly path: each file asked of the node's dfdaemon, verified by modelcache, and
+/// fetched directly whenever that fails.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DragonflyOptions {
+    /// dfdaemon's download socket.
+    pub socket: std::path::PathBuf,
+    /// Files asked of dfdaemon at once.
+    pub concurrent_files: usize,
+    /// A file from which no piece arrives for this long is fetched directly instead.
+    pub stall_timeout: Duration,
+    /// A file arriving slower than this (bytes per second, after `grace`) is fetched directly.
+    pub min_rate: u64,
+    /// How long a file may take to reach `min_rate`.
+    pub grace: Duration,
+    /// Hash each piece as dfdaemon reports it written (on: no second read of the file), or
+    /// read the whole file once when dfdaemon is done.
+    pub hash_pieces: bool,
+    /// Where dfdaemon writes files for modelcache, when it sees the cache filesystem under
+    /// another path than modelcache does (another pod); `None`: straight into staging.
+    pub exchange: Option<Exchange>,
+}
+
+/// One directory on the cache filesystem under the two paths its two users know it by. dfdaemon
+/// hard-links each file it downloads into `dfdaemon_dir`, which must be on the same mount as
+/// its storage; modelcache reads the file at `local_dir` and renames it into staging, which
+/// must be on the same mount as `local_dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// The directory as dfdaemon sees it.
+    pub dfdaemon_dir: std::path::PathBuf,
+    /// The same directory as modelcache sees it.
+    pub local_dir: std::path::PathBuf,
+}
+
+impl DragonflyOptions {
+    /// The defaults for a socket.
+    pub fn new(socket: std::path::PathBuf) -> Self {
+        Self {
+            socket,
+            concurrent_files: 4,
+            stall_timeout: Duration::from_secs(30),
+            min_rate: 50_000_000,
+            grace: Duration::from_secs(20),
+            hash_pieces: true,
+            exchange: None,
+        }
+    }
 }
 
 impl Default for FetchOptions {
@@ -160,6 +211,7 @@ impl Default for FetchOptions {
             hash: true,
             direct_io: DEFAULT_DIRECT_IO,
             adaptive: true,
+            dragonfly: None,
         }
     }
 }

@@ -188,6 +188,17 @@ pub enum DiskError {
         /// The mount it lies on.
         mount: PathBuf,
     },
+    /// The path shown to Dragonfly's client is not on a shared mount: a bind made there would
+    /// stay in the agent's pod.
+    #[error(
+        "fetch.dragonfly.storage_host_path {path} lies on {mount}, which does not propagate to the node (hint: mount it as a hostPath volume with mountPropagation: Bidirectional, as deploy/dragonfly does)"
+    )]
+    DragonflyStorageNotShared {
+        /// The configured path.
+        path: PathBuf,
+        /// The mount it lies on.
+        mount: PathBuf,
+    },
     /// The cache root is not a mount point, so a view attached there would reach no one.
     #[error(
         "the cache root {target} is not a mount point (hint: in a pod it is the hostPath volume's mount; outside one, unset cache.private_mount)"

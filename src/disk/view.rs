@@ -143,6 +143,86 @@ pub fn expose(config: &DiskConfig) -> Result<Option<View>, DiskError> {
     }))
 }
 
+/// The directory of the cache filesystem, under the agent's writable root, that Dragonfly's
+/// client keeps its storage in.
+pub const DRAGONFLY_STORAGE: &str = "dragonfly/storage";
+
+/// What [`share_dragonfly_storage`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
+    /// The node's path of dfdaemon's storage, on the cache filesystem.
+    pub storage: PathBuf,
+    /// Whether the bind was made now (false: an earlier agent's is still there).
+    pub attached: bool,
+}
+
+/// Shows the cache filesystem's `dragonfly/` directory, writable, at `host_path`, so that
+/// Dragonfly's client, given `host_path/storage` as its storage, keeps its tasks on the cache
+/// filesystem: a file it downloads for modelcache is then hard-linked into the cache, never
+/// copied. `host_path` must be a hostPath volume of the agent's pod with Bidirectional
+/// propagation, so the bind reaches the node. Idempotent: an earlier agent's bind (it outlives
+/// the agent's pod on the node) is kept.
+pub fn share_dragonfly_storage(
+    config: &DiskConfig,
+    writable: &Path,
+    host_path: &Path,
+) -> Result<Shared, DiskError> {
+    let dir = writable.join("dragonfly");
+    let storage = writable.join(DRAGONFLY_STORAGE);
+    std::fs::create_dir_all(&storage).map_err(|source| DiskError::Probe {
+        device: storage.clone(),
+        source,
+    })?;
+    // Only root reads dfdaemon's tasks: the cache root's read-only view shows this directory
+    // to every pod that mounts it.
+    std::fs::set_permissions(
+        &dir,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+    )
+    .map_err(|source| DiskError::Probe {
+        device: dir.clone(),
+        source,
+    })?;
+    let all = mounts(&config.host)?;
+    match covering(&all, host_path) {
+        Some(m) if m.shared => {}
+        Some(m) => {
+            return Err(DiskError::DragonflyStorageNotShared {
+                path: host_path.to_path_buf(),
+                mount: m.target,
+            });
+        }
+        None => {
+            return Err(DiskError::DragonflyStorageNotShared {
+                path: host_path.to_path_buf(),
+                mount: PathBuf::from("/"),
+            });
+        }
+    }
+    let already = topmost_at(all.clone(), host_path).is_some_and(|m| {
+        covering(&all, writable).is_some_and(|own| {
+            m.devno == own.devno
+                && m.root == format!("{}/dragonfly", own.root.trim_end_matches('/'))
+        })
+    });
+    if already {
+        info!(target = %host_path.display(), "dfdaemon's storage is already shown at {}", host_path.display());
+    } else {
+        std::fs::create_dir_all(host_path).map_err(|source| DiskError::Probe {
+            device: host_path.to_path_buf(),
+            source,
+        })?;
+        // A non-recursive bind of one directory of the cache filesystem; it propagates to the
+        // node through the Bidirectional hostPath it is made on.
+        mount_step("bind", &dir, host_path, MsFlags::MS_BIND)?;
+        info!(target = %host_path.display(), "dfdaemon's storage: {} shows the cache filesystem's dragonfly/ directory", host_path.display());
+    }
+    Ok(Shared {
+        storage: host_path.join("storage"),
+        attached: !already,
+    })
+}
+
 /// The mount at `path`, which a step just made.
 fn mine(path: &Path, config: &DiskConfig) -> Result<Mount, DiskError> {
     topmost_at(mounts(&config.host)?, path).ok_or_else(|| {

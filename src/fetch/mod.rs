@@ -8,6 +8,7 @@
 
 mod adaptive;
 mod download;
+mod dragonfly;
 mod finish;
 mod hedge;
 pub mod journal;
@@ -179,6 +180,14 @@ pub enum PrefetchError {
         #[source]
         source: std::io::Error,
     },
+    /// The Dragonfly path is on but the source has no manifest to check peers' bytes against.
+    #[error(
+        "fetch.dragonfly is on but {url} has no modelcache.manifest.json: bytes from peers can only be trusted against a manifest (hint: write one with `modelcache manifest`, or turn fetch.dragonfly off)"
+    )]
+    DragonflyNeedsManifest {
+        /// The source, redacted.
+        url: String,
+    },
     /// Verification failed.
     #[error(transparent)]
     Verify(#[from] VerifyError),
@@ -225,7 +234,8 @@ impl PrefetchError {
             },
             PrefetchError::UnsafeName(_)
             | PrefetchError::FileIsDirectory { .. }
-            | PrefetchError::NothingSelected { .. } => ErrorKind::InvalidInput,
+            | PrefetchError::NothingSelected { .. }
+            | PrefetchError::DragonflyNeedsManifest { .. } => ErrorKind::InvalidInput,
             PrefetchError::RangeFailed { source, .. }
             | PrefetchError::RangeRefused { source, .. } => match source {
                 SourceError::NotFound { .. }
@@ -306,6 +316,11 @@ pub struct Summary {
     pub bytes_fetched: u64,
     /// Bytes reused from an earlier run or an already published revision.
     pub bytes_reused: u64,
+    /// `bytes_fetched` by where the bytes came from: modelcache's own GETs, or dfdaemon (from a
+    /// peer, or from the source on the fleet's behalf).
+    pub bytes_by_origin: progress::BytesByOrigin,
+    /// What the Dragonfly path did (all zero when it is off).
+    pub dragonfly: progress::DragonflyCounts,
     /// Wall time.
     pub seconds: f64,
     /// Bytes fetched per second, in GB/s.
@@ -403,6 +418,8 @@ async fn attempt(
         bytes_total: total,
         bytes_fetched: progress.fetched(),
         bytes_reused: progress.reused(),
+        bytes_by_origin: progress.by_origin(),
+        dragonfly: progress.dragonfly(),
         seconds: started.elapsed().as_secs_f64(),
         gb_per_s: rate(progress.fetched(), started.elapsed()),
         verification,
@@ -435,6 +452,11 @@ async fn attempt(
         });
     }
 
+    if options.dragonfly.is_some() && plan.manifest.is_none() {
+        return Err(PrefetchError::DragonflyNeedsManifest {
+            url: source.describe(),
+        });
+    }
     let checked = preflight::check_before_download(
         source,
         &plan,
@@ -485,6 +507,9 @@ async fn attempt(
         source.describe()
     );
     enter_phase(progress, name, Phase::Downloading);
+    if let Some(dragonfly) = &options.dragonfly {
+        dragonfly::fetch_through_dragonfly(&engine, &plan, layout, name, dragonfly).await?;
+    }
     let refetched =
         download::download_verified(&engine, &resumed.journal, &plan, layout, name).await?;
     let warnings = finish::check_structure(layout, name, &plan, &request.parse_budget).await?;

@@ -25,8 +25,10 @@ use crate::verify::structure::{
     header_end, is_index, is_safetensors,
 };
 
-/// First read of each shard: most headers fit (GPT-OSS-120B's largest is about 60 KiB).
-const FIRST_READ: u64 = 256 << 10;
+/// First read of each shard: most headers fit (GPT-OSS-120B's largest is about 60 KiB); a
+/// longer one takes a second read. Kept small because every node reads these bytes from the
+/// source even when the shards themselves come from peers (Dragonfly).
+const FIRST_READ: u64 = 64 << 10;
 
 /// The largest read Blob's transactional MD5 covers.
 const MAX_CHECKED_READ: u64 = 4 << 20;

@@ -47,6 +47,33 @@ pub struct Progress {
     retries: [AtomicU64; RetryCause::ALL.len()],
     concurrency: AtomicUsize,
     hedged: AtomicU64,
+    via_peer: AtomicU64,
+    via_back_to_source: AtomicU64,
+    dragonfly_files: AtomicU64,
+    dragonfly_fallbacks: AtomicU64,
+    dragonfly_rejected: AtomicU64,
+}
+
+/// Bytes received in a run by where they came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BytesByOrigin {
+    /// modelcache's own ranged GETs to the source.
+    pub direct: u64,
+    /// Through dfdaemon, from another node's dfdaemon (or its own cache of the task).
+    pub peer: u64,
+    /// Through dfdaemon, which read the source itself.
+    pub back_to_source: u64,
+}
+
+/// What the Dragonfly path did in a run, counted in files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DragonflyCounts {
+    /// Files that came through dfdaemon and matched the manifest.
+    pub files: u64,
+    /// Files fetched directly because dfdaemon was absent, failed, stalled or was too slow.
+    pub fallbacks: u64,
+    /// Files dfdaemon delivered that did not match the manifest: discarded and fetched directly.
+    pub rejected: u64,
 }
 
 impl Progress {
@@ -100,6 +127,49 @@ impl Progress {
 
     pub(crate) fn add_fetched(&self, bytes: u64) {
         self.fetched.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts bytes dfdaemon wrote; they are part of [`Progress::fetched`] too (and, like
+    /// retried bytes, stay counted when the file is then discarded).
+    pub(crate) fn add_via_dragonfly(&self, bytes: u64, from_peer: bool) {
+        self.add_fetched(bytes);
+        if from_peer {
+            self.via_peer.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.via_back_to_source.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn dragonfly_file(&self) {
+        self.dragonfly_files.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dragonfly_fallback(&self) {
+        self.dragonfly_fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dragonfly_rejected(&self) {
+        self.dragonfly_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes fetched in this run by origin.
+    pub fn by_origin(&self) -> BytesByOrigin {
+        let peer = self.via_peer.load(Ordering::Relaxed);
+        let back_to_source = self.via_back_to_source.load(Ordering::Relaxed);
+        BytesByOrigin {
+            direct: self.fetched().saturating_sub(peer + back_to_source),
+            peer,
+            back_to_source,
+        }
+    }
+
+    /// The Dragonfly path's file counts in this run.
+    pub fn dragonfly(&self) -> DragonflyCounts {
+        DragonflyCounts {
+            files: self.dragonfly_files.load(Ordering::Relaxed),
+            fallbacks: self.dragonfly_fallbacks.load(Ordering::Relaxed),
+            rejected: self.dragonfly_rejected.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn add_reused(&self, bytes: u64) {
@@ -179,6 +249,9 @@ pub struct ProgressSnapshot {
     /// Ranges allowed in flight (see [`Progress::concurrency`]).
     #[serde(default)]
     pub concurrency: usize,
+    /// Bytes fetched by origin.
+    #[serde(default)]
+    pub by_origin: BytesByOrigin,
     /// When, in milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
 }
@@ -195,6 +268,7 @@ impl Progress {
             fetched: self.fetched(),
             reused: self.reused(),
             concurrency: self.concurrency(),
+            by_origin: self.by_origin(),
             updated_unix_ms: now,
         }
     }

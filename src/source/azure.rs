@@ -55,6 +55,9 @@ pub struct AzureSource {
     unchecked: Arc<AtomicU64>,
     /// Checked reads made.
     checked_reads: Arc<AtomicU64>,
+    /// The container URL and SAS query of a source opened with a SAS in its URL: the SAS is
+    /// what another program reading a file needs too (see [`Source::shareable_url`]).
+    sas_url: Option<url::Url>,
 }
 
 impl AzureSource {
@@ -91,6 +94,7 @@ impl AzureSource {
             builder = builder.with_msi_endpoint(endpoint);
         }
 
+        let mut sas_url = None;
         let (container, prefix) = match parsed.scheme() {
             "az" => {
                 let container = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
@@ -118,6 +122,9 @@ impl AzureSource {
                     .collect();
                 if !pairs.is_empty() {
                     builder = builder.with_sas_authorization(pairs);
+                    let mut base = parsed.clone();
+                    base.set_path(&format!("/{container}"));
+                    sas_url = Some(base);
                 }
                 (container.to_string(), rest.to_string())
             }
@@ -145,6 +152,7 @@ impl AzureSource {
             display,
             unchecked: Arc::new(AtomicU64::new(0)),
             checked_reads: Arc::new(AtomicU64::new(0)),
+            sas_url,
         })
     }
 
@@ -263,6 +271,32 @@ impl Source for AzureSource {
             .await
             .map(|_| ())
             .map_err(|e| map_error(path, e))
+    }
+
+    /// A SAS URL for one blob, read-only, expiring after `valid_for`: signed with the account
+    /// key, or with a user delegation key obtained with the node's Azure AD identity (workload
+    /// or managed identity; the role that reads blobs may also ask for one). A source opened
+    /// with a SAS shares its own SAS. A bearer token in a header would also work, but it opens
+    /// every blob the identity may read (or write) for an hour; this opens one file, read-only.
+    async fn shareable_url(
+        &self,
+        file: &RemoteFile,
+        valid_for: Duration,
+    ) -> Result<Option<String>, SourceError> {
+        let location = self.location(&file.path);
+        if let Some(base) = &self.sas_url {
+            let mut url = base.clone();
+            if let Ok(mut segments) = url.path_segments_mut() {
+                segments.extend(location.as_ref().split('/'));
+            }
+            return Ok(Some(url.to_string()));
+        }
+        use object_store::signer::Signer;
+        self.store
+            .signed_url(http::Method::GET, &location, valid_for)
+            .await
+            .map(|u| Some(u.to_string()))
+            .map_err(|e| map_error(&file.path, e))
     }
 }
 

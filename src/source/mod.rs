@@ -325,6 +325,17 @@ pub trait Source: std::fmt::Debug + Send + Sync {
 
     /// Writes a small whole file (the manifest) into the prefix.
     async fn put_small(&self, path: &str, data: Bytes) -> Result<(), SourceError>;
+
+    /// A URL another program (Dragonfly's dfdaemon) can read `file` from on its own, carrying a
+    /// read-only credential for that one file that expires after `valid_for`; `None` when this
+    /// kind of source has no such URL (local directories).
+    async fn shareable_url(
+        &self,
+        _file: &RemoteFile,
+        _valid_for: Duration,
+    ) -> Result<Option<String>, SourceError> {
+        Ok(None)
+    }
 }
 
 /// Options for opening a source that are not part of its URL.

@@ -132,7 +132,11 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
     // And what kustomize makes of the base and of the guide's overlay (the ConfigMap is
     // generated there), as applied.
     let rendered = tempfile::tempdir().unwrap();
-    for dir in ["deploy", "deploy/overlays/aks"] {
+    for dir in [
+        "deploy",
+        "deploy/overlays/aks",
+        "deploy/overlays/aks-dragonfly",
+    ] {
         let Some(docs) = render(dir) else { return };
         let path = rendered
             .path()
@@ -229,6 +233,147 @@ fn every_workload_tolerates_every_taint_the_guide_puts_on_the_gpu_pool() {
     assert_eq!(
         workloads, 3,
         "the agent, the vLLM example and the device plugin"
+    );
+    // Dragonfly's client, from the Helm values the Dragonfly guide installs.
+    let values: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/dragonfly/values-aks.yaml")).unwrap(),
+    )
+    .unwrap();
+    let tolerations = values["client"]["tolerations"].as_sequence().unwrap();
+    for taint in &taints {
+        let (kv, effect) = taint.split_once(':').unwrap();
+        let (key, value) = kv.split_once('=').unwrap();
+        assert!(
+            tolerations.iter().any(|t| t["key"].as_str() == Some(key)
+                && (t["operator"].as_str() == Some("Exists")
+                    || t["value"].as_str() == Some(value))
+                && t["effect"].as_str().is_none_or(|e| e == effect)),
+            "Dragonfly's client does not tolerate {taint}"
+        );
+    }
+}
+
+/// The Dragonfly component and the Helm values for Dragonfly's chart describe the same node:
+/// the socket the agent connects to is the one dfdaemon opens, in a directory the agent mounts;
+/// dfdaemon's storage is the directory the agent shows it, on the cache filesystem.
+#[test]
+fn the_dragonfly_component_and_dragonflys_helm_values_agree() {
+    let Some(docs) = render("deploy/overlays/aks-dragonfly") else {
+        return;
+    };
+    let daemonset = one(&docs, "DaemonSet", Some("modelcache"));
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let agent = spec["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .unwrap();
+    let env = |name: &str| {
+        agent["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("the agent has no {name}"))
+            .to_string()
+    };
+    let socket = env("MODELCACHE_FETCH_DRAGONFLY_SOCKET");
+    let storage_host_path = env("MODELCACHE_FETCH_DRAGONFLY_STORAGE_HOST_PATH");
+    let mount_of = |path: &str| {
+        agent["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+            .cloned()
+            .unwrap_or_else(|| panic!("the agent mounts nothing at {path}"))
+    };
+    let volume = |name: &str| {
+        spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let socket_mount = mount_of(&socket);
+    let socket_dir = std::path::Path::new(&socket).parent().unwrap();
+    assert_eq!(
+        volume(socket_mount["name"].as_str().unwrap())["hostPath"]["path"].as_str(),
+        socket_dir.to_str()
+    );
+    let storage_mount = mount_of(&storage_host_path);
+    assert_eq!(
+        storage_mount["mountPath"].as_str(),
+        Some(storage_host_path.as_str())
+    );
+    assert_eq!(storage_mount["mountPropagation"], "Bidirectional");
+    assert_eq!(
+        volume(storage_mount["name"].as_str().unwrap())["hostPath"]["path"].as_str(),
+        Some(storage_host_path.as_str()),
+        "the agent's bind reaches the node at the same path"
+    );
+
+    let values: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/dragonfly/values-aks.yaml")).unwrap(),
+    )
+    .unwrap();
+    let client = &values["client"];
+    assert_eq!(
+        client["config"]["download"]["server"]["socketPath"].as_str(),
+        Some(socket.as_str())
+    );
+    assert_eq!(client["hostNetwork"], true);
+    let storage_dir = client["config"]["storage"]["dir"].as_str().unwrap();
+    assert_eq!(
+        storage_dir.trim_end_matches('/'),
+        modelcache::config::agent::DFDAEMON_STORAGE_DIR,
+        "dfdaemon's storage where the agent expects it (fetch.dragonfly.dfdaemon_storage_dir)"
+    );
+    assert_eq!(client["config"]["storage"]["keep"], true);
+    let mount = client["extraVolumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(storage_dir))
+        .expect("dfdaemon's storage is a mounted volume");
+    assert_eq!(mount["mountPropagation"], "HostToContainer");
+    let host = client["extraVolumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(
+        host["hostPath"]["path"].as_str(),
+        Some(format!("{storage_host_path}/storage").as_str()),
+        "dfdaemon's storage is the directory the agent shows it"
+    );
+    assert_eq!(
+        host["hostPath"]["type"], "Directory",
+        "the kubelet holds dfdaemon until the agent has shown it the cache filesystem"
+    );
+    // And the agent resolves the variables to the exchange directory dfdaemon writes into.
+    let mut check = modelcache();
+    check
+        .env("MODELCACHE_FETCH_DRAGONFLY_SOCKET", &socket)
+        .env(
+            "MODELCACHE_FETCH_DRAGONFLY_STORAGE_HOST_PATH",
+            &storage_host_path,
+        )
+        .args(["agent", "--check", "--config"])
+        .arg(repo().join("deploy/overlays/aks/config.toml"));
+    let out = run(&mut check, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "dragonfly: dfdaemon at {socket}, writing into {storage_dir}modelcache (the agent's /var/lib/modelcache/cache/dragonfly/storage/modelcache); storage shown at {storage_host_path}"
+        )),
+        "{}",
+        stdout(&out)
     );
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod consumer;
 mod deploy;
 mod disk;
+mod dragonfly;
 mod faults;
 mod image;
 mod memory;

@@ -102,6 +102,8 @@ pub struct FaultProxy {
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
     /// Random faults, when set.
     pub chaos: Arc<Mutex<Option<Chaos>>>,
+    /// Body bytes Azurite answered through the proxy (what the source served).
+    pub body_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FaultProxy {
@@ -112,11 +114,13 @@ impl FaultProxy {
         let (tx, rx) = std::sync::mpsc::channel();
         let requests: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let chaos: Arc<Mutex<Option<Chaos>>> = Arc::default();
-        let (r, f, n, c) = (
+        let body_bytes: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let (r, f, n, c, b) = (
             Arc::clone(&rules),
             Arc::clone(&fired),
             Arc::clone(&requests),
             Arc::clone(&chaos),
+            Arc::clone(&body_bytes),
         );
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -132,9 +136,14 @@ impl FaultProxy {
                         continue;
                     };
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let (r, f, c) = (Arc::clone(&r), Arc::clone(&f), Arc::clone(&c));
+                    let (r, f, c, b) = (
+                        Arc::clone(&r),
+                        Arc::clone(&f),
+                        Arc::clone(&c),
+                        Arc::clone(&b),
+                    );
                     tokio::spawn(async move {
-                        let _ = handle(client, upstream, r, f, c).await;
+                        let _ = handle(client, upstream, r, f, c, b).await;
                     });
                 }
             });
@@ -145,7 +154,13 @@ impl FaultProxy {
             fired,
             requests,
             chaos,
+            body_bytes,
         }
+    }
+
+    /// Body bytes the source served so far.
+    pub fn served(&self) -> u64 {
+        self.body_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn endpoint(&self) -> String {
@@ -241,6 +256,7 @@ async fn handle(
     rules: Arc<Mutex<Vec<Rule>>>,
     fired: Arc<Mutex<usize>>,
     chaos: Arc<Mutex<Option<Chaos>>>,
+    body_bytes: Arc<std::sync::atomic::AtomicU64>,
 ) -> std::io::Result<()> {
     let Some(head) = read_head(&mut client).await? else {
         return Ok(());
@@ -357,6 +373,7 @@ async fn handle(
         .position(|w| w == b"\r\n\r\n")
         .map_or(response.len(), |i| i + 4);
     let (raw_head, resp_body) = response.split_at(split);
+    body_bytes.fetch_add(resp_body.len() as u64, std::sync::atomic::Ordering::Relaxed);
     // Every answer closes its connection, so a fault cannot poison a reused one.
     let mut head_out = String::new();
     for line in String::from_utf8_lossy(raw_head)

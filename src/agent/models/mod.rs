@@ -107,6 +107,10 @@ pub struct ModelStatus {
     pub bytes_fetched: u64,
     /// Bytes reused in the current or last run.
     pub bytes_reused: u64,
+    /// `bytes_fetched` by origin: direct, from Dragonfly peers, through Dragonfly from the source.
+    pub bytes_by_origin: crate::fetch::progress::BytesByOrigin,
+    /// The Dragonfly path's file counts in the current or last run.
+    pub dragonfly: crate::fetch::progress::DragonflyCounts,
     /// Fetch rate of the current run.
     pub rate_bytes_per_second: f64,
     /// Estimated seconds left.
@@ -261,6 +265,8 @@ impl Entry {
             bytes_total: total,
             bytes_fetched: p.fetched(),
             bytes_reused: p.reused(),
+            bytes_by_origin: p.by_origin(),
+            dragonfly: p.dragonfly(),
             rate_bytes_per_second: rate,
             eta_seconds: eta,
             job: self.job.as_ref().map(|j| j.id),

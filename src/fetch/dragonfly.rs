@@ -1,0 +1,545 @@
+//! The Dragonfly pass: before the range engine runs, each file still wholly missing is asked of
+//! the node's dfdaemon, which takes it from a peer that has it or, failing that, from the
+//! source. modelcache keeps the judgement: every piece dfdaemon reports written is read back and
+//! hashed, the file's BLAKE3 must match the manifest, and only then does the file become the
+//! model's partial. Whatever goes wrong with a file (no dfdaemon, an error, silence, a slow
+//! transfer, a mismatch) leaves it missing, with the reason logged, and the range engine that
+//! runs next fetches it directly.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::PrefetchError;
+use super::journal::{JournalLine, hex};
+use super::pieces::{Engine, Finished};
+use super::plan::Plan;
+use crate::config::{DragonflyOptions, human_bytes};
+use crate::dragonfly::{Dfdaemon, DragonflyError, Event, Origin, TaskRequest};
+use crate::store::{Layout, ModelName};
+use crate::verify::hash::{PieceDigest, PieceHasher, combine, piece_count};
+use crate::verify::manifest::ManifestEntry;
+
+/// How long the SAS handed to dfdaemon for one file stays valid.
+const URL_VALIDITY: Duration = Duration::from_secs(6 * 3600);
+
+/// How long dfdaemon may take for one file, end to end.
+const TASK_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// Why one file is fetched directly after all.
+#[derive(Debug, thiserror::Error)]
+enum Fallback {
+    #[error(transparent)]
+    Dragonfly(#[from] DragonflyError),
+    #[error("dfdaemon reports {reported} bytes where the manifest says {expected}")]
+    Length { reported: u64, expected: u64 },
+    #[error("dfdaemon reported a piece outside the file: bytes {offset}..{end} of {size}")]
+    PieceOutside { offset: u64, end: u64, size: u64 },
+    #[error("dfdaemon ended the download with {got} of {size} bytes written")]
+    Incomplete { got: u64, size: u64 },
+    #[error(
+        "the transfer is too slow: {rate}/s after {seconds} s, under fetch.dragonfly.min_rate ({floor}/s)"
+    )]
+    Slow {
+        rate: String,
+        seconds: u64,
+        floor: String,
+    },
+    #[error("cannot read what dfdaemon wrote at {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("BLAKE3 {actual} does not match the manifest's {expected}: discarded")]
+    Mismatch {
+        expected: String,
+        actual: String,
+        task_id: String,
+    },
+    #[error("the prefetch was cancelled")]
+    Cancelled,
+}
+
+/// Asks dfdaemon for every file the engine still misses entirely, verifying each; files it
+/// could not deliver stay missing for the direct path. Fails only on a cancel, a missing
+/// manifest or a local file error.
+pub(super) async fn fetch_through_dragonfly(
+    engine: &Arc<Engine>,
+    plan: &Plan,
+    layout: &Layout,
+    name: &ModelName,
+    options: &DragonflyOptions,
+) -> Result<(), PrefetchError> {
+    let Some((manifest, _)) = &plan.manifest else {
+        return Err(PrefetchError::DragonflyNeedsManifest {
+            url: engine.source.describe(),
+        });
+    };
+    let expected: HashMap<&str, &ManifestEntry> =
+        manifest.entries().map(|e| (e.path.as_str(), e)).collect();
+    let chunk = engine.options.chunk_size;
+    let wanted: Vec<(usize, ManifestEntry)> = engine
+        .files
+        .iter()
+        .enumerate()
+        .filter(|(_, slot)| {
+            slot.sink.is_some()
+                && slot.remote.size > 0
+                && slot.digests().iter().all(Option::is_none)
+        })
+        .filter_map(|(i, slot)| {
+            expected
+                .get(slot.remote.path.as_str())
+                .map(|e| (i, (*e).clone()))
+        })
+        .collect();
+    let Some((first, _)) = wanted.first() else {
+        return Ok(());
+    };
+    let all_direct = |reason: String| {
+        warn!(model.name = %name, "{name}: {reason}; fetching all {} files directly", wanted.len());
+        for _ in &wanted {
+            engine.progress.dragonfly_fallback();
+        }
+    };
+    let client = match Dfdaemon::connect(&options.socket, Duration::from_secs(5)).await {
+        Ok(c) => c,
+        Err(e) => {
+            all_direct(format!("Dragonfly is not available: {e}"));
+            return Ok(());
+        }
+    };
+    if let Some(slot) = engine.files.get(*first) {
+        match engine
+            .source
+            .shareable_url(&slot.remote, URL_VALIDITY)
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                all_direct(format!(
+                    "dfdaemon cannot read {} on its own (Dragonfly needs an Azure Blob source)",
+                    engine.source.describe()
+                ));
+                return Ok(());
+            }
+            Err(e) => {
+                all_direct(format!(
+                    "no URL for dfdaemon could be signed: {}",
+                    super::error_chain(&e)
+                ));
+                return Ok(());
+            }
+        }
+    }
+
+    // Files dfdaemon is writing live here until verified; an earlier run's are unverified.
+    let (dir, dfdaemon_dir) = match &options.exchange {
+        Some(x) => (
+            x.local_dir.join(name.as_str()),
+            x.dfdaemon_dir.join(name.as_str()),
+        ),
+        None => {
+            let dir = layout.staging_dir(name).join("dragonfly");
+            (dir.clone(), dir)
+        }
+    };
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(PrefetchError::local("remove", dir, e)),
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| PrefetchError::local("create", dir.clone(), e))?;
+    info!(
+        model.name = %name,
+        files = wanted.len(),
+        socket = %options.socket.display(),
+        "{name}: asking dfdaemon at {} for {} files",
+        options.socket.display(),
+        wanted.len()
+    );
+
+    // Progress for `wait --cache-root` readers while files come through dfdaemon, as during
+    // the range engine's downloads.
+    let progress_file = layout.progress_path(name);
+    let ticker = {
+        let (progress, path) = (Arc::clone(&engine.progress), progress_file.clone());
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                interval.tick().await;
+                super::download::write_progress(&path, &progress);
+            }
+        })
+    };
+    let results: Vec<Result<(), PrefetchError>> = futures::stream::iter(wanted.iter().cloned())
+        .map(|(index, entry)| {
+            let (engine, client) = (Arc::clone(engine), client.clone());
+            let temp = dir.join(format!("{index}.part"));
+            let output = dfdaemon_dir.join(format!("{index}.part"));
+            async move {
+                let Some(slot) = engine.files.get(index) else {
+                    return Err(PrefetchError::Internal("dragonfly: unknown file".into()));
+                };
+                let outcome =
+                    fetch_one(&engine, &client, index, &entry, (&temp, &output), chunk, options)
+                        .await;
+                let result = match outcome {
+                    Ok((digests, took)) => {
+                        let partial = layout.partial_path(name, &slot.remote.path);
+                        match adopt(&engine, index, digests, &partial, &temp, chunk).await {
+                            Ok(()) => {
+                                engine.progress.dragonfly_file();
+                                info!(
+                                    model.name = %name,
+                                    blob.path = %entry.path,
+                                    "{name}: {} came through dfdaemon and matches the manifest ({} in {:.1} s)",
+                                    entry.path, human_bytes(entry.size), took.as_secs_f64()
+                                );
+                                Ok(())
+                            }
+                            // Verified bytes that cannot be moved into staging (another
+                            // mount, a full disk) are fetched again directly.
+                            Err(e) => {
+                                engine.progress.dragonfly_fallback();
+                                warn!(
+                                    model.name = %name,
+                                    blob.path = %entry.path,
+                                    "{name}: {}: {}; fetching it directly",
+                                    entry.path,
+                                    super::error_chain(&e)
+                                );
+                                Ok(())
+                            }
+                        }
+                    }
+                    Err(Fallback::Cancelled) => Err(PrefetchError::Cancelled),
+                    Err(reason) => {
+                        if let Fallback::Mismatch { task_id, .. } = &reason {
+                            engine.progress.dragonfly_rejected();
+                            // This node's daemon holds bytes that are not the model: drop them,
+                            // so it does not serve them on to other nodes.
+                            if let Err(e) = client.delete_local_task(task_id).await {
+                                warn!(model.name = %name, "{name}: could not make dfdaemon drop task {task_id}: {e}");
+                            }
+                        }
+                        engine.progress.dragonfly_fallback();
+                        warn!(
+                            model.name = %name,
+                            blob.path = %entry.path,
+                            "{name}: {}: {}; fetching it directly",
+                            entry.path,
+                            reason
+                        );
+                        Ok(())
+                    }
+                };
+                // Never left behind (adopted, it was renamed): an unverified file must not
+                // outlive this pass.
+                let _ = std::fs::remove_file(&temp);
+                result
+            }
+        })
+        .buffer_unordered(options.concurrent_files.max(1))
+        .collect()
+        .await;
+    ticker.abort();
+    let _ = ticker.await;
+    super::download::write_progress(&progress_file, &engine.progress);
+    let _ = std::fs::remove_dir(&dir);
+    results.into_iter().collect()
+}
+
+/// Downloads one file through dfdaemon into `temp` and hashes it; the digests of its pieces
+/// when its BLAKE3 matches the manifest.
+async fn fetch_one(
+    engine: &Arc<Engine>,
+    client: &Dfdaemon,
+    index: usize,
+    entry: &ManifestEntry,
+    (temp, output): (&Path, &Path),
+    chunk: u64,
+    options: &DragonflyOptions,
+) -> Result<(Vec<PieceDigest>, Duration), Fallback> {
+    let began = Instant::now();
+    let slot = engine.files.get(index).ok_or(Fallback::Cancelled)?;
+    let size = slot.remote.size;
+    if entry.size != size {
+        return Err(Fallback::Length {
+            reported: size,
+            expected: entry.size,
+        });
+    }
+    let url = engine
+        .source
+        .shareable_url(&slot.remote, URL_VALIDITY)
+        .await
+        .ok()
+        .flatten()
+        .ok_or(DragonflyError::Protocol("no URL for this file".into()))?;
+    let _ = std::fs::remove_file(temp);
+    let task = TaskRequest {
+        url,
+        content_id: format!("modelcache-blake3:{}", entry.blake3),
+        output_path: output.to_path_buf(),
+        timeout: TASK_TIMEOUT,
+    };
+    let mut stream = client.download(&task).await?;
+
+    let pieces = usize::try_from(piece_count(size, chunk)).unwrap_or(0);
+    let chunk_len = |c: usize| {
+        let start = c as u64 * chunk;
+        (start + chunk).min(size) - start
+    };
+    let mut covered = vec![0u64; pieces];
+    let mut digests: Vec<Option<PieceDigest>> = vec![None; pieces];
+    let mut hashing: JoinSet<(usize, Option<PieceDigest>)> = JoinSet::new();
+    let mut seen: HashSet<u32> = HashSet::new();
+    let (mut peer, mut back_to_source) = (0u64, 0u64);
+    let result: Result<(), Fallback> = async {
+        loop {
+            let event = tokio::select! {
+                () = engine.cancel.cancelled() => return Err(Fallback::Cancelled),
+                event = stream.next(options.stall_timeout) => event?,
+            };
+            match event {
+                None => return Ok(()),
+                Some(Event::Started { content_length, .. }) if content_length != size => {
+                    return Err(Fallback::Length {
+                        reported: content_length,
+                        expected: size,
+                    });
+                }
+                Some(Event::Started { .. }) => {}
+                Some(Event::Piece {
+                    number,
+                    offset,
+                    length,
+                    origin,
+                }) => {
+                    let end = offset.saturating_add(length);
+                    if length == 0 || end > size {
+                        return Err(Fallback::PieceOutside { offset, end, size });
+                    }
+                    if !seen.insert(number) {
+                        continue;
+                    }
+                    engine
+                        .progress
+                        .add_via_dragonfly(length, origin == Origin::Peer);
+                    match origin {
+                        Origin::Peer => peer += length,
+                        Origin::BackToSource => back_to_source += length,
+                    }
+                    let first = usize::try_from(offset / chunk).unwrap_or(usize::MAX);
+                    let last = usize::try_from((end - 1) / chunk).unwrap_or(usize::MAX);
+                    let last = last.min(pieces.saturating_sub(1));
+                    for (c, got) in covered.iter_mut().enumerate().take(last + 1).skip(first) {
+                        let c_start = c as u64 * chunk;
+                        let c_end = c_start + chunk_len(c);
+                        *got += end.min(c_end) - offset.max(c_start);
+                        // Overlapping reports (a confused or hostile daemon) overshoot and are
+                        // left to the read at the end; the file's BLAKE3 decides either way.
+                        if *got == chunk_len(c) && options.hash_pieces {
+                            let temp = temp.to_path_buf();
+                            hashing.spawn_blocking(move || {
+                                (c, hash_range(&temp, c_start, c_end, size).ok())
+                            });
+                        }
+                    }
+                    if began.elapsed() > options.grace {
+                        let rate = per_second(peer + back_to_source, began.elapsed());
+                        if rate < options.min_rate {
+                            return Err(Fallback::Slow {
+                                rate: human_bytes(rate),
+                                seconds: began.elapsed().as_secs(),
+                                floor: human_bytes(options.min_rate),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    while let Some(done) = hashing.join_next().await {
+        if let Ok((c, Some(d))) = done {
+            if let Some(slot) = digests.get_mut(c) {
+                *slot = Some(d);
+            }
+        }
+    }
+    result?;
+    let got: u64 = covered.iter().sum();
+    if got != size {
+        return Err(Fallback::Incomplete { got, size });
+    }
+    // Pieces not hashed as they landed (hashing after the download, or a file dfdaemon could
+    // only copy at the end): one read now.
+    let missing: Vec<usize> = (0..pieces).filter(|c| digests[*c].is_none()).collect();
+    if !missing.is_empty() {
+        let owned = temp.to_path_buf();
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        let hashed = tokio::task::spawn_blocking(move || {
+            hash_pieces(&owned, &missing, chunk, size, threads)
+        })
+        .await
+        .map_err(|e| Fallback::Read {
+            path: temp.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| Fallback::Read {
+            path: temp.to_path_buf(),
+            source,
+        })?;
+        for (c, d) in hashed {
+            digests[c] = Some(d);
+        }
+    }
+    let digests: Vec<PieceDigest> = digests.into_iter().flatten().collect();
+    let actual = combine(&digests).to_hex().to_string();
+    if actual != entry.blake3 {
+        return Err(Fallback::Mismatch {
+            expected: entry.blake3.clone(),
+            actual,
+            task_id: stream.task_id().to_string(),
+        });
+    }
+    Ok((digests, began.elapsed()))
+}
+
+/// Bytes per second over `took`.
+fn per_second(bytes: u64, took: Duration) -> u64 {
+    let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1);
+    bytes.saturating_mul(1000) / ms
+}
+
+/// BLAKE3 of one piece `start..end` of a file of `size` bytes.
+fn hash_range(path: &Path, start: u64, end: u64, size: u64) -> std::io::Result<PieceDigest> {
+    let file = std::fs::File::open(path)?;
+    if file.metadata()?.len() < end {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut hasher = PieceHasher::new(start, start == 0 && end == size);
+    let mut buf = vec![0u8; (1 << 20).min(usize::try_from(end - start).unwrap_or(1 << 20))];
+    let mut pos = start;
+    while pos < end {
+        let want = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = file.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hasher.finish())
+}
+
+/// Hashes the given pieces of a file on `threads` threads.
+fn hash_pieces(
+    path: &Path,
+    pieces: &[usize],
+    chunk: u64,
+    size: u64,
+    threads: usize,
+) -> std::io::Result<Vec<(usize, PieceDigest)>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.clamp(1, pieces.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| -> std::io::Result<Vec<(usize, PieceDigest)>> {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&c) = pieces.get(i) else {
+                            return Ok(out);
+                        };
+                        let start = c as u64 * chunk;
+                        let end = (start + chunk).min(size);
+                        out.push((c, hash_range(path, start, end, size)?));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(
+                w.join()
+                    .map_err(|_| std::io::Error::other("a hashing thread panicked"))??,
+            );
+        }
+        Ok(all)
+    })
+}
+
+/// Makes a verified file the model's partial: durable, readable by the model's readers, renamed
+/// into place, and its pieces marked done for the journal's next checkpoint.
+async fn adopt(
+    engine: &Arc<Engine>,
+    index: usize,
+    digests: Vec<PieceDigest>,
+    partial: &Path,
+    temp: &Path,
+    chunk: u64,
+) -> Result<(), PrefetchError> {
+    let slot = engine
+        .files
+        .get(index)
+        .ok_or_else(|| PrefetchError::Internal("dragonfly: unknown file".into()))?;
+    let (partial, temp) = (partial.to_path_buf(), temp.to_path_buf());
+    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, PrefetchError> {
+        let file = std::fs::File::open(&temp)
+            .map_err(|e| PrefetchError::local("open", temp.clone(), e))?;
+        file.sync_data()
+            .map_err(|e| PrefetchError::local("fsync", temp.clone(), e))?;
+        // dfdaemon's own mode may be private; the published model is read by unprivileged pods.
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| PrefetchError::local("set permissions of", temp.clone(), e))?;
+        if let Some(parent) = partial.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| PrefetchError::local("create", parent.to_path_buf(), e))?;
+        }
+        std::fs::rename(&temp, &partial)
+            .map_err(|e| PrefetchError::local("move into place", partial.clone(), e))?;
+        if let Some(parent) = partial.parent() {
+            if let Ok(d) = std::fs::File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(file)
+    })
+    .await
+    .map_err(|e| PrefetchError::Internal(e.to_string()))??;
+    let file = Arc::new(file);
+    let mut lines = Vec::with_capacity(digests.len());
+    {
+        let mut slots = slot.digests.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, (d, s)) in digests.iter().zip(slots.iter_mut()).enumerate() {
+            *s = Some(*d);
+            lines.push(Finished {
+                line: JournalLine {
+                    path: slot.remote.path.clone(),
+                    size: slot.remote.size,
+                    etag: slot.remote.etag.clone(),
+                    chunk,
+                    index: i as u64,
+                    digest: hex(d),
+                    checked: false,
+                },
+                file: Arc::clone(&file),
+            });
+        }
+    }
+    engine
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(lines);
+    Ok(())
+}
