@@ -373,7 +373,10 @@ impl Models {
         // Before any budget decision counts them: what killed publishes and abandoned
         // downloads left.
         self.clean_leftovers();
-        *self.blocked_reason() = None;
+        // Published models are marked ready before the disks count as settled: a reader that
+        // arrives in between must find them ready, not pending with nothing fetching them
+        // (which would start a job that asks the source for a model already here).
+        let mut to_fetch = Vec::new();
         for spec in &self.config.models {
             let published = self
                 .intact(&spec.name)
@@ -391,8 +394,16 @@ impl Models {
                 entry.verification = Some(marker.verification);
                 entry.warnings = marker.warnings;
                 entry.last_used = last_used;
-            } else if entry.job.is_none() {
-                self.spawn_job_locked(&mut entries, spec.name.as_str());
+            } else {
+                to_fetch.push(spec.name.to_string());
+            }
+        }
+        *self.blocked_reason() = None;
+        for name in to_fetch {
+            let mut entries = self.lock();
+            // A reader may have started it since the disks settled.
+            if entries.get(&name).is_some_and(|e| e.job.is_none()) {
+                self.spawn_job_locked(&mut entries, &name);
             }
         }
         self.adopt_published();
