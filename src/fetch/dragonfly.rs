@@ -7,7 +7,7 @@
 //! runs next fetches it directly.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use super::plan::Plan;
 use crate::config::{DragonflyOptions, human_bytes};
 use crate::dragonfly::{Dfdaemon, DragonflyError, Event, Origin, TaskRequest};
 use crate::store::{Layout, ModelName};
-use crate::verify::hash::{PieceDigest, PieceHasher, combine, piece_count};
+use crate::verify::hash::{PieceDigest, combine, hash_file_pieces, hash_piece_at, piece_count};
 use crate::verify::manifest::ManifestEntry;
 
 /// How long the SAS handed to dfdaemon for one file stays valid.
@@ -62,6 +62,9 @@ enum Fallback {
         actual: String,
         task_id: String,
     },
+    /// Verified bytes that could not be moved into staging (another mount, a full disk).
+    #[error("{0}")]
+    Adopt(String),
     #[error("the prefetch was cancelled")]
     Cancelled,
 }
@@ -190,34 +193,26 @@ pub(super) async fn fetch_through_dragonfly(
                 let outcome =
                     fetch_one(&engine, &client, index, &entry, (&temp, &output), chunk, options)
                         .await;
-                let result = match outcome {
+                let adopted = match outcome {
                     Ok((digests, took)) => {
                         let partial = layout.partial_path(name, &slot.remote.path);
-                        match adopt(&engine, index, digests, &partial, &temp, chunk).await {
-                            Ok(()) => {
-                                engine.progress.dragonfly_file();
-                                info!(
-                                    model.name = %name,
-                                    blob.path = %entry.path,
-                                    "{name}: {} came through dfdaemon and matches the manifest ({} in {:.1} s)",
-                                    entry.path, human_bytes(entry.size), took.as_secs_f64()
-                                );
-                                Ok(())
-                            }
-                            // Verified bytes that cannot be moved into staging (another
-                            // mount, a full disk) are fetched again directly.
-                            Err(e) => {
-                                engine.progress.dragonfly_fallback();
-                                warn!(
-                                    model.name = %name,
-                                    blob.path = %entry.path,
-                                    "{name}: {}: {}; fetching it directly",
-                                    entry.path,
-                                    super::error_chain(&e)
-                                );
-                                Ok(())
-                            }
-                        }
+                        adopt(&engine, index, digests, &partial, &temp, chunk)
+                            .await
+                            .map(|()| took)
+                            .map_err(|e| Fallback::Adopt(super::error_chain(&e)))
+                    }
+                    Err(reason) => Err(reason),
+                };
+                let result = match adopted {
+                    Ok(took) => {
+                        engine.progress.dragonfly_file();
+                        info!(
+                            model.name = %name,
+                            blob.path = %entry.path,
+                            "{name}: {} came through dfdaemon and matches the manifest ({} in {:.1} s)",
+                            entry.path, human_bytes(entry.size), took.as_secs_f64()
+                        );
+                        Ok(())
                     }
                     Err(Fallback::Cancelled) => Err(PrefetchError::Cancelled),
                     Err(reason) => {
@@ -382,12 +377,15 @@ async fn fetch_one(
     }
     // Pieces not hashed as they landed (hashing after the download, or a file dfdaemon could
     // only copy at the end): one read now.
-    let missing: Vec<usize> = (0..pieces).filter(|c| digests[*c].is_none()).collect();
+    let missing: Vec<u64> = (0..pieces)
+        .filter(|c| digests[*c].is_none())
+        .map(|c| c as u64)
+        .collect();
     if !missing.is_empty() {
         let owned = temp.to_path_buf();
         let threads = std::thread::available_parallelism().map_or(2, usize::from);
         let hashed = tokio::task::spawn_blocking(move || {
-            hash_pieces(&owned, &missing, chunk, size, threads)
+            hash_file_pieces(&owned, &missing, chunk, size, threads)
         })
         .await
         .map_err(|e| Fallback::Read {
@@ -399,7 +397,9 @@ async fn fetch_one(
             source,
         })?;
         for (c, d) in hashed {
-            digests[c] = Some(d);
+            if let Some(slot) = usize::try_from(c).ok().and_then(|c| digests.get_mut(c)) {
+                *slot = Some(d);
+            }
         }
     }
     let digests: Vec<PieceDigest> = digests.into_iter().flatten().collect();
@@ -420,62 +420,15 @@ fn per_second(bytes: u64, took: Duration) -> u64 {
     bytes.saturating_mul(1000) / ms
 }
 
-/// BLAKE3 of one piece `start..end` of a file of `size` bytes.
+/// BLAKE3 of one piece `start..end` of a file of `size` bytes that dfdaemon may still be
+/// writing: refused when the file does not reach the piece's end yet.
 fn hash_range(path: &Path, start: u64, end: u64, size: u64) -> std::io::Result<PieceDigest> {
     let file = std::fs::File::open(path)?;
     if file.metadata()?.len() < end {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    let mut hasher = PieceHasher::new(start, start == 0 && end == size);
     let mut buf = vec![0u8; (1 << 20).min(usize::try_from(end - start).unwrap_or(1 << 20))];
-    let mut pos = start;
-    while pos < end {
-        let want = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = file.read_at(&mut buf[..want], pos)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        hasher.update(&buf[..n]);
-        pos += n as u64;
-    }
-    Ok(hasher.finish())
-}
-
-/// Hashes the given pieces of a file on `threads` threads.
-fn hash_pieces(
-    path: &Path,
-    pieces: &[usize],
-    chunk: u64,
-    size: u64,
-    threads: usize,
-) -> std::io::Result<Vec<(usize, PieceDigest)>> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.clamp(1, pieces.len().max(1)))
-            .map(|_| {
-                scope.spawn(|| -> std::io::Result<Vec<(usize, PieceDigest)>> {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&c) = pieces.get(i) else {
-                            return Ok(out);
-                        };
-                        let start = c as u64 * chunk;
-                        let end = (start + chunk).min(size);
-                        out.push((c, hash_range(path, start, end, size)?));
-                    }
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for w in workers {
-            all.extend(
-                w.join()
-                    .map_err(|_| std::io::Error::other("a hashing thread panicked"))??,
-            );
-        }
-        Ok(all)
-    })
+    hash_piece_at(&file, start, end, size, &mut buf)
 }
 
 /// Makes a verified file the model's partial: durable, readable by the model's readers, renamed

@@ -6,7 +6,6 @@
 //! any thread) into a 32-byte chaining value, which the resume journal can store; [`combine`]
 //! merges them into the root hash without reading the file again.
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -89,68 +88,83 @@ fn left_pieces(n: usize) -> usize {
 /// Hashes a local file piece by piece on `threads` threads (the `verify` and `manifest`
 /// commands), returning the same hash as [`blake3::hash`] of its contents.
 pub fn hash_local_file(path: &Path, chunk: u64, threads: usize) -> std::io::Result<blake3::Hash> {
+    let size = std::fs::metadata(path)?.len();
+    let all: Vec<u64> = (0..piece_count(size, chunk)).collect();
+    let mut digests = hash_file_pieces(path, &all, chunk, size, threads)?;
+    digests.sort_unstable_by_key(|(index, _)| *index);
+    let digests: Vec<PieceDigest> = digests.into_iter().map(|(_, d)| d).collect();
+    Ok(combine(&digests))
+}
+
+/// Hashes the pieces numbered `indices` of the file at `path`, which must hold at least `size`
+/// bytes, on `threads` threads; each digest with its piece's number, in no particular order.
+pub fn hash_file_pieces(
+    path: &Path,
+    indices: &[u64],
+    chunk: u64,
+    size: u64,
+    threads: usize,
+) -> std::io::Result<Vec<(u64, PieceDigest)>> {
     let file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
-    let count = piece_count(size, chunk);
-    if count <= 1 {
-        let mut hasher = blake3::Hasher::new();
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        return Ok(hasher.finalize());
+    if file.metadata()?.len() < size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file is shorter than expected",
+        ));
     }
-    let next = std::sync::atomic::AtomicU64::new(0);
-    let digests = std::sync::Mutex::new(vec![[0u8; 32]; usize::try_from(count).unwrap_or(0)]);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.max(1))
+        let workers: Vec<_> = (0..threads.clamp(1, indices.len().max(1)))
             .map(|_| {
-                scope.spawn(|| -> std::io::Result<()> {
+                scope.spawn(|| -> std::io::Result<Vec<(u64, PieceDigest)>> {
                     let mut buf = vec![0u8; 1 << 20];
+                    let mut out = Vec::new();
                     loop {
-                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if index >= count {
-                            return Ok(());
-                        }
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&index) = indices.get(i) else {
+                            return Ok(out);
+                        };
                         let start = index * chunk;
                         let end = (start + chunk).min(size);
-                        let mut hasher = PieceHasher::new(start, false);
-                        let mut pos = start;
-                        while pos < end {
-                            let want = usize::try_from((end - pos).min(1 << 20)).unwrap_or(1 << 20);
-                            let n = file.read_at(&mut buf[..want], pos)?;
-                            if n == 0 {
-                                return Err(std::io::Error::new(
-                                    std::io::ErrorKind::UnexpectedEof,
-                                    "file shrank while being hashed",
-                                ));
-                            }
-                            hasher.update(&buf[..n]);
-                            pos += n as u64;
-                        }
-                        let digest = hasher.finish();
-                        let mut all = digests.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(slot) = usize::try_from(index).ok().and_then(|i| all.get_mut(i))
-                        {
-                            *slot = digest;
-                        }
+                        out.push((index, hash_piece_at(&file, start, end, size, &mut buf)?));
                     }
                 })
             })
             .collect();
+        let mut all = Vec::with_capacity(indices.len());
         for w in workers {
-            w.join()
-                .map_err(|_| std::io::Error::other("a hashing thread panicked"))??;
+            all.extend(
+                w.join()
+                    .map_err(|_| std::io::Error::other("a hashing thread panicked"))??,
+            );
         }
-        Ok::<(), std::io::Error>(())
-    })?;
-    let digests = digests.into_inner().unwrap_or_else(|p| p.into_inner());
-    Ok(combine(&digests))
+        Ok(all)
+    })
+}
+
+/// The digest of the piece `start..end` of `file`, a file of `size` bytes, read through `buf`.
+pub fn hash_piece_at(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    size: u64,
+    buf: &mut [u8],
+) -> std::io::Result<PieceDigest> {
+    let mut hasher = PieceHasher::new(start, start == 0 && end == size);
+    let mut pos = start;
+    while pos < end {
+        let want = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = file.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while being hashed",
+            ));
+        }
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hasher.finish())
 }
 
 #[cfg(test)]
