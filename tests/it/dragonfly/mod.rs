@@ -150,9 +150,11 @@ fn a_second_node_takes_the_model_from_the_first_and_barely_touches_the_source() 
     assert_published_identical(f.model.source.path(), &published(&cache_a));
     f.scheduler.until_finished(&a.name, 15);
 
+    // B hashes each file in one read once dfdaemon is done (A hashed pieces as they landed):
+    // both ways of checking peers' bytes end in the same verified model.
     let before = f.proxy.served();
     let out = run(
-        &mut f.prefetch(&cache_b, &b.socket, &[]),
+        &mut f.prefetch(&cache_b, &b.socket, &["--dragonfly-hash", "after"]),
         Duration::from_secs(300),
     );
     let s = summary(&out);
