@@ -1,9 +1,12 @@
 //! The agent's HTTP API (axum): routes, handlers, the JSON error envelope and the bearer-token
 //! guard. It knows models and states, not ranges or disks.
 //!
-//! Two routers share the handlers: the read router (may listen on the node address) serves
-//! state-changing routes only behind a configured bearer token; the admin router is served on a
-//! Unix socket in a root-only directory and serves everything. Every request is bounded in body size and time.
+//! Three routers share the handlers: the read router (may listen on the node address) serves
+//! state-changing routes only behind a configured bearer token and never names a pod; the
+//! readers' router, on a Unix socket in the cache root that consumer pods see read-only,
+//! serves the read routes and identifies each reader's pod from its process; the admin router
+//! is served on a Unix socket in a root-only directory and serves everything. Every request is
+//! bounded in body size and time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,8 @@ use tracing::error;
 
 use super::DiskStatus;
 use super::auth::Bearer;
-use super::models::{ModelError, ModelStatus, Models, PrefetchOverride, Reading};
+use super::models::{ModelError, ModelStatus, Models, PrefetchOverride, Reader, Reading};
+use super::serve::Peer;
 
 /// Largest accepted request body.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -37,6 +41,30 @@ pub struct AppState {
     pub disk: Arc<std::sync::RwLock<super::DiskStatus>>,
     /// The configuration file's later changes: what needs a restart, what was refused.
     pub config: Arc<std::sync::RwLock<super::reload::ConfigStatus>>,
+    /// Which listener serves this router.
+    pub listener: Listener,
+}
+
+/// The agent's listeners, by who may reach them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `listen.read`: anyone on the node network.
+    Read,
+    /// The readers' socket in the cache root: processes that mount the cache.
+    Readers,
+    /// `listen.admin`: root on the node and the agent's own container.
+    Admin,
+}
+
+impl AppState {
+    /// A status as this listener may show it: pod UIDs on the admin socket only.
+    fn shown(&self, status: ModelStatus) -> ModelStatus {
+        if self.listener == Listener::Admin {
+            status
+        } else {
+            status.without_pods()
+        }
+    }
 }
 
 /// The JSON error envelope: `{"error": {"code": "...", "message": "..."}}`.
@@ -113,7 +141,8 @@ impl IntoResponse for ApiError {
 
 /// The read router, for `listen.read`: state-changing routes need `token`; without one they
 /// are refused here.
-pub fn read_router(state: AppState, token: Option<Bearer>) -> Router {
+pub fn read_router(mut state: AppState, token: Option<Bearer>) -> Router {
+    state.listener = Listener::Read;
     let guarded = mutating_routes().route_layer(middleware::from_fn_with_state(
         Arc::new(token),
         require_token,
@@ -121,8 +150,16 @@ pub fn read_router(state: AppState, token: Option<Bearer>) -> Router {
     bounded(read_routes().merge(guarded).with_state(state))
 }
 
+/// The readers' router, for the socket in the cache root: the read routes, readers identified
+/// by their process.
+pub fn readers_router(mut state: AppState) -> Router {
+    state.listener = Listener::Readers;
+    bounded(read_routes().with_state(state))
+}
+
 /// The admin router, for `listen.admin` (a root-only Unix socket): every route.
-pub fn admin_router(state: AppState) -> Router {
+pub fn admin_router(mut state: AppState) -> Router {
+    state.listener = Listener::Admin;
     bounded(read_routes().merge(mutating_routes()).with_state(state))
 }
 
@@ -153,6 +190,7 @@ fn mutating_routes() -> Router<AppState> {
     Router::new()
         .route("/v1/models/{name}/prefetch", post(prefetch))
         .route("/v1/models/{name}", delete(evict))
+        .route("/v1/models/{name}/readers/{pod}", delete(drop_lease))
 }
 
 async fn require_token(
@@ -286,7 +324,14 @@ async fn config(State(state): State<AppState>) -> Json<super::reload::ConfigStat
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Vec<ModelStatus>> {
-    Json(state.models.list())
+    Json(
+        state
+            .models
+            .list()
+            .into_iter()
+            .map(|s| state.shown(s))
+            .collect(),
+    )
 }
 
 async fn get_model(
@@ -296,7 +341,7 @@ async fn get_model(
     state
         .models
         .get(&name)
-        .map(Json)
+        .map(|s| Json(state.shown(s)))
         .ok_or_else(|| ApiError::model_not_found(&name))
 }
 
@@ -315,7 +360,7 @@ async fn model_ready(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    Ok((code, Json(status)))
+    Ok((code, Json(state.shown(status))))
 }
 
 /// Body of `POST /v1/models/NAME/readers`: the reading pod's UID, for a lease (or nothing).
@@ -334,19 +379,55 @@ struct ReaderAnswer {
     revision: Option<String>,
     /// That directory, relative to the cache root.
     path: Option<String>,
-    /// Whether the pod's lease on it was recorded.
+    /// Whether a lease was recorded for the reader's pod.
     leased: bool,
+    /// Whether the agent identified the pod itself (the readers' socket) rather than taking
+    /// the reader's word for it.
+    proved: bool,
     status: ModelStatus,
+}
+
+/// Who a reader is, from the listener it came through and what it says.
+fn reader_identity(
+    state: &AppState,
+    peer: Option<&Peer>,
+    named: Option<String>,
+) -> Result<Reader, ApiError> {
+    if state.listener != Listener::Readers {
+        return Ok(named.map_or(Reader::Anonymous, Reader::Claimed));
+    }
+    let pid = peer.and_then(|p| p.pid).unwrap_or(0);
+    let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    match state.models.pod_of_process(pid) {
+        Ok(Some(pod)) => match named {
+            Some(n) if n != pod.as_str() => Err(forbidden(format!(
+                "this socket identifies the reader's pod from its process: it is {pod}, not {n}"
+            ))),
+            _ => Ok(Reader::Proved(pod)),
+        },
+        Ok(None) if named.is_some() => Err(forbidden(
+            "the reading process is in no pod's cgroup, so it cannot hold a pod's lease".into(),
+        )),
+        Ok(None) => Ok(Reader::NotInPod),
+        // Not visible (the agent without the host's PID namespace): the reader's word, checked
+        // as on the read listener.
+        Err(e) => {
+            tracing::debug!("a reader on the readers' socket is not identified: {e}");
+            Ok(named.map_or(Reader::Anonymous, Reader::Claimed))
+        }
+    }
 }
 
 /// `POST /v1/models/NAME/readers`: a reader (a vLLM pod's init container) asks for the model.
 /// 200 with the revision directory to read when it is ready (and the pod's lease recorded on
-/// it); 202 while it is not (it is fetched if nothing was fetching it). Served on the read
-/// listener without a token: it can only ask for models the agent already knows, record a
-/// lease for a pod that exists on this node, and never names a source or changes a setting.
+/// it); 202 while it is not. Served on the read listener without a token: it can only ask for
+/// models the agent already knows, fetch a configured one for a pod running on this node (at
+/// most once per backoff), add a lease for such a pod, and never names a source, a pod, or
+/// changes a setting. On the readers' socket the pod is the connecting process's.
 async fn reader(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    peer: Option<axum::Extension<Peer>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<ReaderAnswer>), ApiError> {
     let body = body.map_err(body_rejected)?;
@@ -363,14 +444,19 @@ async fn reader(
     };
     let models = Arc::clone(&state.models);
     let asked = name.clone();
-    let reading = tokio::task::spawn_blocking(move || models.reader(&asked, body.pod.as_deref()))
-        .await
-        .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))??;
+    let for_state = state.clone();
+    let reading = tokio::task::spawn_blocking(move || {
+        let who = reader_identity(&for_state, peer.as_deref(), body.pod)?;
+        models.reader(&asked, who).map_err(ApiError::from)
+    })
+    .await
+    .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))??;
     Ok(match reading {
         Reading::Ready {
             revision,
             status,
             leased,
+            proved,
         } => (
             StatusCode::OK,
             Json(ReaderAnswer {
@@ -378,8 +464,9 @@ async fn reader(
                 model: name,
                 ready: true,
                 revision: Some(revision),
-                leased,
-                status,
+                leased: leased.is_some(),
+                proved,
+                status: state.shown(status),
             }),
         ),
         Reading::Waiting(status) => (
@@ -390,7 +477,8 @@ async fn reader(
                 revision: None,
                 path: None,
                 leased: false,
-                status,
+                proved: false,
+                status: state.shown(status),
             }),
         ),
     })
@@ -473,6 +561,27 @@ async fn prefetch(
             joined,
         }),
     ))
+}
+
+/// `DELETE /v1/models/NAME/readers/POD`: the operator ends a pod's leases on a model (its
+/// revisions may then be removed). 204, or 404 when the pod held none.
+async fn drop_lease(
+    State(state): State<AppState>,
+    Path((name, pod)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let models = Arc::clone(&state.models);
+    let ended = tokio::task::spawn_blocking(move || models.drop_lease(&name, &pod))
+        .await
+        .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))??;
+    if ended {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "lease_not_found",
+            "that pod holds no lease on that model",
+        ))
+    }
 }
 
 async fn evict(

@@ -113,6 +113,9 @@ pub struct Metrics {
     phases: Family<PhaseLabel, Histogram>,
     free: Gauge,
     used: Gauge,
+    leases: Family<ModelLabel, Gauge>,
+    oldest_lease: Family<ModelLabel, Gauge>,
+    reader_fetches: Family<OutcomeLabel, Counter>,
     finished: Mutex<BTreeMap<String, Totals>>,
     reported: Mutex<BTreeMap<String, Totals>>,
 }
@@ -146,6 +149,24 @@ impl Metrics {
         );
         let free = Gauge::default();
         let used = Gauge::default();
+        let leases = Family::<ModelLabel, Gauge>::default();
+        let oldest_lease = Family::<ModelLabel, Gauge>::default();
+        let reader_fetches = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "modelcache_leases",
+            "Leases pods hold on a model's revisions",
+            leases.clone(),
+        );
+        registry.register(
+            "modelcache_oldest_lease_age_seconds",
+            "Age of the oldest lease on a model",
+            oldest_lease.clone(),
+        );
+        registry.register(
+            "modelcache_reader_fetches",
+            "Fetches a reader's request asked for: started, or refused (not configured, no running pod named, asked again within the backoff)",
+            reader_fetches.clone(),
+        );
         registry.register(
             "modelcache_bytes_fetched",
             "Bytes received from sources",
@@ -244,6 +265,9 @@ impl Metrics {
             phases,
             free,
             used,
+            leases,
+            oldest_lease,
+            reader_fetches,
             finished: Mutex::default(),
             reported: Mutex::default(),
         }
@@ -286,6 +310,28 @@ impl Metrics {
     /// Counts files the scrub found changed.
     pub fn scrub_mismatches(&self, files: u64) {
         self.scrub_mismatches.inc_by(files);
+    }
+
+    /// Sets a model's lease gauges: how many leases, and the oldest one's age.
+    pub fn leases(&self, model: &str, count: u64, oldest_seconds: u64) {
+        let label = ModelLabel {
+            model: model.to_string(),
+        };
+        self.leases
+            .get_or_create(&label)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.oldest_lease
+            .get_or_create(&label)
+            .set(i64::try_from(oldest_seconds).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a reader's request for a fetch, by what became of it (`started` or `refused`).
+    pub fn reader_fetch(&self, outcome: &str) {
+        self.reader_fetches
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Counts an eviction.

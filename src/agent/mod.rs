@@ -7,6 +7,7 @@ pub mod auth;
 pub mod http;
 pub mod metrics;
 pub mod models;
+pub mod pods;
 pub mod reload;
 mod serve;
 pub mod socket;
@@ -22,6 +23,9 @@ use tracing::info;
 use crate::config::Environment;
 use crate::config::agent::AgentConfig;
 use http::AppState;
+
+/// The readers' socket, in the cache root.
+pub const READERS_SOCKET: &str = "readers.sock";
 use models::{ModelError, Models};
 
 /// Why the agent could not run.
@@ -127,6 +131,7 @@ pub async fn serve(
         models: Arc::clone(&models),
         disk: Arc::clone(&disk),
         config: Arc::clone(&config_status),
+        listener: http::Listener::Read,
     };
     let read_addr = read.local_addr().map_err(AgentError::Serve)?;
     info!(
@@ -148,6 +153,7 @@ pub async fn serve(
         config.max_connections,
         stop.clone(),
     );
+    let readers = (state.clone(), config.max_connections);
     let admin_server = serve::serve(
         admin,
         http::admin_router(state),
@@ -161,6 +167,7 @@ pub async fn serve(
         Arc::clone(&models),
         stop.clone(),
         source.map(|source| (source, env, config_status)),
+        readers,
     );
     tokio::pin!(setup);
     let mut setup_done = false;
@@ -209,6 +216,7 @@ async fn settle_disks(
         Environment,
         Arc<std::sync::RwLock<reload::ConfigStatus>>,
     )>,
+    (readers_state, max_connections): (AppState, usize),
 ) -> Result<(), AgentError> {
     let mut blocked = None;
     let mut status = None;
@@ -287,6 +295,26 @@ async fn settle_disks(
         *disk.write().unwrap_or_else(|p| p.into_inner()) = status;
     }
     if accepting {
+        info!("leases: {}", models.describe_pods());
+        // On the cache filesystem, so only once it is mounted; pods see it in their read-only
+        // view of the cache.
+        let path = models.layout().root().join(READERS_SOCKET);
+        match socket::bind_readers(&path) {
+            Ok((listener, file)) => {
+                info!(path = %path.display(), "readers' socket at {} (a reader's pod is told from its process)", path.display());
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let _file = file;
+                    let router = http::readers_router(readers_state);
+                    if let Err(e) = serve::serve(listener, router, max_connections, stop).await {
+                        tracing::error!("the readers' socket failed: {e}");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(
+                "readers cannot be identified from their process (they may still name their pod on the read listener): {e}"
+            ),
+        }
         tokio::spawn(Arc::clone(&models).maintain(stop.clone()));
         if let Some((source, env, status)) = reload {
             tokio::spawn(reload::watch(

@@ -63,7 +63,7 @@ pub async fn watch(
     status: Arc<RwLock<ConfigStatus>>,
     stop: CancellationToken,
 ) {
-    let mut seen = source.loaded;
+    let mut settle = Settle::new(source.loaded);
     let mut unreadable = false;
     loop {
         tokio::select! {
@@ -85,11 +85,14 @@ pub async fn watch(
                 continue;
             }
         };
-        let hash = blake3::hash(text.as_bytes());
-        if hash == seen {
-            continue;
+        match settle.observe(blake3::hash(text.as_bytes())) {
+            Observed::Unchanged => continue,
+            Observed::Settling => {
+                info!(path = %source.path.display(), "the configuration file changed; applied once it reads the same {} from now", humantime::format_duration(CHECK_EVERY));
+                continue;
+            }
+            Observed::Settled => {}
         }
-        seen = hash;
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let origin = source.path.display().to_string();
         let parsed = AgentConfig::from_toml(&text, &origin, &env, &source.sets);
@@ -118,6 +121,48 @@ pub async fn watch(
         s.refused = None;
         s.restart_needed = restart;
         s.changed_at = Some(now);
+    }
+}
+
+/// What one read of the file means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Observed {
+    /// The contents last applied (or refused).
+    Unchanged,
+    /// New contents, not yet read twice in a row: wait one more interval.
+    Settling,
+    /// New contents read the same twice in a row: take them.
+    Settled,
+}
+
+/// Takes new contents only once two reads one interval apart agree, so a file written in
+/// place is never applied half-written.
+#[derive(Debug)]
+struct Settle {
+    taken: blake3::Hash,
+    candidate: Option<blake3::Hash>,
+}
+
+impl Settle {
+    fn new(taken: blake3::Hash) -> Self {
+        Self {
+            taken,
+            candidate: None,
+        }
+    }
+
+    fn observe(&mut self, read: blake3::Hash) -> Observed {
+        if read == self.taken {
+            self.candidate = None;
+            return Observed::Unchanged;
+        }
+        if self.candidate == Some(read) {
+            self.taken = read;
+            self.candidate = None;
+            return Observed::Settled;
+        }
+        self.candidate = Some(read);
+        Observed::Settling
     }
 }
 
@@ -168,4 +213,31 @@ fn disk_alone(config: &AgentConfig) -> crate::disk::DiskConfig {
     let mut disk = config.disk.clone();
     disk.private_mount = None;
     disk
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25: contents are taken only when two reads in a row agree: a half-written file
+    /// read once is never applied, whatever follows it.
+    #[test]
+    fn issue25_a_half_written_file_is_never_applied() {
+        let (old, half, full) = (
+            blake3::hash(b"old"),
+            blake3::hash(b"[[models]]\nname = "),
+            blake3::hash(b"[[models]]\nname = \"m\""),
+        );
+        let mut settle = Settle::new(old);
+        assert_eq!(settle.observe(old), Observed::Unchanged);
+        assert_eq!(settle.observe(half), Observed::Settling);
+        assert_eq!(settle.observe(full), Observed::Settling);
+        assert_eq!(settle.observe(full), Observed::Settled);
+        assert_eq!(settle.observe(full), Observed::Unchanged);
+        // Edited back before it settled: nothing was taken in between.
+        assert_eq!(settle.observe(half), Observed::Settling);
+        assert_eq!(settle.observe(full), Observed::Unchanged);
+        assert_eq!(settle.observe(half), Observed::Settling);
+        assert_eq!(settle.observe(half), Observed::Settled);
+    }
 }

@@ -16,23 +16,39 @@ use tracing::warn;
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A listener the server accepts connections from: the TCP read listener or the admin socket.
+/// Who is at the other end of a connection: given to every request as an extension.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// For the log: an address, or a socket peer's pid and uid.
+    pub shown: String,
+    /// A Unix socket peer's process id, as the agent's PID namespace sees it (0: not visible
+    /// there); `None` over TCP.
+    pub pid: Option<i32>,
+}
+
+/// A listener the server accepts connections from: the TCP read listener or a Unix socket.
 pub trait Accept {
     /// A connection.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// The next connection, and who it is from (for the log).
+    /// The next connection, and who it is from.
     fn accept_one(
         &self,
-    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, Peer)>> + Send;
     /// Where this listens (for the log).
     fn describe(&self) -> String;
 }
 
 impl Accept for TcpListener {
     type Stream = tokio::net::TcpStream;
-    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, Peer)> {
         let (stream, peer) = self.accept().await?;
-        Ok((stream, peer.to_string()))
+        Ok((
+            stream,
+            Peer {
+                shown: peer.to_string(),
+                pid: None,
+            },
+        ))
     }
     fn describe(&self) -> String {
         self.local_addr().map(|a| a.to_string()).unwrap_or_default()
@@ -41,11 +57,16 @@ impl Accept for TcpListener {
 
 impl Accept for UnixListener {
     type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, Peer)> {
         let (stream, _) = self.accept().await?;
+        // SO_PEERCRED: the kernel's record of the process that connected, not anything the
+        // peer says.
         let peer = stream
             .peer_cred()
-            .map(|c| format!("pid {} uid {}", c.pid().unwrap_or(0), c.uid()))
+            .map(|c| Peer {
+                shown: format!("pid {} uid {}", c.pid().unwrap_or(0), c.uid()),
+                pid: Some(c.pid().unwrap_or(0)),
+            })
             .unwrap_or_default();
         Ok((stream, peer))
     }
@@ -83,14 +104,21 @@ pub async fn serve<L: Accept>(
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             if !warned {
-                warn!(peer = %peer, "{max_connections} connections are open on {}: closing new ones until some end (listen.max_connections)", listener.describe());
+                warn!(peer = %peer.shown, "{max_connections} connections are open on {}: closing new ones until some end (listen.max_connections)", listener.describe());
                 warned = true;
             }
             drop(stream);
             continue;
         };
         warned = false;
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                router.clone(),
+                move |mut request: http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(peer.clone());
+                    request
+                },
+            ));
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(hyper_util::rt::TokioTimer::new())

@@ -1,6 +1,11 @@
+//! The agent's Unix sockets.
+//!
 //! The admin socket (`listen.admin`): a Unix socket in a directory only root can enter, so the
 //! state-changing API is reachable by the node's root and the agent's own container, and not by
 //! the pods that share the host network (a loopback TCP port would be open to all of them).
+//!
+//! The readers' socket (`CACHE_ROOT/readers.sock`): open to every process that mounts the
+//! cache, which is how a consumer pod proves which pod it is (see [`crate::agent::pods`]).
 
 use std::os::unix::fs::{
     DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
@@ -91,6 +96,41 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     // is handed the path through another mount.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail(format!("making it owner-only: {e}")))?;
+    let inode = std::fs::symlink_metadata(path).ok().map(|m| m.ino());
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            inode,
+        },
+    ))
+}
+
+/// Binds the readers' socket in the cache root: any process that mounts the cache may connect
+/// (mode 0666; connect(2) works through a read-only mount), since the agent identifies each
+/// reader's pod from the connecting process and serves only the read routes there. The cache
+/// root is the agent's, so whatever socket a dead agent left there is replaced.
+pub fn bind_readers(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+    let fail = |problem: String| SocketError {
+        path: path.to_path_buf(),
+        problem,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(existing) if existing.file_type().is_socket() => {
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("removing the socket an earlier agent left: {e}")))?;
+        }
+        Ok(_) => {
+            return Err(fail(
+                "something that is not a socket is there; remove it".into(),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("reading it: {e}"))),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail(format!("binding: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| fail(format!("making it connectable: {e}")))?;
     let inode = std::fs::symlink_metadata(path).ok().map(|m| m.ino());
     Ok((
         listener,

@@ -177,8 +177,11 @@ pub struct WaitArgs {
     pub model: String,
     /// The cache root as this container mounts it (the hostPath, read-only is enough).
     ///
-    /// Alone, readiness is read from the published link and ready marker (no network needed).
-    /// With --api, the revision the agent answers is checked here before --link points at it.
+    /// When the agent's readers' socket is there (CACHE_ROOT/readers.sock), the agent is asked
+    /// through it: it tells this pod from the process that connects, so the lease it records is
+    /// proved, not claimed. Without it, readiness is read from the published link and ready
+    /// marker (no network needed). The revision the agent answers is checked here before
+    /// --link points at it.
     #[arg(long, value_name = "DIR")]
     pub cache_root: Option<PathBuf>,
     /// Ask the agent: a URL such as http://$(NODE_IP):8080 (its read listener), or the path of
@@ -199,13 +202,12 @@ pub struct WaitArgs {
     pub link: Option<PathBuf>,
     /// Hold a lease for this pod (its UID, from the downward API: metadata.uid) on the
     /// revision it resolves: the agent never removes or rewrites that revision while the pod
-    /// exists on the node. Needs --api.
-    #[arg(
-        long,
-        env = "MODELCACHE_POD_UID",
-        value_name = "POD_UID",
-        requires = "api"
-    )]
+    /// runs on the node.
+    ///
+    /// Through the readers' socket (see --cache-root) the agent identifies the pod itself and
+    /// leases it anyway; POD_UID must then match. Through --api the agent checks that the pod
+    /// runs on this node. Needs --api or the readers' socket.
+    #[arg(long, env = "MODELCACHE_POD_UID", value_name = "POD_UID")]
     pub lease: Option<String>,
     /// Give up after this long [default: 30m].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]

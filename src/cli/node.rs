@@ -120,13 +120,34 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
         .transpose()
         .map_err(invalid)?
         .map(Layout::new);
+    // The readers' socket in the cache, where the agent tells this pod from its process: a
+    // lease there is proved, not claimed. The read listener (--api) is the fallback.
+    let socket = view
+        .as_ref()
+        .map(|v| v.root().join(crate::agent::READERS_SOCKET))
+        .filter(|p| p.exists())
+        .map(|p| AgentApi::new(&format!("unix:{}", p.display())))
+        .transpose()?;
+    let apis: Vec<&AgentApi> = socket.iter().chain(api.iter()).collect();
+    if args.lease.is_some() && apis.is_empty() {
+        return Err(invalid(
+            "--lease needs the agent: give --api, or a --cache-root where the agent's readers' socket (readers.sock) is",
+        ));
+    }
     let started = Instant::now();
     let mut last_line = String::new();
     let mut last_sample: Option<(Instant, u64)> = None;
     loop {
-        let look = match (&api, &view) {
-            (Some(api), _) => {
-                let look = ask_agent(api, &name, args.lease.as_deref()).await;
+        let look = match (apis.first(), &view) {
+            (Some(first), _) => {
+                let mut look = ask_agent(first, &name, args.lease.as_deref()).await;
+                for next in apis.iter().skip(1) {
+                    if !matches!(&look, Look::Waiting(line) if line.contains("waiting for the agent"))
+                    {
+                        break;
+                    }
+                    look = ask_agent(next, &name, args.lease.as_deref()).await;
+                }
                 match (look, &view) {
                     // The agent's answer must be visible here before it is served.
                     (Look::Ready { revision, line }, Some(view)) => {
@@ -397,10 +418,10 @@ async fn ask_agent(api: &AgentApi, name: &ModelName, pod: Option<&str>) -> Look 
                 body["revision"].as_str().unwrap_or("?"),
                 human_bytes(body["status"]["bytes_total"].as_u64().unwrap_or(0)),
                 body["status"]["verification"].as_str().unwrap_or("?"),
-                if body["leased"] == true {
-                    ", leased for this pod"
-                } else {
-                    ""
+                match (body["leased"] == true, body["proved"] == true) {
+                    (true, true) => ", leased for this pod (identified by the agent)",
+                    (true, false) => ", leased for this pod",
+                    _ => "",
                 }
             ),
         },

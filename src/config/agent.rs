@@ -58,6 +58,7 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("cache.private_mount", Kind::Text),
     ("leases.pods_dir", Kind::Text),
     ("leases.check_interval", Kind::Text),
+    ("leases.cgroup_root", Kind::Text),
     ("api.allowed_sources", Kind::List),
     ("disk.enabled", Kind::Bool),
     ("disk.models", Kind::List),
@@ -146,6 +147,8 @@ struct LeasesFile {
     pods_dir: PathBuf,
     #[serde(default)]
     check_interval: Option<String>,
+    #[serde(default = "default_cgroup_root")]
+    cgroup_root: PathBuf,
 }
 
 impl Default for LeasesFile {
@@ -153,8 +156,13 @@ impl Default for LeasesFile {
         Self {
             pods_dir: default_pods_dir(),
             check_interval: None,
+            cgroup_root: default_cgroup_root(),
         }
     }
+}
+
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
 }
 
 fn default_pods_dir() -> PathBuf {
@@ -412,8 +420,11 @@ pub struct ScrubPolicy {
 /// How readers' leases are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeasePolicy {
-    /// The kubelet's pod directories: a lease counts while `pods_dir/POD_UID` exists.
+    /// The kubelet's pod directories: where no pod cgroups are visible, a lease counts while
+    /// `pods_dir/POD_UID` exists.
     pub pods_dir: PathBuf,
+    /// The host's cgroup tree: a lease counts while its pod's cgroup exists.
+    pub cgroup_root: PathBuf,
     /// How often ended leases are dropped and old revisions no reader holds are removed.
     pub check_interval: Duration,
 }
@@ -857,6 +868,7 @@ impl AgentConfig {
                 Duration::from_secs(30),
             )?,
             pods_dir: file.leases.pods_dir,
+            cgroup_root: file.leases.cgroup_root,
         };
         if let Some(private) = &file.cache.private_mount {
             if !private.is_absolute() || private.starts_with(&file.cache_root) {

@@ -144,6 +144,11 @@ pub fn mkfs_args(
     match fs {
         Filesystem::Xfs => {
             args.push("-K".into());
+            // Reflinks (the default since xfsprogs 5.1, named so an older or differently
+            // configured mkfs cannot leave them out): files taken from dfdaemon are cloned into
+            // inodes of the agent's own instead of copied.
+            args.push("-m".into());
+            args.push("reflink=1".into());
             if force {
                 args.push("-f".into());
             }
@@ -523,7 +528,7 @@ mod tests {
         );
         assert_eq!(
             format!("{p} {}", a.join(" ")),
-            "mkfs.xfs -q -L modelcache -K -d su=512k,sw=4 /dev/md/modelcache"
+            "mkfs.xfs -q -L modelcache -K -m reflink=1 -d su=512k,sw=4 /dev/md/modelcache"
         );
         let (p, a) = mkfs_args(
             Filesystem::Ext4,

@@ -1,13 +1,14 @@
 //! The Dragonfly pass: before the range engine runs, each file still wholly missing is asked of
 //! the node's dfdaemon, which takes it from a peer that has it or, failing that, from the
-//! source. modelcache keeps the judgement: every piece dfdaemon reports written is read back and
-//! hashed, the file's BLAKE3 must match the manifest, and only then does the file become the
-//! model's partial. Whatever goes wrong with a file (no dfdaemon, an error, silence, a slow
+//! source. modelcache keeps the judgement, on bytes only it can write: each piece dfdaemon
+//! reports written is cloned (a reflink where the filesystem can, a copy otherwise) from
+//! dfdaemon's file, opened without following links, into a file of modelcache's own, and
+//! hashed there; the file's BLAKE3 must match the manifest, and only then does that file become
+//! the model's partial. dfdaemon's inode is never published (see [`crate::store::take`]). Whatever goes wrong with a file (no dfdaemon, an error, silence, a slow
 //! transfer, a mismatch) leaves it missing, with the reason logged, and the range engine that
 //! runs next fetches it directly.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use super::pieces::{Engine, Finished};
 use super::plan::Plan;
 use crate::config::{DragonflyOptions, human_bytes};
 use crate::dragonfly::{Dfdaemon, DragonflyError, Event, Origin, TaskRequest};
+use crate::store::take::Method;
 use crate::store::{Layout, ModelName};
 use crate::verify::hash::{PieceDigest, combine, hash_file_pieces, hash_piece_at, piece_count};
 use crate::verify::manifest::ManifestEntry;
@@ -56,6 +58,8 @@ enum Fallback {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("refused what dfdaemon left: {0}")]
+    Take(#[from] crate::store::take::TakeError),
     #[error("BLAKE3 {actual} does not match the manifest's {expected}: discarded")]
     Mismatch {
         expected: String,
@@ -184,33 +188,50 @@ pub(super) async fn fetch_through_dragonfly(
     let results: Vec<Result<(), PrefetchError>> = futures::stream::iter(wanted.iter().cloned())
         .map(|(index, entry)| {
             let (engine, client) = (Arc::clone(engine), client.clone());
-            let temp = dir.join(format!("{index}.part"));
-            let output = dfdaemon_dir.join(format!("{index}.part"));
+            let theirs_name = format!("{index}.part");
+            let output = dfdaemon_dir.join(&theirs_name);
+            let dir = dir.clone();
             async move {
                 let Some(slot) = engine.files.get(index) else {
                     return Err(PrefetchError::Internal("dragonfly: unknown file".into()));
                 };
+                let partial = layout.partial_path(name, &slot.remote.path);
+                let ours = partial.with_file_name(format!(
+                    ".{}.dragonfly",
+                    partial
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ));
+                if let Some(parent) = partial.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| PrefetchError::local("create", parent.to_path_buf(), e))?;
+                }
+                let paths = Paths {
+                    theirs_dir: &dir,
+                    theirs_name: theirs_name.clone(),
+                    output,
+                    ours: ours.clone(),
+                };
                 let outcome =
-                    fetch_one(&engine, &client, index, &entry, (&temp, &output), chunk, options)
-                        .await;
+                    fetch_one(&engine, &client, index, &entry, &paths, chunk, options).await;
                 let adopted = match outcome {
-                    Ok((digests, took)) => {
-                        let partial = layout.partial_path(name, &slot.remote.path);
-                        adopt(&engine, index, digests, &partial, &temp, chunk)
-                            .await
-                            .map(|()| took)
-                            .map_err(|e| Fallback::Adopt(super::error_chain(&e)))
-                    }
+                    Ok((digests, took, taken)) => adopt(&engine, index, digests, &partial, &ours, chunk)
+                        .await
+                        .map(|()| (took, taken))
+                        .map_err(|e| Fallback::Adopt(super::error_chain(&e))),
                     Err(reason) => Err(reason),
                 };
                 let result = match adopted {
-                    Ok(took) => {
+                    Ok((took, taken)) => {
                         engine.progress.dragonfly_file();
                         info!(
                             model.name = %name,
                             blob.path = %entry.path,
-                            "{name}: {} came through dfdaemon and matches the manifest ({} in {:.1} s)",
-                            entry.path, human_bytes(entry.size), took.as_secs_f64()
+                            cloned_bytes = taken.cloned,
+                            copied_bytes = taken.copied,
+                            "{name}: {} came through dfdaemon, {} into modelcache's own file, and matches the manifest ({} in {:.1} s)",
+                            entry.path, taken.describe(), human_bytes(entry.size), took.as_secs_f64()
                         );
                         Ok(())
                     }
@@ -235,9 +256,10 @@ pub(super) async fn fetch_through_dragonfly(
                         Ok(())
                     }
                 };
-                // Never left behind (adopted, it was renamed): an unverified file must not
-                // outlive this pass.
-                let _ = std::fs::remove_file(&temp);
+                // Neither is left behind (adopted, ours was renamed): dfdaemon keeps the task
+                // in its own storage, and an unverified clone must not outlive this pass.
+                let _ = std::fs::remove_file(dir.join(&theirs_name));
+                let _ = std::fs::remove_file(&ours);
                 result
             }
         })
@@ -251,17 +273,31 @@ pub(super) async fn fetch_through_dragonfly(
     results.into_iter().collect()
 }
 
-/// Downloads one file through dfdaemon into `temp` and hashes it; the digests of its pieces
-/// when its BLAKE3 matches the manifest.
+/// Where one file goes on its way in: dfdaemon's output (a name in a directory dfdaemon can
+/// write) and modelcache's own file (in staging, only modelcache writes there).
+struct Paths<'a> {
+    /// The directory dfdaemon writes into, as modelcache sees it.
+    theirs_dir: &'a Path,
+    /// The file's name there.
+    theirs_name: String,
+    /// The same file as dfdaemon sees it (its `output_path`).
+    output: PathBuf,
+    /// modelcache's own file, the clone that is hashed and becomes the partial.
+    ours: PathBuf,
+}
+
+/// Downloads one file through dfdaemon and takes it into modelcache's own file piece by piece,
+/// hashing the clone; that file and the digests of its pieces when its BLAKE3 matches the
+/// manifest.
 async fn fetch_one(
     engine: &Arc<Engine>,
     client: &Dfdaemon,
     index: usize,
     entry: &ManifestEntry,
-    (temp, output): (&Path, &Path),
+    paths: &Paths<'_>,
     chunk: u64,
     options: &DragonflyOptions,
-) -> Result<(Vec<PieceDigest>, Duration), Fallback> {
+) -> Result<(Vec<PieceDigest>, Duration, Taken), Fallback> {
     let began = Instant::now();
     let slot = engine.files.get(index).ok_or(Fallback::Cancelled)?;
     let size = slot.remote.size;
@@ -278,11 +314,18 @@ async fn fetch_one(
         .ok()
         .flatten()
         .ok_or(DragonflyError::Protocol("no URL for this file".into()))?;
-    let _ = std::fs::remove_file(temp);
+    let _ = std::fs::remove_file(paths.theirs_dir.join(&paths.theirs_name));
+    let ours = {
+        let (path, size) = (paths.ours.clone(), size);
+        tokio::task::spawn_blocking(move || crate::store::take::create_own(&path, size))
+            .await
+            .map_err(|e| Fallback::Adopt(e.to_string()))??
+    };
+    let ours = Arc::new(ours);
     let task = TaskRequest {
         url,
         content_id: format!("modelcache-blake3:{}", entry.blake3),
-        output_path: output.to_path_buf(),
+        output_path: paths.output.clone(),
         timeout: TASK_TIMEOUT,
     };
     let mut stream = client.download(&task).await?;
@@ -294,7 +337,8 @@ async fn fetch_one(
     };
     let mut covered = vec![0u64; pieces];
     let mut digests: Vec<Option<PieceDigest>> = vec![None; pieces];
-    let mut hashing: JoinSet<(usize, Option<PieceDigest>)> = JoinSet::new();
+    let mut taken = Taken::default();
+    let mut hashing: JoinSet<(usize, Option<(PieceDigest, Method)>)> = JoinSet::new();
     let mut seen: HashSet<u32> = HashSet::new();
     let (mut peer, mut back_to_source) = (0u64, 0u64);
     let result: Result<(), Fallback> = async {
@@ -340,11 +384,15 @@ async fn fetch_one(
                         let c_end = c_start + chunk_len(c);
                         *got += end.min(c_end) - offset.max(c_start);
                         // Overlapping reports (a confused or hostile daemon) overshoot and are
-                        // left to the read at the end; the file's BLAKE3 decides either way.
+                        // left to the pass at the end; the file's BLAKE3 decides either way.
                         if *got == chunk_len(c) && options.hash_pieces {
-                            let temp = temp.to_path_buf();
+                            let (dir, name, ours) = (
+                                paths.theirs_dir.to_path_buf(),
+                                paths.theirs_name.clone(),
+                                Arc::clone(&ours),
+                            );
                             hashing.spawn_blocking(move || {
-                                (c, hash_range(&temp, c_start, c_end, size).ok())
+                                (c, take_piece(&dir, &name, &ours, c_start, c_end, size).ok())
                             });
                         }
                     }
@@ -364,9 +412,10 @@ async fn fetch_one(
     }
     .await;
     while let Some(done) = hashing.join_next().await {
-        if let Ok((c, Some(d))) = done {
+        if let Ok((c, Some((d, method)))) = done {
             if let Some(slot) = digests.get_mut(c) {
                 *slot = Some(d);
+                taken.count(method, chunk_len(c));
             }
         }
     }
@@ -375,27 +424,47 @@ async fn fetch_one(
     if got != size {
         return Err(Fallback::Incomplete { got, size });
     }
-    // Pieces not hashed as they landed (hashing after the download, or a file dfdaemon could
-    // only copy at the end): one read now.
+    // Pieces not taken as they landed (hashing after the download, or a file dfdaemon only
+    // links into place at the end): taken now, then hashed in one read of the clone.
     let missing: Vec<u64> = (0..pieces)
         .filter(|c| digests[*c].is_none())
         .map(|c| c as u64)
         .collect();
     if !missing.is_empty() {
-        let owned = temp.to_path_buf();
+        let (dir, name, ours_file, ours_path) = (
+            paths.theirs_dir.to_path_buf(),
+            paths.theirs_name.clone(),
+            Arc::clone(&ours),
+            paths.ours.clone(),
+        );
         let threads = std::thread::available_parallelism().map_or(2, usize::from);
-        let hashed = tokio::task::spawn_blocking(move || {
-            hash_file_pieces(&owned, &missing, chunk, size, threads)
+        let (hashed, late) = tokio::task::spawn_blocking(move || -> Result<_, Fallback> {
+            let theirs = crate::store::take::open_regular(&dir, &name)?;
+            crate::store::take::holds(&theirs, &dir.join(&name), size)?;
+            let mut late = Taken::default();
+            for &c in &missing {
+                let start = c * chunk;
+                let len = chunk.min(size - start);
+                let method = crate::store::take::clone_range(&theirs, &ours_file, start, len)
+                    .map_err(|source| Fallback::Read {
+                        path: dir.join(&name),
+                        source,
+                    })?;
+                late.count(method, len);
+            }
+            drop(theirs);
+            let hashed =
+                hash_file_pieces(&ours_path, &missing, chunk, size, threads).map_err(|source| {
+                    Fallback::Read {
+                        path: ours_path.clone(),
+                        source,
+                    }
+                })?;
+            Ok((hashed, late))
         })
         .await
-        .map_err(|e| Fallback::Read {
-            path: temp.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(|source| Fallback::Read {
-            path: temp.to_path_buf(),
-            source,
-        })?;
+        .map_err(|e| Fallback::Adopt(e.to_string()))??;
+        taken.add(late);
         for (c, d) in hashed {
             if let Some(slot) = usize::try_from(c).ok().and_then(|c| digests.get_mut(c)) {
                 *slot = Some(d);
@@ -411,7 +480,64 @@ async fn fetch_one(
             task_id: stream.task_id().to_string(),
         });
     }
-    Ok((digests, began.elapsed()))
+    Ok((digests, began.elapsed(), taken))
+}
+
+/// Bytes taken from dfdaemon's files by reflink and by copy.
+#[derive(Debug, Default, Clone, Copy)]
+struct Taken {
+    cloned: u64,
+    copied: u64,
+}
+
+impl Taken {
+    fn count(&mut self, method: Method, bytes: u64) {
+        match method {
+            Method::Cloned => self.cloned += bytes,
+            Method::Copied => self.copied += bytes,
+        }
+    }
+
+    fn add(&mut self, other: Taken) {
+        self.cloned += other.cloned;
+        self.copied += other.copied;
+    }
+
+    fn describe(self) -> &'static str {
+        match (self.cloned > 0, self.copied > 0) {
+            (true, false) => "cloned",
+            (false, _) => "copied",
+            (true, true) => "cloned and copied",
+        }
+    }
+}
+
+/// Takes piece `start..end` of dfdaemon's file into modelcache's own and hashes it there.
+fn take_piece(
+    dir: &Path,
+    name: &str,
+    ours: &std::fs::File,
+    start: u64,
+    end: u64,
+    size: u64,
+) -> Result<(PieceDigest, Method), Fallback> {
+    let theirs = crate::store::take::open_regular(dir, name)?;
+    crate::store::take::holds(&theirs, &dir.join(name), end)?;
+    let method =
+        crate::store::take::clone_range(&theirs, ours, start, end - start).map_err(|source| {
+            Fallback::Read {
+                path: dir.join(name),
+                source,
+            }
+        })?;
+    drop(theirs);
+    let mut buf = vec![0u8; (1 << 20).min(usize::try_from(end - start).unwrap_or(1 << 20))];
+    let digest =
+        hash_piece_at(ours, start, end, size, &mut buf).map_err(|source| Fallback::Read {
+            path: dir.join(name),
+            source,
+        })?;
+    Ok((digest, method))
 }
 
 /// Bytes per second over `took`.
@@ -420,45 +546,28 @@ fn per_second(bytes: u64, took: Duration) -> u64 {
     bytes.saturating_mul(1000) / ms
 }
 
-/// BLAKE3 of one piece `start..end` of a file of `size` bytes that dfdaemon may still be
-/// writing: refused when the file does not reach the piece's end yet.
-fn hash_range(path: &Path, start: u64, end: u64, size: u64) -> std::io::Result<PieceDigest> {
-    let file = std::fs::File::open(path)?;
-    if file.metadata()?.len() < end {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let mut buf = vec![0u8; (1 << 20).min(usize::try_from(end - start).unwrap_or(1 << 20))];
-    hash_piece_at(&file, start, end, size, &mut buf)
-}
-
-/// Makes a verified file the model's partial: durable, readable by the model's readers, renamed
-/// into place, and its pieces marked done for the journal's next checkpoint.
+/// Makes the verified clone the model's partial: durable, renamed into place (both in the
+/// model's staging, which only modelcache writes), and its pieces marked done for the
+/// journal's next checkpoint.
 async fn adopt(
     engine: &Arc<Engine>,
     index: usize,
     digests: Vec<PieceDigest>,
     partial: &Path,
-    temp: &Path,
+    ours: &Path,
     chunk: u64,
 ) -> Result<(), PrefetchError> {
     let slot = engine
         .files
         .get(index)
         .ok_or_else(|| PrefetchError::Internal("dragonfly: unknown file".into()))?;
-    let (partial, temp) = (partial.to_path_buf(), temp.to_path_buf());
+    let (partial, ours) = (partial.to_path_buf(), ours.to_path_buf());
     let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, PrefetchError> {
-        let file = std::fs::File::open(&temp)
-            .map_err(|e| PrefetchError::local("open", temp.clone(), e))?;
-        file.sync_data()
-            .map_err(|e| PrefetchError::local("fsync", temp.clone(), e))?;
-        // dfdaemon's own mode may be private; the published model is read by unprivileged pods.
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| PrefetchError::local("set permissions of", temp.clone(), e))?;
-        if let Some(parent) = partial.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| PrefetchError::local("create", parent.to_path_buf(), e))?;
-        }
-        std::fs::rename(&temp, &partial)
+        let file = std::fs::File::open(&ours)
+            .map_err(|e| PrefetchError::local("open", ours.clone(), e))?;
+        file.sync_all()
+            .map_err(|e| PrefetchError::local("fsync", ours.clone(), e))?;
+        std::fs::rename(&ours, &partial)
             .map_err(|e| PrefetchError::local("move into place", partial.clone(), e))?;
         if let Some(parent) = partial.parent() {
             if let Ok(d) = std::fs::File::open(parent) {

@@ -44,7 +44,17 @@ pub(super) fn resume(
             // whatever it is: publish creates the file empty instead.
             remove_if_present(&partial)?;
         }
-        let meta = std::fs::metadata(&partial).ok();
+        let mut meta = std::fs::symlink_metadata(&partial).ok();
+        if meta.as_ref().is_some_and(|m| !m.file_type().is_file()) {
+            // Only ever a regular file of ours: a link or anything else there is not one.
+            if meta.as_ref().is_some_and(std::fs::Metadata::is_dir) {
+                std::fs::remove_dir_all(&partial)
+                    .map_err(|e| PrefetchError::local("remove", partial.clone(), e))?;
+            } else {
+                remove_if_present(&partial)?;
+            }
+            meta = None;
+        }
         let partial_len = meta.as_ref().map(std::fs::Metadata::len);
         let kept_before = kept.len();
         let slot = FileSlot::new(f.clone(), Some(Sink::new(partial.clone())), chunk);
@@ -74,10 +84,16 @@ pub(super) fn resume(
         }
         // A repair links the intact files of the published revision into staging. Such a
         // partial shares its inode with a published file, so it is never written: unless every
-        // range of it is kept, it goes, with its lines, and the file is fetched afresh.
+        // range of it is kept, it goes, with its lines, and the file is fetched afresh. Any
+        // other name for the inode (dfdaemon's task file, from an agent that published its
+        // inode) is another principal's way to change it after its ranges were hashed: such a
+        // partial is never trusted.
         let shared = meta.as_ref().is_some_and(|m| m.nlink() > 1);
+        let ours = meta
+            .as_ref()
+            .is_some_and(|m| is_published_inode(layout, name, &f.path, m));
         let complete = u64::try_from(kept.len() - kept_before).ok() == Some(f.size.div_ceil(chunk));
-        if shared && !complete {
+        if shared && !(ours && complete) {
             kept.truncate(kept_before);
             slot.digests
                 .lock()
@@ -103,6 +119,21 @@ pub(super) fn resume(
         reused,
         needed_space,
     })
+}
+
+/// Whether `meta` is the inode of `path` in the revision `models/NAME` links to: a repair's
+/// link to a file only the agent writes.
+fn is_published_inode(
+    layout: &Layout,
+    name: &ModelName,
+    path: &str,
+    meta: &std::fs::Metadata,
+) -> bool {
+    let Some(revision) = layout.published_revision(name) else {
+        return false;
+    };
+    std::fs::symlink_metadata(layout.revision_dir(name, &revision).join(path))
+        .is_ok_and(|p| p.is_file() && p.dev() == meta.dev() && p.ino() == meta.ino())
 }
 
 fn remove_if_present(path: &std::path::Path) -> Result<(), PrefetchError> {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod leases;
 pub mod lock;
+pub mod take;
 
 /// Subdirectory of a revision holding the cache's own records.
 pub const RECORDS_DIR: &str = ".modelcache";
@@ -284,7 +285,8 @@ pub struct ReadyFile {
     pub etag: Option<String>,
 }
 
-fn mtime_ns(meta: &std::fs::Metadata) -> Option<u64> {
+/// A file's modification time in nanoseconds since the epoch, as ready markers record it.
+pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> Option<u64> {
     let t = meta
         .modified()
         .ok()?

@@ -232,7 +232,12 @@ impl Models {
         busy: &BTreeSet<ModelName>,
     ) -> Snapshot {
         let root = self.layout.root();
-        let used = dir_bytes(&root.join("store")) + dir_bytes(&root.join("staging"));
+        // What dfdaemon keeps on the cache filesystem (its storage, shown to it from
+        // `dragonfly/`) fills the same disk: counted, never removed by the budget (dfdaemon
+        // evicts its own by its GC thresholds).
+        let used = dir_bytes(&root.join("store"))
+            + dir_bytes(&root.join("staging"))
+            + dir_bytes(&root.join("dragonfly"));
         let reserved = self
             .reservations()
             .iter()

@@ -124,8 +124,9 @@ pub(super) enum AfterRemoval {
 /// Why a model's files were removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Removal {
-    /// The budget evicted it: its entry stays, so a pod that waits for it again (a restart)
-    /// gets it fetched again.
+    /// The budget evicted it: a configured model's entry stays, so a pod that waits for it
+    /// again (a restart) gets it fetched again; a requested one is forgotten (only a request
+    /// on the admin socket, naming its source again, brings it back).
     Evicted,
     /// A `DELETE` asked for it.
     Deleted,
@@ -133,8 +134,8 @@ pub(super) enum Removal {
 
 /// Decides what a removal leaves of the entry (looked at again after the removal, since a
 /// request may have started a job while the files were being removed).
-pub(super) fn after_removal(facts: Facts, why: Removal) -> AfterRemoval {
-    if facts.configured || facts.job.is_some() || why == Removal::Evicted {
+pub(super) fn after_removal(facts: Facts, _why: Removal) -> AfterRemoval {
+    if facts.configured || facts.job.is_some() {
         AfterRemoval::Reset
     } else {
         AfterRemoval::Forget
@@ -242,12 +243,18 @@ mod tests {
         );
     }
 
-    /// An evicted model stays known, so a reader waiting for it again has it fetched.
+    /// A configured model stays known when evicted, so a reader waiting for it again has it
+    /// fetched; a requested one is forgotten (issue 25: a reader must not bring back what the
+    /// operator no longer configures).
     #[test]
-    fn an_evicted_model_is_kept_to_be_fetched_again() {
+    fn issue25_only_configured_models_stay_known_when_evicted() {
+        assert_eq!(
+            after_removal(facts(true, State::Ready, true, None), Removal::Evicted),
+            AfterRemoval::Reset
+        );
         assert_eq!(
             after_removal(facts(false, State::Ready, true, None), Removal::Evicted),
-            AfterRemoval::Reset
+            AfterRemoval::Forget
         );
     }
 }

@@ -15,7 +15,7 @@ mod reconcile;
 mod scrub;
 mod warm;
 
-pub use readers::Reading;
+pub use readers::{Reader, Reading};
 pub use reconcile::Reconciled;
 
 use std::collections::BTreeMap;
@@ -123,8 +123,20 @@ pub struct ModelStatus {
     pub warnings: Vec<String>,
     /// Page-cache warming after publish.
     pub page_cache: Option<WarmReport>,
-    /// The pods reading it, and which revision each reads.
+    /// How many leases pods hold on its revisions.
+    pub leases: usize,
+    /// The pods reading it, and which revision each reads: on the admin socket only (a pod's
+    /// UID is not for anyone on the node network).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub readers: Vec<crate::store::leases::Held>,
+}
+
+impl ModelStatus {
+    /// The status without the readers' pod UIDs, for the read listener.
+    pub fn without_pods(mut self) -> Self {
+        self.readers = Vec::new();
+        self
+    }
 }
 
 /// What a prefetch request asked for, when it is not the configured spec.
@@ -191,6 +203,10 @@ struct Entry {
     warnings: Vec<String>,
     last_used: SystemTime,
     warm: Option<WarmReport>,
+    /// When a reader last had it fetched: at most once per backoff interval.
+    reader_asked: Option<Instant>,
+    /// A re-verification of its published revision runs (a reader found it not intact).
+    rechecking: bool,
 }
 
 impl Entry {
@@ -210,6 +226,8 @@ impl Entry {
             warnings: Vec::new(),
             last_used: SystemTime::now(),
             warm: None,
+            reader_asked: None,
+            rechecking: false,
         }
     }
 
@@ -273,6 +291,7 @@ impl Entry {
             last_error: self.last_error.clone(),
             warnings: self.warnings.clone(),
             page_cache: self.warm.clone(),
+            leases: 0,
             readers: Vec::new(),
         }
     }
@@ -293,6 +312,8 @@ pub struct Models {
     /// Held while a lease is recorded and while a revision directory is set aside for
     /// removal, so a lease is only recorded on a revision that stays (see [`readers`]).
     leases: Mutex<()>,
+    /// Which pods run on this node (for leases and readers' claims).
+    pods: crate::agent::pods::Pods,
     /// What running jobs reserved and have not written yet.
     reservations: Mutex<BTreeMap<ModelName, budget::Reservation>>,
     /// Header and index bytes parsed at once, shared by every job so that models fetched
@@ -342,6 +363,11 @@ impl Models {
             reservations: Mutex::new(BTreeMap::new()),
             parse_budget: crate::verify::structure::ParseBudget::default(),
             metrics: Metrics::new(),
+            pods: crate::agent::pods::Pods::new(
+                &config.leases.cgroup_root,
+                &config.proc_root,
+                &config.leases.pods_dir,
+            ),
             config: Arc::clone(&config),
         });
         {
@@ -557,29 +583,49 @@ impl Models {
         Some(self.with_readers(status))
     }
 
-    /// Marks a model as used now (its LRU position for eviction).
-    pub fn touch(&self, name: &str) {
-        if let Some(e) = self.lock().get_mut(name) {
-            e.last_used = SystemTime::now();
+    /// Whether every pinned model is ready, by the check a reader meets: a pinned model marked
+    /// ready whose revision is no longer intact is not, and is re-verified.
+    pub fn pinned_ready(self: &Arc<Self>) -> (bool, BTreeMap<String, State>) {
+        let (pinned, states) = {
+            let entries = self.lock();
+            let pinned: Vec<(ModelName, State, Option<String>)> = entries
+                .values()
+                .filter(|e| e.spec.pin)
+                .map(|e| (e.spec.name.clone(), e.state(), e.revision.clone()))
+                .collect();
+            let states: BTreeMap<String, State> = entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.state()))
+                .collect();
+            (pinned, states)
+        };
+        let mut ready = true;
+        for (name, state, revision) in pinned {
+            let intact = revision.is_some_and(|r| {
+                let dir = self.layout.revision_dir(&name, &r);
+                ReadyMarker::read(&dir).is_ok_and(|m| m.files_present(&dir))
+            });
+            if state != State::Ready {
+                ready = false;
+            } else if !intact {
+                ready = false;
+                self.recheck(&name);
+            }
         }
-    }
-
-    /// Whether every pinned model is ready.
-    pub fn pinned_ready(&self) -> (bool, BTreeMap<String, State>) {
-        let entries = self.lock();
-        let states: BTreeMap<String, State> = entries
-            .iter()
-            .map(|(k, e)| (k.clone(), e.state()))
-            .collect();
-        let ready = entries
-            .values()
-            .filter(|e| e.spec.pin)
-            .all(|e| e.state() == State::Ready);
         (ready, states)
     }
 
     /// Counters and gauges for `/metrics`.
     pub fn render_metrics(&self) -> String {
+        let gauges = self.lease_gauges();
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        for name in names {
+            let (count, oldest) = gauges
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or((0, 0), |(_, c, o)| (*c, *o));
+            self.metrics.leases(&name, count, oldest);
+        }
         let entries = self.lock();
         let live: Vec<(String, State, Arc<Progress>)> = entries
             .iter()
@@ -605,7 +651,16 @@ impl Models {
 /// Anything else is fetched again rather than served (an operator who turns on
 /// `require_manifest` must not keep serving a revision that was only checked structurally).
 fn serves_spec(spec: &ModelSpec, revision: &str, marker: &ReadyMarker) -> bool {
-    let why_not = if marker.source != redact_url(&spec.source) {
+    let why_not = why_not_served(spec, marker);
+    if let Some(why) = &why_not {
+        info!(model.name = %spec.name, revision = %revision, "{} revision {revision} is published but not served: {why}; fetching it again", spec.name);
+    }
+    why_not.is_none()
+}
+
+/// Why a published revision is not what `spec` asks for, if it is not.
+fn why_not_served(spec: &ModelSpec, marker: &ReadyMarker) -> Option<String> {
+    if marker.source != redact_url(&spec.source) {
         Some("it came from another source".to_string())
     } else if spec.require_manifest && marker.verification != Verification::Blake3 {
         Some(format!(
@@ -623,11 +678,7 @@ fn serves_spec(spec: &ModelSpec, revision: &str, marker: &ReadyMarker) -> bool {
                     f.path
                 )
             })
-    };
-    if let Some(why) = &why_not {
-        info!(model.name = %spec.name, revision = %revision, "{} revision {revision} is published but not served: {why}; fetching it again", spec.name);
     }
-    why_not.is_none()
 }
 
 /// Milliseconds for logs.

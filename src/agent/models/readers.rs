@@ -1,12 +1,18 @@
 //! Readers: the pods that load a model from the cache, and what the agent owes them.
 //!
 //! A reader asks for a model ([`Models::reader`]); when it is ready, it gets the revision
-//! directory to read for its whole life and, when it names its pod, a lease on it
-//! ([`crate::store::leases`]). Asking is also how a pod that restarts after its model was
-//! evicted gets it back: a model that is known but not being fetched is fetched again. While a
-//! lease's pod exists on the node (its kubelet directory, `leases.pods_dir/UID`), nothing
-//! removes or rewrites its revision; [`Models::maintain`] drops the leases of pods that are
-//! gone and then removes the old revisions no one reads.
+//! directory to read for its whole life and, when its pod is known, a lease on it
+//! ([`crate::store::leases`]). A reader on the readers' socket is identified by the agent (its
+//! process's pod cgroup); one on the read listener may only name its pod, which must be running
+//! on this node. Leases only ever grow: a pod that resolves again holds both revisions, and no
+//! request ends or moves a lease. [`Models::maintain`] ends the leases of pods that stopped
+//! running and then removes the old revisions no one reads.
+//!
+//! Asking is also how a pod that restarts after its model was evicted gets it back: a
+//! configured model that is not being fetched is fetched again, when the reader's pod runs on
+//! this node, and at most once per `fetch.failed_retry_delay` for each model (anyone on the
+//! node network can reach the read listener: asking must not become a way to spend egress or
+//! churn the cache).
 //!
 //! Every removal of a revision directory by the agent, and every new lease, happens under one
 //! guard ([`Models::lease_guard`]): a lease is only ever recorded on a revision that is there
@@ -14,16 +20,31 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{ModelError, ModelStatus, Models, State};
+use super::{ModelError, ModelStatus, Models, State, why_not_served};
+use crate::agent::pods::Liveness;
 use crate::fetch::error_chain;
 use crate::store::leases::{self, PodUid};
 use crate::store::lock::{TryLock, try_lock};
 use crate::store::{ModelName, ReadyMarker, fsync_dir};
+
+/// Who asks for a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reader {
+    /// A caller on the read listener that names no pod.
+    Anonymous,
+    /// A caller on the read listener that names its pod's UID (checked to run on this node,
+    /// not proved to be the caller's).
+    Claimed(String),
+    /// A process the agent identified over the readers' socket: in this pod.
+    Proved(PodUid),
+    /// A process on the readers' socket that is in no pod (root on the node, say).
+    NotInPod,
+}
 
 /// What a reader is told.
 #[derive(Debug, Clone)]
@@ -34,61 +55,79 @@ pub enum Reading {
         revision: String,
         /// The model's status.
         status: ModelStatus,
-        /// Whether a lease was recorded for the pod the reader named.
-        leased: bool,
+        /// The pod whose lease was recorded on it, if any.
+        leased: Option<PodUid>,
+        /// Whether the agent identified that pod itself.
+        proved: bool,
     },
-    /// Not ready yet; asked for if nothing was fetching it.
+    /// Not ready yet; asked for if nothing was fetching it and the reader may ask.
     Waiting(ModelStatus),
 }
 
 impl Models {
-    /// A reader asks for `name`, naming its pod for a lease (or not).
+    /// A reader asks for `name`.
     ///
-    /// Ready: the linked revision, intact, is returned and the pod's lease recorded on it (a
-    /// use, for LRU). Not ready and not being fetched (never fetched, or evicted): a prefetch
-    /// starts, within what a request may ask (a model the agent knows: configured, or named by
-    /// an earlier request); the caller polls again. A lease needs the pod to exist on this
-    /// node.
-    pub fn reader(self: &Arc<Self>, name: &str, pod: Option<&str>) -> Result<Reading, ModelError> {
+    /// Ready: the revision to serve (intact, and what the model's configuration asks for) is
+    /// returned, and the reader's pod, when known, gets a lease on it (a use, for LRU; an
+    /// anonymous look is not). Marked ready but no longer intact (a file changed since publish):
+    /// it is re-verified now, and repaired if its bytes changed. Not ready and not being
+    /// fetched: a configured model is fetched for a reader whose pod runs here, at most once
+    /// per backoff; the caller polls again.
+    pub fn reader(self: &Arc<Self>, name: &str, who: Reader) -> Result<Reading, ModelError> {
         let model = ModelName::new(name).map_err(|e| ModelError::Invalid(e.to_string()))?;
-        let pod = pod
-            .map(|p| PodUid::new(p).map_err(|e| ModelError::Invalid(e.to_string())))
-            .transpose()?;
-        if let Some(pod) = &pod {
-            self.check_pod(pod)?;
-        }
+        let pod = match &who {
+            Reader::Claimed(uid) => {
+                let pod = PodUid::new(uid).map_err(|e| ModelError::Invalid(e.to_string()))?;
+                self.check_running(&pod)?;
+                Some((pod, false))
+            }
+            Reader::Proved(pod) => Some((pod.clone(), true)),
+            Reader::Anonymous | Reader::NotInPod => None,
+        };
         if let Some(reason) = self.blocked_reason().clone() {
             return Err(ModelError::Unavailable(format!(
                 "the cache disks are not ready ({reason})"
             )));
         }
-        {
+        let recheck = {
             let _guard = self.lease_guard();
-            let (state, revision, job) = {
+            let (state, revision, job, spec, configured) = {
                 let entries = self.lock();
                 let Some(entry) = entries.get(name) else {
                     return Err(ModelError::NotFound(name.to_string()));
                 };
-                (entry.state(), entry.revision.clone(), entry.job.is_some())
+                (
+                    entry.state(),
+                    entry.revision.clone(),
+                    entry.job.is_some(),
+                    entry.spec.clone(),
+                    entry.configured,
+                )
             };
             // The entry's revision, or the one the link points to when a `modelcache prefetch`
-            // beside the agent published another.
-            let intact = |revision: &str| {
+            // beside the agent published another; either only when intact and, for a
+            // configured model, what its configuration asks for now.
+            let servable = |revision: &str| {
                 let dir = self.layout.revision_dir(&model, revision);
-                ReadyMarker::read(&dir).is_ok_and(|m| m.files_present(&dir))
+                ReadyMarker::read(&dir).is_ok_and(|m| {
+                    m.files_present(&dir) && !(configured && why_not_served(&spec, &m).is_some())
+                })
             };
-            let serving = match (state, revision) {
-                (State::Ready, Some(r)) if intact(&r) => Some(r),
-                (State::Ready, Some(_)) => self.layout.linked_intact(&model).map(|(r, _)| r),
+            let serving = match (state, &revision) {
+                (State::Ready, Some(r)) if servable(r) => Some(r.clone()),
+                (State::Ready, Some(_)) => self
+                    .layout
+                    .published_revision(&model)
+                    .filter(|r| servable(r)),
                 _ => None,
             };
             if let Some(revision) = serving {
                 // Under the guard: no removal can take the revision between this and the
                 // reader's first open.
-                if let Some(pod) = &pod {
-                    leases::record(&self.layout, &model, pod, &revision)
+                if let Some((pod, proved)) = &pod {
+                    leases::record(&self.layout, &model, pod, &revision, *proved)
                         .map_err(|e| ModelError::Internal(error_chain(&e)))?;
-                    info!(model.name = %name, revision = %revision, pod = %pod, "{name}: pod {pod} reads revision {revision}");
+                    info!(model.name = %name, revision = %revision, pod = %pod, proved = *proved, "{name}: pod {pod} reads revision {revision}");
                 }
                 let status = {
                     let mut entries = self.lock();
@@ -96,24 +135,64 @@ impl Models {
                         .get_mut(name)
                         .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
                     entry.revision = Some(revision.clone());
-                    entry.last_used = SystemTime::now();
+                    if pod.is_some() {
+                        entry.last_used = SystemTime::now();
+                    }
                     entry.status()
                 };
                 return Ok(Reading::Ready {
                     revision,
                     status: self.with_readers(status),
-                    leased: pod.is_some(),
+                    proved: pod.as_ref().is_some_and(|(_, proved)| *proved),
+                    leased: pod.map(|(p, _)| p),
                 });
             }
-            let ask = !job && state == State::Pending;
-            if !ask {
-                return Ok(Reading::Waiting(self.status_of(name)?));
-            }
+            // Ready, but no revision it may serve is intact: see why before anyone waits on it.
+            state == State::Ready && !job
+        };
+        if recheck {
+            self.recheck(&model);
+            return Ok(Reading::Waiting(self.status_of(name)?));
         }
-        // Waiting for a model is asking for it, as a request with no body does.
-        info!(model.name = %name, "{name}: a reader waits for it and nothing is fetching it: fetching it");
-        self.request_prefetch(name, super::PrefetchOverride::default())?;
+        self.ask_for(&model, pod.is_some())?;
         Ok(Reading::Waiting(self.status_of(name)?))
+    }
+
+    /// Waiting for a model is asking for it: a configured model that nothing fetches is fetched
+    /// for a reader whose pod runs here, once per backoff interval.
+    fn ask_for(self: &Arc<Self>, model: &ModelName, has_pod: bool) -> Result<(), ModelError> {
+        let name = model.as_str();
+        let delay = self.config.failed_retry_delay;
+        let refused = |why: &str| {
+            self.metrics.reader_fetch("refused");
+            info!(model.name = %name, "{name}: a reader waits for it and nothing is fetching it; not fetched: {why}");
+        };
+        {
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(name) else {
+                return Err(ModelError::NotFound(name.to_string()));
+            };
+            if entry.job.is_some() || entry.state() != State::Pending {
+                return Ok(());
+            }
+            if !entry.configured {
+                refused("it is not configured (a request on the admin socket may fetch it)");
+                return Ok(());
+            }
+            if !has_pod {
+                refused("the reader names no pod running on this node");
+                return Ok(());
+            }
+            if entry.reader_asked.is_some_and(|at| at.elapsed() < delay) {
+                refused("a reader asked for it less than fetch.failed_retry_delay ago");
+                return Ok(());
+            }
+            entry.reader_asked = Some(Instant::now());
+        }
+        info!(model.name = %name, "{name}: a reader waits for it and nothing is fetching it: fetching it");
+        self.metrics.reader_fetch("started");
+        self.request_prefetch(name, super::PrefetchOverride::default())?;
+        Ok(())
     }
 
     fn status_of(&self, name: &str) -> Result<ModelStatus, ModelError> {
@@ -121,21 +200,31 @@ impl Models {
             .ok_or_else(|| ModelError::NotFound(name.to_string()))
     }
 
-    /// Refuses a lease for a pod that is not on this node.
-    fn check_pod(&self, pod: &PodUid) -> Result<(), ModelError> {
-        let pods = &self.config.leases.pods_dir;
-        if !pods.is_dir() {
-            return Err(ModelError::Unavailable(format!(
-                "the agent cannot see this node's pods: leases.pods_dir {} does not exist (mount the kubelet's pod directory read-only into the agent, as the DaemonSet does)",
-                pods.display()
-            )));
+    /// The pod process `pid` (as the agent sees it) belongs to, if any.
+    pub fn pod_of_process(
+        &self,
+        pid: i32,
+    ) -> Result<Option<PodUid>, crate::agent::pods::PeerError> {
+        self.pods.pod_of_process(pid)
+    }
+
+    /// How the agent tells which pods run, for the log.
+    pub fn describe_pods(&self) -> String {
+        self.pods.describe()
+    }
+
+    /// Refuses a pod that does not run on this node.
+    fn check_running(&self, pod: &PodUid) -> Result<(), ModelError> {
+        match self.pods.liveness(pod) {
+            Liveness::Running => Ok(()),
+            Liveness::Gone => Err(ModelError::Forbidden(format!(
+                "no pod with UID {pod} runs on this node: a reader names its own pod's UID (metadata.uid, from the downward API)"
+            ))),
+            Liveness::Unknown => Err(ModelError::Unavailable(format!(
+                "the agent cannot tell which pods run on this node: {} (mount the host's /sys and the kubelet's pod directory read-only into the agent, as the DaemonSet does)",
+                self.pods.describe()
+            ))),
         }
-        if !pods.join(pod.as_str()).is_dir() {
-            return Err(ModelError::Forbidden(format!(
-                "no pod with UID {pod} runs on this node: a lease names the reading pod's own UID (metadata.uid, from the downward API)"
-            )));
-        }
-        Ok(())
     }
 
     /// The pods reading each revision of `name`.
@@ -147,11 +236,12 @@ impl Models {
     pub(super) fn with_readers(&self, mut status: ModelStatus) -> ModelStatus {
         if let Ok(name) = ModelName::new(&status.name) {
             status.readers = self.readers(&name);
+            status.leases = status.readers.len();
         }
         status
     }
 
-    /// Drops the leases of pods that are gone, then removes the old revisions no one reads,
+    /// Ends the leases of pods that stopped running, then removes the old revisions no one reads,
     /// every `leases.check_interval` until `stop` fires.
     pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
         let interval = self.config.leases.check_interval;
@@ -167,6 +257,12 @@ impl Models {
 
     /// One pass of [`Models::maintain`].
     pub(super) fn maintain_once(&self) {
+        {
+            let _guard = self.lease_guard();
+            for path in leases::sweep(&self.layout) {
+                info!(path = %path.display(), "removed {}, left by a lease record's write that was cut short", path.display());
+            }
+        }
         self.drop_ended_leases();
         for name in super::budget::model_dirs(&self.layout.root().join("store")) {
             if let Err(e) = self.remove_unread_revisions(&name) {
@@ -176,25 +272,57 @@ impl Models {
     }
 
     fn drop_ended_leases(&self) {
-        let pods = &self.config.leases.pods_dir;
-        if !pods.is_dir() {
-            // Without the pods' directories no lease can be judged ended: all are kept.
-            return;
-        }
         for name in leases::models(&self.layout) {
-            for held in leases::of_model(&self.layout, &name) {
-                if pods.join(held.pod.as_str()).exists() {
+            let mut pods: Vec<PodUid> = leases::of_model(&self.layout, &name)
+                .into_iter()
+                .map(|h| h.pod)
+                .collect();
+            pods.dedup();
+            for pod in pods {
+                // Unknown (nothing visible to judge by): every lease is kept.
+                if self.pods.liveness(&pod) != Liveness::Gone {
                     continue;
                 }
                 let _guard = self.lease_guard();
-                match leases::end(&self.layout, &name, &held.pod) {
-                    Ok(()) => {
-                        info!(model.name = %name, pod = %held.pod, revision = %held.revision, "{name}: pod {} is gone from this node; its lease on revision {} ends", held.pod, held.revision);
+                match leases::end(&self.layout, &name, &pod) {
+                    Ok(_) => {
+                        info!(model.name = %name, pod = %pod, "{name}: pod {pod} no longer runs on this node; its leases end");
                     }
                     Err(e) => warn!(model.name = %name, "{}", error_chain(&e)),
                 }
             }
         }
+    }
+
+    /// The operator ends `pod`'s leases on `name` (the admin API): returns whether it held any.
+    pub fn drop_lease(&self, name: &str, pod: &str) -> Result<bool, ModelError> {
+        let model = ModelName::new(name).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let pod = PodUid::new(pod).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let _guard = self.lease_guard();
+        let ended = leases::end(&self.layout, &model, &pod)
+            .map_err(|e| ModelError::Internal(error_chain(&e)))?;
+        if ended {
+            warn!(model.name = %name, pod = %pod, "{name}: the operator ended pod {pod}'s leases; its revisions may be removed");
+        }
+        Ok(ended)
+    }
+
+    /// Lease counts and the oldest lease's age, per model, for the metrics.
+    pub(super) fn lease_gauges(&self) -> Vec<(String, u64, u64)> {
+        let now = SystemTime::now();
+        leases::models(&self.layout)
+            .into_iter()
+            .map(|name| {
+                let held = leases::of_model(&self.layout, &name);
+                let oldest = held
+                    .iter()
+                    .filter_map(|h| humantime::parse_rfc3339(&h.since).ok())
+                    .filter_map(|t| now.duration_since(t).ok())
+                    .max()
+                    .map_or(0, |d| d.as_secs());
+                (name.to_string(), held.len() as u64, oldest)
+            })
+            .collect()
     }
 
     /// Removes the revision directories of `name` that the link does not point to and no lease

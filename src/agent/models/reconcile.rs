@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Entry, Models, State, serves_spec};
+use super::{Entry, Models, State, serves_spec, why_not_served};
 use crate::config::agent::ModelSpec;
 
 /// What a change of the configured models did, model by model.
@@ -75,6 +75,20 @@ impl Models {
                 entry.source_kept = true;
                 if fetches_differently(&was, spec) {
                     done.refetched.push(name.clone());
+                    // New readers get what the new settings ask for, or wait for it: a
+                    // revision that does not serve them is no longer handed out (pods
+                    // already reading it keep it through their leases).
+                    let serves = entry.revision.as_ref().is_some_and(|r| {
+                        let dir = self.layout.revision_dir(&spec.name, r);
+                        crate::store::ReadyMarker::read(&dir)
+                            .is_ok_and(|m| why_not_served(spec, &m).is_none())
+                    });
+                    if !serves && entry.revision.is_some() {
+                        entry.state = State::Pending;
+                        entry.revision = None;
+                        entry.verification = None;
+                        entry.warnings.clear();
+                    }
                     match entry.job.take() {
                         Some(job) => restart.push((name.clone(), job)),
                         None => {

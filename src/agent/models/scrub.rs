@@ -1,12 +1,20 @@
 //! Background scrub: re-hashes published models at a bounded rate against the hashes recorded
 //! at publish (the manifest's, or those computed while downloading), because a flipped byte
-//! whose modification time was kept passes every cheap check. A mismatch marks the revision
-//! damaged (so `wait` and `/readyz` stop calling it ready), stages its intact files for the
-//! repair, and starts a job that fetches just the bad files and publishes a new revision
-//! directory atomically.
+//! whose modification time was kept passes every cheap check. It covers the linked revision of
+//! each model and every older revision that pods still lease.
+//!
+//! A mismatch in the linked revision marks it damaged (so `wait` and `/readyz` stop calling it
+//! ready), stages its intact files for the repair, and starts a job that fetches just the bad
+//! files and publishes a new revision directory atomically. A mismatch in a leased older
+//! revision is marked and reported: it cannot be rewritten under the pods that read it.
+//!
+//! Files whose bytes match but whose modification time changed (a `touch`, a backup tool) get
+//! the new time recorded, so the cheap check passes again. The same pass, at full speed, is the
+//! re-verification a reader or the readiness probe starts when a model marked ready is no
+//! longer intact ([`Models::recheck`]).
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,22 +36,30 @@ use crate::verify::hash::{PieceDigest, PieceHasher, combine, piece_count};
 enum ScrubError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("failed to read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
     #[error("stopped")]
     Stopped,
 }
 
-/// One file's fresh hash: its piece digests (for the repair's journal) and their root.
+/// One file's fresh hash: its piece digests (for the repair's journal), their root, and its
+/// modification time before and after the read.
 struct Hashed {
     digests: Vec<PieceDigest>,
     hex: String,
+    mtime_before: Option<u64>,
+    mtime_after: Option<u64>,
+}
+
+/// What a scrub of one revision found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scrubbed {
+    /// Every file matches.
+    Intact,
+    /// Some do not: marked damaged (and, when linked, being repaired).
+    Damaged,
+    /// Someone holds the model, or the revision is gone or already marked: not checked now.
+    Skipped,
 }
 
 impl Models {
@@ -59,7 +75,7 @@ impl Models {
                 .map(|e| e.spec.name.clone())
                 .collect();
             for name in ready {
-                match self.scrub_model(&name, policy, &stop).await {
+                match self.scrub_model(&name, policy.rate, &stop).await {
                     Ok(()) => {}
                     Err(ScrubError::Stopped) => return,
                     Err(e) => {
@@ -75,24 +91,113 @@ impl Models {
         }
     }
 
+    /// Scrubs `name`'s linked revision and every other revision pods lease.
     async fn scrub_model(
         self: &Arc<Self>,
         name: &ModelName,
-        policy: ScrubPolicy,
+        rate: u64,
         stop: &CancellationToken,
     ) -> Result<(), ScrubError> {
+        let linked = self.layout.published_revision(name);
+        if let Some(revision) = &linked {
+            self.scrub_revision(name, revision, true, rate, stop)
+                .await?;
+        }
+        let mut leased: Vec<String> = self
+            .readers(name)
+            .into_iter()
+            .map(|h| h.revision)
+            .filter(|r| Some(r) != linked.as_ref())
+            .collect();
+        leased.sort();
+        leased.dedup();
+        for revision in leased {
+            self.scrub_revision(name, &revision, false, rate, stop)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A model marked ready has no intact revision (a reader or the readiness probe found a
+    /// file changed since publish): re-hash its linked revision now, at full speed. Matching
+    /// bytes are ready again with their new times recorded; changed ones are repaired. One at
+    /// a time per model; the model reads `verifying` meanwhile.
+    pub(super) fn recheck(self: &Arc<Self>, name: &ModelName) {
+        {
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(name.as_str()) else {
+                return;
+            };
+            if entry.rechecking || entry.job.is_some() {
+                return;
+            }
+            entry.rechecking = true;
+            entry.state = State::Verifying;
+        }
+        warn!(model.name = %name, "{name}: marked ready, but a file of its revision changed since publish (size or modification time): verifying it again before anyone reads it");
+        let models = Arc::clone(self);
+        let name = name.clone();
+        tokio::spawn(async move {
+            let linked = models.layout.published_revision(&name);
+            let outcome = match &linked {
+                Some(revision) => {
+                    models
+                        .scrub_revision(&name, revision, true, u64::MAX, &CancellationToken::new())
+                        .await
+                }
+                None => Ok(Scrubbed::Damaged),
+            };
+            let mut entries = models.lock();
+            let Some(entry) = entries.get_mut(name.as_str()) else {
+                return;
+            };
+            entry.rechecking = false;
+            if entry.state != State::Verifying {
+                // The repair took over (state pending, a job fetching the changed files).
+                return;
+            }
+            match outcome {
+                Ok(Scrubbed::Intact) => {
+                    entry.state = State::Ready;
+                    entry.revision = linked;
+                    info!(model.name = %name, "{name}: every byte matches what was published: ready");
+                }
+                Ok(Scrubbed::Skipped) => entry.state = State::Ready,
+                Ok(Scrubbed::Damaged) | Err(_) => {
+                    if let Err(e) = &outcome {
+                        error!(model.name = %name, "{name}: could not verify it again: {}; fetching it again", error_chain(e));
+                    }
+                    entry.state = State::Pending;
+                    entry.revision = None;
+                    if entry.job.is_none() {
+                        models.spawn_job_locked(&mut entries, name.as_str());
+                    }
+                }
+            }
+        });
+    }
+
+    /// Re-hashes one revision directory at `rate` bytes a second. `linked`: a mismatch starts
+    /// a repair; otherwise it is marked and reported.
+    async fn scrub_revision(
+        self: &Arc<Self>,
+        name: &ModelName,
+        dir_name: &str,
+        linked: bool,
+        rate: u64,
+        stop: &CancellationToken,
+    ) -> Result<Scrubbed, ScrubError> {
         // A model someone works on is skipped this pass: its files are changing anyway.
         let TryLock::Held(held) = try_lock(&self.layout, name, "modelcache agent, scrubbing")?
         else {
-            return Ok(());
+            return Ok(Scrubbed::Skipped);
         };
-        let Some(dir_name) = self.layout.published_revision(name) else {
-            return Ok(());
+        let dir = self.layout.revision_dir(name, dir_name);
+        let Ok(mut marker) = ReadyMarker::read(&dir) else {
+            return Ok(Scrubbed::Skipped);
         };
-        let dir = self.layout.revision_dir(name, &dir_name);
-        let mut marker = ReadyMarker::read(&dir)?;
         if !marker.damaged.is_empty() {
-            return Ok(());
+            return Ok(Scrubbed::Skipped);
         }
         let manifest = read_manifest_copy(&dir)?;
         let chunk = self.config.fetch.chunk_size;
@@ -100,39 +205,71 @@ impl Models {
         let mut bytes = 0;
         let mut intact: Vec<(ReadyFile, Hashed)> = Vec::new();
         let mut bad: Vec<String> = Vec::new();
-        for file in &marker.files {
+        let mut retimed = 0;
+        for file in &mut marker.files {
+            let path = dir.join(&file.path);
             let Some(expected) = expected_blake3(manifest.as_ref(), file) else {
+                // Nothing to hash it against: only the cheap check can speak for it.
+                let same = std::fs::metadata(&path).is_ok_and(|m| {
+                    m.is_file()
+                        && m.len() == file.size
+                        && (file.mtime_ns.is_none() || file.mtime_ns == crate::store::mtime_ns(&m))
+                });
+                if !same {
+                    bad.push(file.path.clone());
+                }
                 continue;
             };
-            let path = dir.join(&file.path);
             let stop_reading = stop.clone();
-            let rate = policy.rate;
             let hashed = tokio::task::spawn_blocking(move || {
-                hash_at_rate(&path, chunk, rate, &stop_reading).map_err(|source| {
-                    if stop_reading.is_cancelled() {
-                        ScrubError::Stopped
-                    } else {
-                        ScrubError::Read { path, source }
-                    }
-                })
+                hash_at_rate(&path, chunk, rate, &stop_reading)
             })
             .await
-            .map_err(|_| ScrubError::Stopped)??;
+            .map_err(|_| ScrubError::Stopped)?;
+            let hashed = match hashed {
+                Ok(h) => h,
+                Err(_) if stop.is_cancelled() => return Err(ScrubError::Stopped),
+                // Gone, shorter, unreadable: not what was published.
+                Err(_) => {
+                    bad.push(file.path.clone());
+                    continue;
+                }
+            };
             bytes += file.size;
             self.metrics.scrubbed(file.size);
-            if hashed.hex == expected {
-                intact.push((file.clone(), hashed));
-            } else {
+            if hashed.hex != expected {
                 bad.push(file.path.clone());
+                continue;
             }
+            // Its bytes are the published ones: a new time (a `touch`) is recorded, unless the
+            // file changed while it was read.
+            if hashed.mtime_before == hashed.mtime_after
+                && hashed.mtime_before.is_some()
+                && file.mtime_ns.is_some()
+                && file.mtime_ns != hashed.mtime_before
+            {
+                file.mtime_ns = hashed.mtime_before;
+                retimed += 1;
+            }
+            intact.push((file.clone(), hashed));
         }
         if bad.is_empty() {
-            info!(model.name = %name, phase = "scrub", size_bytes = bytes, "{name}: scrubbed {} in {:.1} s, every file intact", human_bytes(bytes), started.elapsed().as_secs_f64());
-            return Ok(());
+            if retimed > 0 {
+                marker.write(&dir)?;
+                warn!(model.name = %name, revision = %dir_name, "{name}: revision {dir_name}: {retimed} file(s) had a new modification time but the published bytes; recorded the new times");
+            }
+            info!(model.name = %name, revision = %dir_name, phase = "scrub", size_bytes = bytes, "{name}: scrubbed revision {dir_name}, {} in {:.1} s, every file intact", human_bytes(bytes), started.elapsed().as_secs_f64());
+            return Ok(Scrubbed::Intact);
         }
-        error!(model.name = %name, "{name}: the scrub found {} file(s) changed since publish ({}); fetching just those again", bad.len(), bad.join(", "));
         self.metrics
             .scrub_mismatches(u64::try_from(bad.len()).unwrap_or(u64::MAX));
+        if !linked {
+            error!(model.name = %name, revision = %dir_name, "{name}: revision {dir_name}, which pods still read, has {} file(s) changed since publish ({}); it is marked damaged (it cannot be repaired under its readers: restart them to read the current revision)", bad.len(), bad.join(", "));
+            marker.damaged.clone_from(&bad);
+            marker.write(&dir)?;
+            return Ok(Scrubbed::Damaged);
+        }
+        error!(model.name = %name, "{name}: the scrub found {} file(s) changed since publish ({}); fetching just those again", bad.len(), bad.join(", "));
         let checked = marker.verification == Verification::Md5;
         stage_repair(&self.layout, name, &dir, &intact, chunk, checked)?;
         marker.damaged.clone_from(&bad);
@@ -142,6 +279,7 @@ impl Models {
         if let Some(entry) = entries.get_mut(name.as_str()) {
             // Its bytes are wrong: not ready until repaired.
             entry.state = State::Pending;
+            entry.revision = None;
             entry.last_error = Some(format!(
                 "the scrub found {} file(s) changed since publish ({}); re-fetching them",
                 bad.len(),
@@ -151,7 +289,7 @@ impl Models {
                 self.spawn_job_locked(&mut entries, name.as_str());
             }
         }
-        Ok(())
+        Ok(Scrubbed::Damaged)
     }
 }
 
@@ -164,7 +302,9 @@ fn hash_at_rate(
     stop: &CancellationToken,
 ) -> std::io::Result<Hashed> {
     let mut file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
+    let meta = file.metadata()?;
+    let size = meta.len();
+    let mtime_before = crate::store::mtime_ns(&meta);
     let count = piece_count(size, chunk);
     let started = Instant::now();
     let mut read_total: u64 = 0;
@@ -185,16 +325,24 @@ fn hash_at_rate(
             hasher.update(&buf[..n]);
             left -= n as u64;
             read_total += n as u64;
-            #[expect(clippy::cast_precision_loss, reason = "a pacing delay")]
-            let due = Duration::from_secs_f64(read_total as f64 / rate.max(1) as f64);
-            if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(ahead);
+            if rate < u64::MAX {
+                #[expect(clippy::cast_precision_loss, reason = "a pacing delay")]
+                let due = Duration::from_secs_f64(read_total as f64 / rate.max(1) as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
             }
         }
         digests.push(hasher.finish());
     }
     let hex = combine(&digests).to_hex().to_string();
-    Ok(Hashed { digests, hex })
+    let mtime_after = crate::store::mtime_ns(&file.metadata()?);
+    Ok(Hashed {
+        digests,
+        hex,
+        mtime_before,
+        mtime_after,
+    })
 }
 
 /// Links the intact files of a damaged revision into `staging/NAME` and journals their ranges,
