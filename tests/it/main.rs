@@ -15,6 +15,7 @@ mod memory;
 mod nodeboot;
 mod operator;
 mod podns;
+mod principals;
 mod properties;
 mod proxy;
 mod resume;

@@ -789,3 +789,56 @@ pub fn make_shared_mount(dir: &Path) {
         assert!(status.success(), "mount {args:?}");
     }
 }
+
+/// A node's pods as the agent judges them: a cgroup tree shaped like the kubelet's (systemd
+/// driver) and the kubelet's pod directories, in a temporary directory. A pod runs while its
+/// cgroup exists; its directory stays after it stops, until the pod is deleted.
+pub struct FakeNode {
+    dir: tempfile::TempDir,
+}
+
+impl FakeNode {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(
+            dir.path()
+                .join("cgroup/kubepods.slice/kubepods-besteffort.slice"),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("pods")).unwrap();
+        Self { dir }
+    }
+
+    /// A fresh pod UID (an RFC 4122 UUID, as Kubernetes makes them).
+    pub fn uid(n: u32) -> String {
+        format!("4b0c2a36-9f5e-4b8e-8a63-{n:012x}")
+    }
+
+    fn cgroup(&self, uid: &str) -> PathBuf {
+        self.dir.path().join(format!(
+            "cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ))
+    }
+
+    /// The pod starts: its cgroup and its kubelet directory appear.
+    pub fn start(&self, uid: &str) {
+        std::fs::create_dir_all(self.cgroup(uid)).unwrap();
+        std::fs::create_dir_all(self.dir.path().join("pods").join(uid)).unwrap();
+    }
+
+    /// The pod's containers have all stopped (a Job succeeded, an eviction): the kubelet
+    /// removes its cgroup and keeps its directory until the pod object is deleted.
+    pub fn stop(&self, uid: &str) {
+        std::fs::remove_dir(self.cgroup(uid)).unwrap();
+    }
+
+    /// The agent's `[leases]` section for this node, checked every second.
+    pub fn leases_config(&self) -> String {
+        format!(
+            "[leases]\ncgroup_root = \"{}\"\npods_dir = \"{}\"\ncheck_interval = \"1s\"\n",
+            self.dir.path().join("cgroup").display(),
+            self.dir.path().join("pods").display()
+        )
+    }
+}

@@ -201,6 +201,19 @@ impl Models {
                     return Ok(());
                 }
                 Decision::OverBudget { needed, available } => {
+                    let kept: Vec<String> = snapshot
+                        .candidates
+                        .iter()
+                        .filter(|c| c.pinned || c.busy)
+                        .map(|c| {
+                            format!(
+                                "{:?} ({})",
+                                c.what,
+                                if c.pinned { "pinned" } else { "in use or read" }
+                            )
+                        })
+                        .collect();
+                    info!(model.name = %for_model, "{for_model} does not fit: kept {}", kept.join(", "));
                     return Err(PrefetchError::OverBudget { needed, available });
                 }
                 Decision::Reclaim(items) => {

@@ -264,6 +264,9 @@ impl Models {
             }
         }
         self.drop_ended_leases();
+        // One budget decision or this pass at a time: this pass holds each model's lock for a
+        // moment, and a decision must not take that for a model in use and give up on it.
+        let _no_budget_decision = self.budget.lock().unwrap_or_else(|p| p.into_inner());
         for name in super::budget::model_dirs(&self.layout.root().join("store")) {
             if let Err(e) = self.remove_unread_revisions(&name) {
                 warn!(model.name = %name, "{name}: could not remove its old revisions: {}", error_chain(&e));

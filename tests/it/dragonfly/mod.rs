@@ -293,17 +293,10 @@ fn a_peer_serving_a_flipped_byte_is_caught_and_the_file_fetched_directly() {
     let (cache_a, cache_b) = (f.cache("a"), f.cache("b"));
     f.seed_node_a(&a, &cache_a);
 
-    // A's copy of one shard in its dfdaemon storage (the published file's other name: break the
-    // link first, so A's own model is left alone), altered near its end with four more bytes
+    // A's copy of one shard in its dfdaemon storage, altered near its end with four more bytes
     // that keep the piece's CRC32.
     let shard = "model-00007-of-00014.safetensors";
-    let published_a = published(&cache_a).join(shard);
-    let inode = std::fs::metadata(&published_a).unwrap().ino();
-    let stored = files_under(&a.dir.join("storage"))
-        .into_iter()
-        .map(|f| a.dir.join("storage").join(f))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == inode))
-        .unwrap_or_else(|| panic!("A's dfdaemon holds no hard link of {shard}"));
+    let stored = stored_copy(&a, &published(&cache_a).join(shard));
     let mut bytes = std::fs::read(&stored).unwrap();
     let crc_before = crc32fast::hash(&bytes);
     forge_same_crc(&mut bytes);
@@ -343,6 +336,70 @@ fn a_peer_serving_a_flipped_byte_is_caught_and_the_file_fetched_directly() {
     );
     assert_published_identical(f.model.source.path(), &published(&cache_b));
     assert_published_identical(f.model.source.path(), &published(&cache_a));
+}
+
+/// The file in `daemon`'s storage that holds the same bytes as `published`.
+fn stored_copy(daemon: &Daemon, published: &Path) -> PathBuf {
+    let want = std::fs::read(published).unwrap();
+    files_under(&daemon.dir.join("storage"))
+        .into_iter()
+        .map(|f| daemon.dir.join("storage").join(f))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.len() == want.len() as u64)
+                && std::fs::read(p).is_ok_and(|b| b == want)
+        })
+        .unwrap_or_else(|| panic!("dfdaemon holds no copy of {}", published.display()))
+}
+
+/// Issue 25: dfdaemon keeps its storage writable on the node network's side. Once a file came
+/// through it, anything that writes its task file (a re-download into a kept task, a hostile
+/// peer's bytes, a compromised dfdaemon) used to change the published bytes, which share that
+/// inode, and could put the modification time back so no cheap check saw it. Now the
+/// published file is a clone in an inode of the agent's own: rewriting the task file in place,
+/// time restored, leaves the published bytes and their verification as they were.
+#[test]
+fn issue25_a_task_file_rewritten_after_publish_never_reaches_the_published_bytes() {
+    let Some(f) = fleet() else { return };
+    let a = f.daemon("node-a", "10GiB");
+    let cache_a = f.cache("a");
+    let s = f.seed_node_a(&a, &cache_a);
+    assert_eq!(s["dragonfly"]["fallbacks"], 0, "{s}");
+    let shard = "model-00004-of-00014.safetensors";
+    let published_shard = published(&cache_a).join(shard);
+    let stored = stored_copy(&a, &published_shard);
+    let (ours, theirs) = (
+        std::fs::metadata(&published_shard).unwrap(),
+        std::fs::metadata(&stored).unwrap(),
+    );
+    assert_ne!(
+        ours.ino(),
+        theirs.ino(),
+        "the published file is dfdaemon's inode"
+    );
+    assert_eq!(ours.nlink(), 1, "the published file has another name");
+
+    // Rewritten in place, in the same inode, the modification time put back to the nanosecond.
+    let mut bytes = std::fs::read(&stored).unwrap();
+    forge_same_crc(&mut bytes);
+    let mtime = theirs.modified().unwrap();
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stored)
+            .unwrap();
+        file.write_all(&bytes).unwrap();
+        file.sync_all().unwrap();
+        file.set_modified(mtime).unwrap();
+    }
+    assert_eq!(std::fs::metadata(&stored).unwrap().ino(), theirs.ino());
+    assert_eq!(
+        std::fs::metadata(&stored).unwrap().modified().unwrap(),
+        mtime
+    );
+    assert_published_identical(f.model.source.path(), &published(&cache_a));
+    let v = verify_model(&cache_a);
+    assert!(v.status.success(), "verify: {}", stderr(&v));
 }
 
 /// Flips a byte 64 bytes before the end and sets the four bytes after it so that the CRC32 of
