@@ -911,6 +911,112 @@ fn bench_dragonfly(shard_mb: usize) {
     }
 }
 
+/// What taking dfdaemon's files into the agent's own inodes costs: the clone (or copy) and the
+/// read of the clone for its hash, against hashing dfdaemon's file in place as before, on XFS
+/// with reflinks and ext4 (loop devices, root only) and tmpfs.
+fn bench_take(file_mb: usize) {
+    use modelcache::store::take;
+    use modelcache::verify::hash::{hash_file_pieces, piece_count};
+    let size = (file_mb as u64) << 20;
+    let chunk: u64 = 64 << 20;
+    let pieces: Vec<u64> = (0..piece_count(size, chunk)).collect();
+    println!(
+        "\n## Taking dfdaemon's files\n\n### {file_mb} MiB file, 64 MiB pieces, hashed on 2 threads (median of {REPS})\n"
+    );
+    println!(
+        "| filesystem | hash dfdaemon's file in place, as written (before) | take: clone or copy into the agent's inode | hash the agent's file (after) | method | after / before |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut kinds: Vec<(&str, Option<&str>)> = vec![("tmpfs", None)];
+    if support::is_root() {
+        kinds.insert(0, ("ext4 (loop device)", Some("ext4")));
+        kinds.insert(0, ("XFS, reflink=1 (loop device)", Some("xfs")));
+    }
+    for (label, mkfs) in kinds {
+        let mount = tempfile::tempdir_in(if mkfs.is_some() { "/tmp" } else { "/dev/shm" })
+            .unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        let device = match mkfs {
+            Some(fs) => {
+                let Some(device) = support::LoopDevice::new((file_mb as u64) * 3 + 600) else {
+                    continue;
+                };
+                let mut cmd = std::process::Command::new(format!("mkfs.{fs}"));
+                if fs == "xfs" {
+                    cmd.args(["-q", "-f", "-m", "reflink=1"]);
+                } else {
+                    cmd.args(["-q", "-F"]);
+                }
+                assert!(cmd.arg(&device.path).status().unwrap().success());
+                let mounted = std::process::Command::new("mount")
+                    .arg(&device.path)
+                    .arg(mount.path())
+                    .status()
+                    .unwrap();
+                assert!(mounted.success());
+                Some(device)
+            }
+            None => None,
+        };
+        let (mut before, mut cloning, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        let mut method = String::new();
+        for round in 0..REPS {
+            let theirs_dir = mount.path().join(format!("theirs-{round}"));
+            std::fs::create_dir_all(&theirs_dir).unwrap();
+            let theirs = theirs_dir.join("0.part");
+            let mut data = vec![0u8; 1 << 20];
+            {
+                let f = File::create(&theirs).unwrap();
+                for i in 0..file_mb as u64 {
+                    data.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = ((i + j as u64) % 251) as u8);
+                    f.write_all_at(&data, i << 20).unwrap();
+                }
+                f.sync_all().unwrap();
+            }
+            let started = Instant::now();
+            hash_file_pieces(&theirs, &pieces, chunk, size, 2).unwrap();
+            before.push(started.elapsed().as_secs_f64());
+            let ours_path = mount.path().join(format!("ours-{round}"));
+            let started = Instant::now();
+            let from = take::open_regular(&theirs_dir, "0.part").unwrap();
+            let ours = take::create_own(&ours_path, size).unwrap();
+            let mut methods = Vec::new();
+            for &p in &pieces {
+                let start = p * chunk;
+                methods
+                    .push(take::clone_range(&from, &ours, start, chunk.min(size - start)).unwrap());
+            }
+            ours.sync_all().unwrap();
+            cloning.push(started.elapsed().as_secs_f64());
+            method = methods[0].to_string();
+            let started = Instant::now();
+            hash_file_pieces(&ours_path, &pieces, chunk, size, 2).unwrap();
+            after.push(started.elapsed().as_secs_f64());
+            let _ = std::fs::remove_dir_all(&theirs_dir);
+            let _ = std::fs::remove_file(&ours_path);
+        }
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (b, c, a) = (med(before), med(cloning), med(after));
+        let gbs = |t: f64| size as f64 / 1e9 / t;
+        println!(
+            "| {label} | {b:.2} s ({:.2} GB/s) | {c:.3} s | {a:.2} s ({:.2} GB/s) | {method} | {:.2}× |",
+            gbs(b),
+            gbs(a),
+            (c + a) / b
+        );
+        if device.is_some() {
+            let _ = std::process::Command::new("umount")
+                .arg(mount.path())
+                .status();
+        }
+        drop(device);
+    }
+}
+
 /// Kills the child when dropped, also when the benchmark panics.
 struct ChildGuard(std::process::Child);
 
@@ -966,6 +1072,9 @@ fn main() {
     }
     if only.is_empty() || only == "dragonfly" {
         bench_dragonfly(env_usize("MODELCACHE_BENCH_DRAGONFLY_SHARD_MB", 64));
+    }
+    if only.is_empty() || only == "take" {
+        bench_take(env_usize("MODELCACHE_BENCH_TAKE_MB", 1024));
     }
     if only.is_empty() || only == "azurite" {
         bench_azurite(env_usize("MODELCACHE_BENCH_AZURITE_SHARD_MB", 8));

@@ -349,13 +349,15 @@ async fn model_ready(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<ModelStatus>), ApiError> {
-    let status = state
-        .models
-        .get(&name)
+    let models = Arc::clone(&state.models);
+    let asked = name.clone();
+    let (ready, status) = tokio::task::spawn_blocking(move || models.ready_now(&asked))
+        .await
+        .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))?
         .ok_or_else(|| ApiError::model_not_found(&name))?;
     // Not a use for eviction: anyone on the node network may ask, and polling must not keep a
     // model cached ahead of those really used.
-    let code = if status.state == super::models::State::Ready {
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -342,8 +342,9 @@ pub struct FetchArgs {
     /// [default: 20s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "dragonfly_socket")]
     pub dragonfly_grace: Option<Duration>,
-    /// With --dragonfly-socket: `pieces` hashes each piece as dfdaemon reports it written;
-    /// `after` reads each file once when dfdaemon is done [default: pieces].
+    /// With --dragonfly-socket: `pieces` clones each piece dfdaemon reports written into
+    /// modelcache's own file and hashes it there; `after` clones and hashes each file once
+    /// dfdaemon is done [default: pieces].
     #[arg(long, value_name = "WHEN", value_parser = ["pieces", "after"], requires = "dragonfly_socket")]
     pub dragonfly_hash: Option<String>,
 }

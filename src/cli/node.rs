@@ -62,6 +62,15 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
                 models.join(", ")
             }
         );
+        println!(
+            "leases: {}",
+            crate::agent::pods::Pods::new(
+                &config.leases.cgroup_root,
+                &config.proc_root,
+                &config.leases.pods_dir
+            )
+            .describe()
+        );
         if let Some(d) = &config.fetch.dragonfly {
             match &d.exchange {
                 Some(x) => println!(

@@ -732,7 +732,7 @@ impl AgentConfig {
                             return Err(InvalidValue::new(
                                 "fetch.dragonfly.hash",
                                 other,
-                                "expected pieces (hash each piece as dfdaemon writes it) or after (read the file once when it is done)",
+                                "expected pieces (clone and hash each piece as dfdaemon writes it) or after (clone and hash the file once it is done)",
                             )
                             .into());
                         }

@@ -163,8 +163,8 @@ pub struct DragonflyOptions {
     pub min_rate: u64,
     /// How long a file may take to reach `min_rate`.
     pub grace: Duration,
-    /// Hash each piece as dfdaemon reports it written (on: no second read of the file), or
-    /// read the whole file once when dfdaemon is done.
+    /// Clone each piece dfdaemon reports written into modelcache's own file and hash it there
+    /// (on), or clone and hash the whole file once dfdaemon is done.
     pub hash_pieces: bool,
     /// Where dfdaemon writes files for modelcache, when it sees the cache filesystem under
     /// another path than modelcache does (another pod); `None`: straight into staging.

@@ -601,18 +601,36 @@ impl Models {
         };
         let mut ready = true;
         for (name, state, revision) in pinned {
-            let intact = revision.is_some_and(|r| {
-                let dir = self.layout.revision_dir(&name, &r);
-                ReadyMarker::read(&dir).is_ok_and(|m| m.files_present(&dir))
-            });
-            if state != State::Ready {
+            if state != State::Ready || !self.still_intact(&name, revision.as_deref()) {
                 ready = false;
-            } else if !intact {
-                ready = false;
-                self.recheck(&name);
             }
         }
         (ready, states)
+    }
+
+    /// Whether a model marked ready still is: its revision's files have the sizes and times
+    /// recorded at publish. One that does not is re-verified (see [`Models::recheck`]).
+    fn still_intact(self: &Arc<Self>, name: &ModelName, revision: Option<&str>) -> bool {
+        let intact = revision.is_some_and(|r| {
+            let dir = self.layout.revision_dir(name, r);
+            ReadyMarker::read(&dir).is_ok_and(|m| m.files_present(&dir))
+        });
+        if !intact {
+            self.recheck(name);
+        }
+        intact
+    }
+
+    /// `GET /v1/models/NAME/ready`: the status, and whether the model is ready by the check a
+    /// reader meets (marked ready, and its files intact).
+    pub fn ready_now(self: &Arc<Self>, name: &str) -> Option<(bool, ModelStatus)> {
+        let status = self.get(name)?;
+        let ready = status.state == State::Ready
+            && ModelName::new(name)
+                .is_ok_and(|n| self.still_intact(&n, status.revision.as_deref()));
+        // The re-check may have changed the state already.
+        let status = if ready { status } else { self.get(name)? };
+        Some((ready, status))
     }
 
     /// Counters and gauges for `/metrics`.
