@@ -960,9 +960,10 @@ fn bench_take(file_mb: usize) {
         let (mut before, mut cloning, mut after) = (Vec::new(), Vec::new(), Vec::new());
         let mut method = String::new();
         for round in 0..REPS {
-            let theirs_dir = mount.path().join(format!("theirs-{round}"));
-            std::fs::create_dir_all(&theirs_dir).unwrap();
-            let theirs = theirs_dir.join("0.part");
+            let theirs_dir =
+                take::ForeignDir::open(mount.path(), Path::new(&format!("theirs-{round}")))
+                    .unwrap();
+            let theirs = theirs_dir.path().join("0.part");
             let mut data = vec![0u8; 1 << 20];
             {
                 let f = File::create(&theirs).unwrap();
@@ -979,7 +980,7 @@ fn bench_take(file_mb: usize) {
             before.push(started.elapsed().as_secs_f64());
             let ours_path = mount.path().join(format!("ours-{round}"));
             let started = Instant::now();
-            let from = take::open_regular(&theirs_dir, "0.part").unwrap();
+            let from = theirs_dir.open_regular("0.part").unwrap();
             let ours = take::create_own(&ours_path, size).unwrap();
             let mut methods = Vec::new();
             for &p in &pieces {
@@ -993,7 +994,7 @@ fn bench_take(file_mb: usize) {
             let started = Instant::now();
             hash_file_pieces(&ours_path, &pieces, chunk, size, 2).unwrap();
             after.push(started.elapsed().as_secs_f64());
-            let _ = std::fs::remove_dir_all(&theirs_dir);
+            let _ = std::fs::remove_dir_all(theirs_dir.path());
             let _ = std::fs::remove_file(&ours_path);
         }
         let med = |mut v: Vec<f64>| {

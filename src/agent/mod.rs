@@ -151,6 +151,7 @@ pub async fn serve(
         read,
         http::read_router(state.clone(), config.token.clone().map(auth::Bearer::new)),
         config.max_connections,
+        true,
         stop.clone(),
     );
     let readers = (state.clone(), config.max_connections);
@@ -158,6 +159,7 @@ pub async fn serve(
         admin,
         http::admin_router(state),
         config.max_connections,
+        true,
         stop.clone(),
     );
     let mut servers = tokio::spawn(async move { tokio::try_join!(read_server, admin_server) });
@@ -306,7 +308,9 @@ async fn settle_disks(
                 tokio::spawn(async move {
                     let _file = file;
                     let router = http::readers_router(readers_state);
-                    if let Err(e) = serve::serve(listener, router, max_connections, stop).await {
+                    if let Err(e) =
+                        serve::serve(listener, router, max_connections, false, stop).await
+                    {
                         tracing::error!("the readers' socket failed: {e}");
                     }
                 });

@@ -79,11 +79,14 @@ impl Accept for UnixListener {
 }
 
 /// Serves `router` on `listener` until `stop` fires, then lets requests in flight finish
-/// (briefly). At most `max_connections` connections are served at once.
+/// (briefly). At most `max_connections` connections are served at once. Without `keep_alive`
+/// each connection serves one request (the readers' socket: a peer's process is looked up for
+/// the request it connected for, not for later ones).
 pub async fn serve<L: Accept>(
     listener: L,
     router: Router,
     max_connections: usize,
+    keep_alive: bool,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -122,7 +125,8 @@ pub async fn serve<L: Accept>(
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT);
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(keep_alive);
         let connection =
             graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {

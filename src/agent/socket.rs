@@ -17,8 +17,10 @@ use tracing::info;
 
 /// Why the admin socket could not be served.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot serve the admin socket {path} (listen.admin): {problem}")]
+#[error("cannot serve {which} {path}: {problem}")]
 pub struct SocketError {
+    /// Which socket: the admin socket (`listen.admin`) or the readers' socket.
+    pub which: &'static str,
     /// The socket's path.
     pub path: PathBuf,
     /// What is wrong, and what to do.
@@ -36,6 +38,7 @@ pub struct SocketFile {
 /// replaces a stale socket a dead agent left, and binds with mode 0600.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     let fail = |problem: String| SocketError {
+        which: "the admin socket (listen.admin)",
         path: path.to_path_buf(),
         problem,
     };
@@ -72,6 +75,30 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
             meta.mode() & 0o7777
         );
     }
+    // The directory is already owner-only; the socket's own mode says the same for anyone who
+    // is handed the path through another mount.
+    replace_and_bind(path, 0o600, "the admin socket (listen.admin)")
+}
+
+/// Binds the readers' socket in the cache root: any process that mounts the cache may connect
+/// (mode 0666; connect(2) works through a read-only mount), since the agent identifies each
+/// reader's pod from the connecting process and serves only the read routes there.
+pub fn bind_readers(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
+    replace_and_bind(path, 0o666, "the readers' socket")
+}
+
+/// Binds a socket at `path` with `mode`, replacing a stale one a killed agent left (nobody
+/// answers it); a live one, or anything that is not a socket, is refused.
+fn replace_and_bind(
+    path: &Path,
+    mode: u32,
+    which: &'static str,
+) -> Result<(UnixListener, SocketFile), SocketError> {
+    let fail = |problem: String| SocketError {
+        which,
+        path: path.to_path_buf(),
+        problem,
+    };
     match std::fs::symlink_metadata(path) {
         Ok(existing) if existing.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -79,7 +106,6 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
                     "another agent is serving on it; stop that one first".into(),
                 ));
             }
-            // Nobody answers: a socket a killed agent left behind.
             std::fs::remove_file(path)
                 .map_err(|e| fail(format!("removing the stale socket: {e}")))?;
         }
@@ -92,45 +118,8 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
         Err(e) => return Err(fail(format!("reading it: {e}"))),
     }
     let listener = UnixListener::bind(path).map_err(|e| fail(format!("binding: {e}")))?;
-    // The directory is already owner-only; the socket's own mode says the same for anyone who
-    // is handed the path through another mount.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| fail(format!("making it owner-only: {e}")))?;
-    let inode = std::fs::symlink_metadata(path).ok().map(|m| m.ino());
-    Ok((
-        listener,
-        SocketFile {
-            path: path.to_path_buf(),
-            inode,
-        },
-    ))
-}
-
-/// Binds the readers' socket in the cache root: any process that mounts the cache may connect
-/// (mode 0666; connect(2) works through a read-only mount), since the agent identifies each
-/// reader's pod from the connecting process and serves only the read routes there. The cache
-/// root is the agent's, so whatever socket a dead agent left there is replaced.
-pub fn bind_readers(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
-    let fail = |problem: String| SocketError {
-        path: path.to_path_buf(),
-        problem,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(existing) if existing.file_type().is_socket() => {
-            std::fs::remove_file(path)
-                .map_err(|e| fail(format!("removing the socket an earlier agent left: {e}")))?;
-        }
-        Ok(_) => {
-            return Err(fail(
-                "something that is not a socket is there; remove it".into(),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("reading it: {e}"))),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| fail(format!("binding: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| fail(format!("making it connectable: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| fail(format!("setting its mode to {mode:o}: {e}")))?;
     let inode = std::fs::symlink_metadata(path).ok().map(|m| m.ino());
     Ok((
         listener,

@@ -173,8 +173,8 @@ pub struct DragonflyOptions {
 
 /// One directory on the cache filesystem under the two paths its two users know it by. dfdaemon
 /// hard-links each file it downloads into `dfdaemon_dir`, which must be on the same mount as
-/// its storage; modelcache reads the file at `local_dir` and renames it into staging, which
-/// must be on the same mount as `local_dir`.
+/// its storage; modelcache reaches it at `local_dir` (without following links) and clones each
+/// file from there into staging, which must be on the same filesystem for a reflink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exchange {
     /// The directory as dfdaemon sees it.

@@ -23,7 +23,7 @@ use super::pieces::{Engine, Finished};
 use super::plan::Plan;
 use crate::config::{DragonflyOptions, human_bytes};
 use crate::dragonfly::{Dfdaemon, DragonflyError, Event, Origin, TaskRequest};
-use crate::store::take::Method;
+use crate::store::take::{ForeignDir, Method};
 use crate::store::{Layout, ModelName};
 use crate::verify::hash::{PieceDigest, combine, hash_file_pieces, hash_piece_at, piece_count};
 use crate::verify::manifest::ManifestEntry;
@@ -146,23 +146,37 @@ pub(super) async fn fetch_through_dragonfly(
         }
     }
 
-    // Files dfdaemon is writing live here until verified; an earlier run's are unverified.
-    let (dir, dfdaemon_dir) = match &options.exchange {
-        Some(x) => (
-            x.local_dir.join(name.as_str()),
-            x.dfdaemon_dir.join(name.as_str()),
-        ),
+    // Where dfdaemon writes: a directory it can write (its own storage's `modelcache/`, or
+    // one in the model's staging), so it is reached without following a link and used only
+    // through its descriptor.
+    let opened = match &options.exchange {
+        Some(x) => match x.local_dir.strip_prefix(layout.root()) {
+            Ok(relative) => ForeignDir::open(layout.root(), relative)
+                .map(|d| (d, x.dfdaemon_dir.clone()))
+                .map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the exchange directory {} is not on the cache filesystem under {}",
+                x.local_dir.display(),
+                layout.root().display()
+            )),
+        },
         None => {
-            let dir = layout.staging_dir(name).join("dragonfly");
-            (dir.clone(), dir)
+            let staging = layout.staging_dir(name);
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| PrefetchError::local("create", staging.clone(), e))?;
+            ForeignDir::open(&staging, Path::new("dragonfly"))
+                .map(|d| (d, staging.join("dragonfly")))
+                .map_err(|e| e.to_string())
         }
     };
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(PrefetchError::local("remove", dir, e)),
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| PrefetchError::local("create", dir.clone(), e))?;
+    let (theirs, dfdaemon_dir) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            all_direct(format!("dfdaemon's output directory cannot be used: {e}"));
+            return Ok(());
+        }
+    };
+    let theirs = Arc::new(theirs);
     info!(
         model.name = %name,
         files = wanted.len(),
@@ -188,9 +202,10 @@ pub(super) async fn fetch_through_dragonfly(
     let results: Vec<Result<(), PrefetchError>> = futures::stream::iter(wanted.iter().cloned())
         .map(|(index, entry)| {
             let (engine, client) = (Arc::clone(engine), client.clone());
-            let theirs_name = format!("{index}.part");
+            // Named after the model too: one exchange directory serves every model.
+            let theirs_name = format!("{name}.{index}.part");
             let output = dfdaemon_dir.join(&theirs_name);
-            let dir = dir.clone();
+            let theirs = Arc::clone(&theirs);
             async move {
                 let Some(slot) = engine.files.get(index) else {
                     return Err(PrefetchError::Internal("dragonfly: unknown file".into()));
@@ -208,7 +223,7 @@ pub(super) async fn fetch_through_dragonfly(
                         .map_err(|e| PrefetchError::local("create", parent.to_path_buf(), e))?;
                 }
                 let paths = Paths {
-                    theirs_dir: &dir,
+                    theirs: Arc::clone(&theirs),
                     theirs_name: theirs_name.clone(),
                     output,
                     ours: ours.clone(),
@@ -258,7 +273,7 @@ pub(super) async fn fetch_through_dragonfly(
                 };
                 // Neither is left behind (adopted, ours was renamed): dfdaemon keeps the task
                 // in its own storage, and an unverified clone must not outlive this pass.
-                let _ = std::fs::remove_file(dir.join(&theirs_name));
+                theirs.remove(&theirs_name);
                 let _ = std::fs::remove_file(&ours);
                 result
             }
@@ -269,15 +284,14 @@ pub(super) async fn fetch_through_dragonfly(
     ticker.abort();
     let _ = ticker.await;
     super::download::write_progress(&progress_file, &engine.progress);
-    let _ = std::fs::remove_dir(&dir);
     results.into_iter().collect()
 }
 
 /// Where one file goes on its way in: dfdaemon's output (a name in a directory dfdaemon can
 /// write) and modelcache's own file (in staging, only modelcache writes there).
-struct Paths<'a> {
-    /// The directory dfdaemon writes into, as modelcache sees it.
-    theirs_dir: &'a Path,
+struct Paths {
+    /// The directory dfdaemon writes into, as modelcache reaches it.
+    theirs: Arc<ForeignDir>,
     /// The file's name there.
     theirs_name: String,
     /// The same file as dfdaemon sees it (its `output_path`).
@@ -294,7 +308,7 @@ async fn fetch_one(
     client: &Dfdaemon,
     index: usize,
     entry: &ManifestEntry,
-    paths: &Paths<'_>,
+    paths: &Paths,
     chunk: u64,
     options: &DragonflyOptions,
 ) -> Result<(Vec<PieceDigest>, Duration, Taken), Fallback> {
@@ -314,7 +328,7 @@ async fn fetch_one(
         .ok()
         .flatten()
         .ok_or(DragonflyError::Protocol("no URL for this file".into()))?;
-    let _ = std::fs::remove_file(paths.theirs_dir.join(&paths.theirs_name));
+    paths.theirs.remove(&paths.theirs_name);
     let ours = {
         let (path, size) = (paths.ours.clone(), size);
         tokio::task::spawn_blocking(move || crate::store::take::create_own(&path, size))
@@ -387,7 +401,7 @@ async fn fetch_one(
                         // left to the pass at the end; the file's BLAKE3 decides either way.
                         if *got == chunk_len(c) && options.hash_pieces {
                             let (dir, name, ours) = (
-                                paths.theirs_dir.to_path_buf(),
+                                Arc::clone(&paths.theirs),
                                 paths.theirs_name.clone(),
                                 Arc::clone(&ours),
                             );
@@ -432,22 +446,22 @@ async fn fetch_one(
         .collect();
     if !missing.is_empty() {
         let (dir, name, ours_file, ours_path) = (
-            paths.theirs_dir.to_path_buf(),
+            Arc::clone(&paths.theirs),
             paths.theirs_name.clone(),
             Arc::clone(&ours),
             paths.ours.clone(),
         );
         let threads = std::thread::available_parallelism().map_or(2, usize::from);
         let (hashed, late) = tokio::task::spawn_blocking(move || -> Result<_, Fallback> {
-            let theirs = crate::store::take::open_regular(&dir, &name)?;
-            crate::store::take::holds(&theirs, &dir.join(&name), size)?;
+            let theirs = dir.open_regular(&name)?;
+            crate::store::take::holds(&theirs, &dir.path().join(&name), size)?;
             let mut late = Taken::default();
             for &c in &missing {
                 let start = c * chunk;
                 let len = chunk.min(size - start);
                 let method = crate::store::take::clone_range(&theirs, &ours_file, start, len)
                     .map_err(|source| Fallback::Read {
-                        path: dir.join(&name),
+                        path: dir.path().join(&name),
                         source,
                     })?;
                 late.count(method, len);
@@ -514,19 +528,20 @@ impl Taken {
 
 /// Takes piece `start..end` of dfdaemon's file into modelcache's own and hashes it there.
 fn take_piece(
-    dir: &Path,
+    dir: &ForeignDir,
     name: &str,
     ours: &std::fs::File,
     start: u64,
     end: u64,
     size: u64,
 ) -> Result<(PieceDigest, Method), Fallback> {
-    let theirs = crate::store::take::open_regular(dir, name)?;
-    crate::store::take::holds(&theirs, &dir.join(name), end)?;
+    let path = || dir.path().join(name);
+    let theirs = dir.open_regular(name)?;
+    crate::store::take::holds(&theirs, &path(), end)?;
     let method =
         crate::store::take::clone_range(&theirs, ours, start, end - start).map_err(|source| {
             Fallback::Read {
-                path: dir.join(name),
+                path: path(),
                 source,
             }
         })?;
@@ -534,7 +549,7 @@ fn take_piece(
     let mut buf = vec![0u8; (1 << 20).min(usize::try_from(end - start).unwrap_or(1 << 20))];
     let digest =
         hash_piece_at(ours, start, end, size, &mut buf).map_err(|source| Fallback::Read {
-            path: dir.join(name),
+            path: path(),
             source,
         })?;
     Ok((digest, method))

@@ -132,8 +132,10 @@ fn is_published_inode(
     let Some(revision) = layout.published_revision(name) else {
         return false;
     };
-    std::fs::symlink_metadata(layout.revision_dir(name, &revision).join(path))
-        .is_ok_and(|p| p.is_file() && p.dev() == meta.dev() && p.ino() == meta.ino())
+    // Two names exactly: the published one and this partial, nobody else's.
+    meta.nlink() == 2
+        && std::fs::symlink_metadata(layout.revision_dir(name, &revision).join(path))
+            .is_ok_and(|p| p.is_file() && p.dev() == meta.dev() && p.ino() == meta.ino())
 }
 
 fn remove_if_present(path: &std::path::Path) -> Result<(), PrefetchError> {

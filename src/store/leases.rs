@@ -122,14 +122,31 @@ fn dir(layout: &Layout, name: &ModelName) -> PathBuf {
 }
 
 fn read_record(path: &std::path::Path) -> Option<Record> {
+    read_existing(path).ok().flatten()
+}
+
+/// The record at `path`: `None` when there is none; an error when one is there but cannot be
+/// read whole (a write must never replace it with less than it holds).
+fn read_existing(path: &std::path::Path) -> Result<Option<Record>, StoreError> {
     use std::io::Read as _;
-    let file = std::fs::File::open(path).ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("open", path)(e)),
+    };
+    let meta = file.metadata().map_err(StoreError::io("stat", path))?;
+    if !meta.is_file() || meta.len() > RECORD_LIMIT {
+        return Err(StoreError::io("read", path)(std::io::Error::other(
+            format!("not a lease record of at most {RECORD_LIMIT} bytes"),
+        )));
     }
     let mut bytes = Vec::new();
-    file.take(RECORD_LIMIT).read_to_end(&mut bytes).ok()?;
+    file.take(RECORD_LIMIT)
+        .read_to_end(&mut bytes)
+        .map_err(StoreError::io("read", path))?;
     Record::parse(&bytes)
+        .map(Some)
+        .ok_or_else(|| StoreError::io("parse", path)(std::io::Error::other("not a lease record")))
 }
 
 /// Every lease on `name`, sorted by pod and then revision. Records that cannot be read are
@@ -200,7 +217,7 @@ pub fn record(
     let dir = dir(layout, name);
     std::fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
     let path = dir.join(pod.as_str());
-    let mut record = read_record(&path).unwrap_or_default();
+    let mut record = read_existing(&path)?.unwrap_or_default();
     match record.leases.iter_mut().find(|l| l.revision == revision) {
         Some(lease) if lease.proved || !proved => return Ok(()),
         Some(lease) => lease.proved = true,

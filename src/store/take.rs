@@ -82,44 +82,104 @@ pub enum TakeError {
     },
 }
 
-/// Opens `dir/file_name` for reading without following a symbolic link at either step, and
-/// checks on the descriptor that it is a regular file. Its size is the caller's to check: it
-/// may still be growing.
-pub fn open_regular(dir: &Path, file_name: &str) -> Result<File, TakeError> {
-    let path = dir.join(file_name);
-    let dir_fd = nix::fcntl::open(
-        dir,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|source| TakeError::Open {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    // O_NONBLOCK: a FIFO put there opens at once (and is refused below) instead of blocking.
-    let fd: OwnedFd = nix::fcntl::openat(
-        &dir_fd,
-        file_name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|source| TakeError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(|source| TakeError::Write {
-        action: "stat",
-        path: path.clone(),
-        source,
-    })?;
-    if !meta.file_type().is_file() {
-        return Err(TakeError::NotRegular { path });
-    }
-    Ok(file)
+/// A directory another principal can write (dfdaemon's output directory), reached from a
+/// directory the agent trusts one component at a time without following a symbolic link, and
+/// acted on only through its descriptor afterwards: a link or directory swapped in anywhere on
+/// the way is refused, never followed.
+#[derive(Debug)]
+pub struct ForeignDir {
+    fd: OwnedFd,
+    path: PathBuf,
 }
 
-/// Checks that `file` (from [`open_regular`]) holds at least `end` bytes.
+impl ForeignDir {
+    /// Opens `base/relative`, creating the missing components (mode 0755). `base` is the
+    /// agent's own; every component of `relative` may be another principal's.
+    pub fn open(base: &Path, relative: &Path) -> Result<Self, TakeError> {
+        let open_dir = |at: Option<&OwnedFd>, name: &Path, path: &Path| {
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            match at {
+                None => nix::fcntl::open(name, flags, Mode::empty()),
+                Some(fd) => nix::fcntl::openat(fd, name, flags, Mode::empty()),
+            }
+            .map_err(|source| TakeError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let mut fd = open_dir(None, base, base)?;
+        let mut path = base.to_path_buf();
+        for component in relative.components() {
+            let std::path::Component::Normal(name) = component else {
+                return Err(TakeError::Open {
+                    path: path.join(component.as_os_str()),
+                    source: nix::Error::EINVAL,
+                });
+            };
+            path.push(name);
+            match nix::sys::stat::mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(nix::Error::EEXIST) => {}
+                Err(source) => {
+                    return Err(TakeError::Open { path, source });
+                }
+            }
+            fd = open_dir(Some(&fd), Path::new(name), &path)?;
+        }
+        Ok(Self { fd, path })
+    }
+
+    /// The directory's path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens `file_name` in it for reading, without following a symbolic link and without
+    /// opening anything but a regular file: the name is first opened as a path only
+    /// (`O_PATH`, which opens no device and blocks on no FIFO), checked with `fstat`, and only
+    /// then reopened for reading through that descriptor. Its size is the caller's to check:
+    /// it may still be growing.
+    pub fn open_regular(&self, file_name: &str) -> Result<File, TakeError> {
+        let path = self.path.join(file_name);
+        let located: OwnedFd = nix::fcntl::openat(
+            &self.fd,
+            file_name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| TakeError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let stat = nix::sys::stat::fstat(&located).map_err(|source| TakeError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        if nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            != nix::sys::stat::SFlag::S_IFREG
+        {
+            return Err(TakeError::NotRegular { path });
+        }
+        // The same inode, whatever the name points at by now.
+        let reopened = nix::fcntl::open(
+            Path::new(&format!("/proc/self/fd/{}", located.as_raw_fd())),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| TakeError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(File::from(reopened))
+    }
+
+    /// Removes the name `file_name` from it (a link is removed, never followed; a directory
+    /// there is left alone).
+    pub fn remove(&self, file_name: &str) {
+        let _ = nix::unistd::unlinkat(&self.fd, file_name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    }
+}
+
+/// Checks that `file` (from [`ForeignDir::open_regular`]) holds at least `end` bytes.
 pub fn holds(file: &File, path: &Path, end: u64) -> Result<(), TakeError> {
     let len = file
         .metadata()
@@ -240,12 +300,12 @@ mod tests {
     fn a_regular_file_is_taken_into_a_new_inode() {
         use std::os::unix::fs::MetadataExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let theirs = dir.path().join("theirs");
-        std::fs::create_dir(&theirs).unwrap();
+        let theirs =
+            ForeignDir::open(dir.path(), Path::new("dragonfly/storage/modelcache")).unwrap();
         let bytes: Vec<u8> = (0..3 * 65536u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(theirs.join("0.part"), &bytes).unwrap();
-        let from = open_regular(&theirs, "0.part").unwrap();
-        holds(&from, &theirs.join("0.part"), bytes.len() as u64).unwrap();
+        std::fs::write(theirs.path().join("0.part"), &bytes).unwrap();
+        let from = theirs.open_regular("0.part").unwrap();
+        holds(&from, &theirs.path().join("0.part"), bytes.len() as u64).unwrap();
         let ours = dir.path().join("ours");
         let file = create_own(&ours, bytes.len() as u64).unwrap();
         // The tail first, then the head: ranges in any order.
@@ -257,48 +317,88 @@ mod tests {
         assert_eq!(b.nlink(), 1);
         assert_eq!(b.mode() & 0o7777, 0o644);
         // Their later write never reaches ours.
-        std::fs::write(theirs.join("0.part"), vec![7u8; bytes.len()]).unwrap();
+        std::fs::write(theirs.path().join("0.part"), vec![7u8; bytes.len()]).unwrap();
         assert_eq!(std::fs::read(&ours).unwrap(), bytes);
+        theirs.remove("0.part");
+        assert!(!theirs.path().join("0.part").exists());
     }
 
     /// Issue 25: a symbolic link (to a device, a secret, anything the agent can reach) swapped
-    /// in for dfdaemon's output is refused: never opened, never chmod'ed.
+    /// in for dfdaemon's output is refused: never opened, never chmod'ed, never removed through.
     #[test]
-    fn issue25_symlinks_fifos_and_short_files_are_refused() {
+    fn issue25_symlinks_devices_fifos_and_short_files_are_refused() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let theirs = dir.path().join("theirs");
-        std::fs::create_dir(&theirs).unwrap();
+        let theirs = ForeignDir::open(dir.path(), Path::new("theirs")).unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, b"0123456789a").unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::os::unix::fs::symlink(&secret, theirs.join("0.part")).unwrap();
-        let err = open_regular(&theirs, "0.part").unwrap_err();
-        assert!(matches!(err, TakeError::Open { .. }), "{err}");
+        std::os::unix::fs::symlink(&secret, theirs.path().join("0.part")).unwrap();
+        let err = theirs.open_regular("0.part").unwrap_err();
+        assert!(matches!(err, TakeError::NotRegular { .. }), "{err}");
         let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        // The directory itself swapped for a link.
-        let linked = dir.path().join("linked");
-        std::os::unix::fs::symlink(&theirs, &linked).unwrap();
-        std::fs::write(theirs.join("1.part"), b"0123456789a").unwrap();
+        theirs.remove("0.part");
+        assert!(secret.exists(), "the link went, not its target");
+        nix::unistd::mkfifo(
+            &theirs.path().join("2.part"),
+            Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
         assert!(matches!(
-            open_regular(&linked, "1.part"),
-            Err(TakeError::Open { .. })
-        ));
-        nix::unistd::mkfifo(&theirs.join("2.part"), Mode::from_bits_truncate(0o600)).unwrap();
-        assert!(matches!(
-            open_regular(&theirs, "2.part"),
+            theirs.open_regular("2.part"),
             Err(TakeError::NotRegular { .. })
         ));
-        std::fs::create_dir(theirs.join("3.part")).unwrap();
+        // A character device (as root only): never opened.
+        if nix::unistd::geteuid().is_root() {
+            nix::sys::stat::mknod(
+                &theirs.path().join("4.part"),
+                nix::sys::stat::SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o600),
+                nix::sys::stat::makedev(1, 3),
+            )
+            .unwrap();
+            assert!(matches!(
+                theirs.open_regular("4.part"),
+                Err(TakeError::NotRegular { .. })
+            ));
+        }
+        std::fs::create_dir(theirs.path().join("3.part")).unwrap();
         assert!(matches!(
-            open_regular(&theirs, "3.part"),
+            theirs.open_regular("3.part"),
             Err(TakeError::NotRegular { .. })
         ));
-        let short = open_regular(&theirs, "1.part").unwrap();
+        std::fs::write(theirs.path().join("1.part"), b"0123456789a").unwrap();
+        let short = theirs.open_regular("1.part").unwrap();
         assert!(matches!(
-            holds(&short, &theirs.join("1.part"), 12),
+            holds(&short, &theirs.path().join("1.part"), 12),
             Err(TakeError::Size { .. })
         ));
+    }
+
+    /// Issue 25: a component of the directory's path swapped for a link (`modelcache` ->
+    /// `../../store`) is refused, so nothing is created, removed or read through it.
+    #[test]
+    fn issue25_a_linked_component_of_the_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store/m");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::write(store.join("0.part"), b"published").unwrap();
+        std::fs::create_dir_all(dir.path().join("dragonfly/storage")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../store/m",
+            dir.path().join("dragonfly/storage/modelcache"),
+        )
+        .unwrap();
+        let err =
+            ForeignDir::open(dir.path(), Path::new("dragonfly/storage/modelcache")).unwrap_err();
+        assert!(matches!(err, TakeError::Open { .. }), "{err}");
+        assert!(store.join("0.part").exists());
+        for bad in ["../x", "/abs"] {
+            assert!(
+                ForeignDir::open(dir.path(), Path::new(bad)).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -291,7 +291,7 @@ fn issue18_an_answer_without_the_asked_for_md5_is_retried_not_taken_unchecked() 
 
 /// `modelcache wait` as the vLLM pod's init container runs it: through the agent, leasing the
 /// revision for `pod`, linking it at `link`.
-fn wait_as_reader(
+pub(crate) fn wait_as_reader(
     agent: &crate::agent::Agent,
     model: &str,
     cache: &Path,

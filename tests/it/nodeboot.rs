@@ -204,7 +204,13 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
     );
     let (status, body) = crate::agent::http(&agent.read, "GET", "/readyz", &[], "");
     assert_eq!(status, 200, "{body}");
+    // The pod's UID on the admin socket only, never on the node address.
     let (_, body) = crate::agent::http(&agent.read, "GET", "/v1/models/gpt-oss-120b", &[], "");
+    assert!(
+        !body.contains(pod_uid) && body.contains("\"leases\":1"),
+        "{body}"
+    );
+    let (_, body) = crate::agent::http(&agent.admin, "GET", "/v1/models/gpt-oss-120b", &[], "");
     assert!(body.contains(pod_uid), "the lease: {body}");
     let model_dir = link.clone();
     assert!(

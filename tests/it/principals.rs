@@ -23,23 +23,24 @@ fn wait_claiming(
     link: &Path,
     pod: &str,
 ) -> std::process::Output {
-    let mut cmd = modelcache();
-    cmd.args([
-        "wait",
-        "--model",
-        model,
-        "--interval",
-        "200ms",
-        "--timeout",
-        "60s",
-    ])
-    .args(["--api", &format!("http://{}", agent.read)])
-    .arg("--cache-root")
-    .arg(cache)
-    .arg("--link")
-    .arg(link)
-    .args(["--lease", pod]);
-    run(&mut cmd, Duration::from_secs(90))
+    crate::consumer::wait_as_reader(agent, model, cache, link, pod)
+}
+
+/// An agent with `models` on `node`, its cache under a new directory (kept with the agent).
+fn agent_on(
+    node: &FakeNode,
+    models: &str,
+    extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, Agent) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let agent = Agent::start(
+        dir.path(),
+        &config(&cache, models, &format!("{extra}{}", node.leases_config())),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    (dir, cache, agent)
 }
 
 /// Polls until `cond` holds, failing with the agent's log after `limit`.
@@ -60,21 +61,9 @@ fn until(agent: &Agent, limit: Duration, what: &str, cond: impl Fn() -> bool) {
 fn issue25_no_request_moves_a_lease_and_a_stopped_pod_releases_it() {
     let source = small_model(60_000, 251);
     upload_manifest(source.path());
-    let node = FakeNode::new();
-    let victim = FakeNode::uid(1);
-    node.start(&victim);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let agent = Agent::start(
-        dir.path(),
-        &config(
-            &cache,
-            &model_entry("m", &file_url(source.path()), true),
-            &node.leases_config(),
-        ),
-        "http://127.0.0.1:9",
-        &[],
-    );
+    let (node, victim) = FakeNode::with_pod(1);
+    let (_dir, cache, agent) =
+        agent_on(&node, &model_entry("m", &file_url(source.path()), true), "");
     let r1 = agent.until_ready("m")["revision"]
         .as_str()
         .unwrap()
@@ -169,20 +158,11 @@ fn issue25_no_request_moves_a_lease_and_a_stopped_pod_releases_it() {
 #[test]
 fn issue25_only_the_operator_drops_a_lease() {
     let source = small_model(40_000, 253);
-    let node = FakeNode::new();
-    let pod = FakeNode::uid(2);
-    node.start(&pod);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let agent = Agent::start(
-        dir.path(),
-        &config(
-            &cache,
-            &model_entry("m", &file_url(source.path()), false),
-            &node.leases_config(),
-        ),
-        "http://127.0.0.1:9",
-        &[],
+    let (node, pod) = FakeNode::with_pod(2);
+    let (_dir, cache, agent) = agent_on(
+        &node,
+        &model_entry("m", &file_url(source.path()), false),
+        "",
     );
     agent.until_ready("m");
     let shared = tempfile::tempdir().unwrap();
@@ -216,14 +196,8 @@ fn issue25_only_the_operator_drops_a_lease() {
 #[test]
 fn issue25_anonymous_readers_cannot_drive_a_fetch_storm() {
     let models: Vec<_> = (0..3).map(|i| small_model(100_000, 260 + i)).collect();
-    let size: u64 = files_under(models[0].path())
-        .iter()
-        .filter(|f| !f.starts_with("original/") && !f.starts_with("metal/"))
-        .map(|f| std::fs::metadata(models[0].path().join(f)).unwrap().len())
-        .sum();
-    let node = FakeNode::new();
-    let pod = FakeNode::uid(3);
-    node.start(&pod);
+    let size = selected_bytes(models[0].path());
+    let (node, pod) = FakeNode::with_pod(3);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     // Room for one model and a half; the backoff is long, so the test sees only what reader
@@ -320,21 +294,9 @@ fn issue25_anonymous_readers_cannot_drive_a_fetch_storm() {
 fn issue25_a_touched_published_file_is_reverified_not_a_dead_end() {
     let source = small_model(60_000, 254);
     upload_manifest(source.path());
-    let node = FakeNode::new();
-    let pod = FakeNode::uid(4);
-    node.start(&pod);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let agent = Agent::start(
-        dir.path(),
-        &config(
-            &cache,
-            &model_entry("m", &file_url(source.path()), true),
-            &node.leases_config(),
-        ),
-        "http://127.0.0.1:9",
-        &[],
-    );
+    let (node, pod) = FakeNode::with_pod(4);
+    let (_dir, cache, agent) =
+        agent_on(&node, &model_entry("m", &file_url(source.path()), true), "");
     agent.until_ready("m");
     let shard = cache.join("models/m/model-00003-of-00014.safetensors");
     let status = std::process::Command::new("touch")
@@ -378,9 +340,7 @@ fn issue25_a_touched_published_file_is_reverified_not_a_dead_end() {
 #[test]
 fn issue25_a_live_change_is_what_new_readers_get() {
     let source = small_model(40_000, 255);
-    let node = FakeNode::new();
-    let pod = FakeNode::uid(5);
-    node.start(&pod);
+    let (node, pod) = FakeNode::with_pod(5);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let make = |url: &str, require: bool| {
@@ -443,11 +403,7 @@ fn issue25_a_live_change_is_what_new_readers_get() {
 #[test]
 fn issue25_a_stray_lease_temp_file_pins_nothing() {
     let models: Vec<_> = (0..2).map(|i| small_model(100_000, 270 + i)).collect();
-    let size: u64 = files_under(models[0].path())
-        .iter()
-        .filter(|f| !f.starts_with("original/") && !f.starts_with("metal/"))
-        .map(|f| std::fs::metadata(models[0].path().join(f)).unwrap().len())
-        .sum();
+    let size = selected_bytes(models[0].path());
     let node = FakeNode::new();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
@@ -612,4 +568,62 @@ fn issue25_the_readers_socket_identifies_the_pod_from_its_process() {
     // The pod stops; its lease ends.
     cgroup.stop();
     agent.until_logged(&format!("pod {uid} no longer runs on this node"));
+}
+
+/// Issue 25, on a node upgraded from an agent that published dfdaemon's inodes as they were: a
+/// published file that shares its inode with a name outside the cache is taken into an inode of
+/// the agent's own by the scrub (which runs at start), verified, and a later write through the
+/// other name no longer reaches it.
+#[test]
+fn issue25_a_published_file_shared_with_dfdaemon_is_taken_private_by_the_scrub() {
+    use std::os::unix::fs::MetadataExt as _;
+    let source = small_model(60_000, 257);
+    upload_manifest(source.path());
+    let node = FakeNode::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let model = file_url(source.path());
+    let first = Agent::start(
+        dir.path(),
+        &config(
+            &cache,
+            &model_entry("m", &model, true),
+            &node.leases_config(),
+        ),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    first.until_ready("m");
+    drop(first);
+    // What the old agent left: dfdaemon's task file is the published file's other name.
+    let shard = "model-00005-of-00014.safetensors";
+    let published = std::fs::canonicalize(cache.join("models/m").join(shard)).unwrap();
+    let task = cache.join("dragonfly/storage/content/tasks/abc");
+    std::fs::create_dir_all(task.parent().unwrap()).unwrap();
+    std::fs::hard_link(&published, &task).unwrap();
+    assert_eq!(std::fs::metadata(&published).unwrap().nlink(), 2);
+
+    let agent = Agent::start(
+        dir.path(),
+        &config(
+            &cache,
+            &model_entry("m", &model, true),
+            &format!(
+                "scrub_interval = \"1h\"\nscrub_rate = \"1GB\"\n{}",
+                node.leases_config()
+            ),
+        ),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    agent.until_logged("is now a copy of the agent's own");
+    agent.until_logged("every file intact");
+    let meta = std::fs::metadata(&published).unwrap();
+    assert_eq!(meta.nlink(), 1);
+    assert_ne!(meta.ino(), std::fs::metadata(&task).unwrap().ino());
+    // dfdaemon writes its task file: the model is not touched.
+    std::fs::write(&task, vec![0u8; 16]).unwrap();
+    assert_published_identical(source.path(), &cache.join("models/m"));
+    let (status, body) = http(&agent.read, "GET", "/readyz", &[], "");
+    assert_eq!(status, 200, "{body}");
 }

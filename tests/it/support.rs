@@ -809,6 +809,14 @@ impl FakeNode {
         Self { dir }
     }
 
+    /// A node with one running pod, and that pod's UID.
+    pub fn with_pod(n: u32) -> (Self, String) {
+        let node = Self::new();
+        let uid = Self::uid(n);
+        node.start(&uid);
+        (node, uid)
+    }
+
     /// A fresh pod UID (an RFC 4122 UUID, as Kubernetes makes them).
     pub fn uid(n: u32) -> String {
         format!("4b0c2a36-9f5e-4b8e-8a63-{n:012x}")
@@ -841,4 +849,14 @@ impl FakeNode {
             self.dir.path().join("pods").display()
         )
     }
+}
+
+/// Bytes of the files of a generated model that the default selection fetches (all but
+/// `original/` and `metal/`).
+pub fn selected_bytes(model: &Path) -> u64 {
+    files_under(model)
+        .iter()
+        .filter(|f| !f.starts_with("original/") && !f.starts_with("metal/"))
+        .map(|f| std::fs::metadata(model.join(f)).unwrap().len())
+        .sum()
 }

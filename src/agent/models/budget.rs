@@ -248,9 +248,8 @@ impl Models {
         // What dfdaemon keeps on the cache filesystem (its storage, shown to it from
         // `dragonfly/`) fills the same disk: counted, never removed by the budget (dfdaemon
         // evicts its own by its GC thresholds).
-        let used = dir_bytes(&root.join("store"))
-            + dir_bytes(&root.join("staging"))
-            + dir_bytes(&root.join("dragonfly"));
+        let used =
+            dir_bytes(&root.join("store")) + dir_bytes(&root.join("staging")) + foreign_bytes(root);
         let reserved = self
             .reservations()
             .iter()
@@ -528,6 +527,49 @@ fn read_by(name: &str, readers: &[crate::store::leases::Held]) -> ModelError {
     ))
 }
 
+/// Bytes another principal (dfdaemon) holds under `root/dragonfly`: blocks really allocated
+/// (a sparse file's holes hold nothing, so a hostile one cannot make every decision come out
+/// over budget), each inode once, and none that is also a file of the cache's (an agent before
+/// published dfdaemon's inodes as they were). Reflinked clones are counted on both sides: the
+/// estimate errs toward evicting early, never toward a full disk.
+pub(super) fn foreign_bytes(root: &Path) -> u64 {
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt as _;
+    fn walk(dir: &Path, each: &mut dyn FnMut(&std::fs::Metadata)) {
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in read.flatten() {
+            // Not following links: only what is under the directory counts.
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if meta.is_dir() {
+                walk(&entry.path(), each);
+            } else if meta.is_file() {
+                each(&meta);
+            }
+        }
+    }
+    let mut ours: HashSet<(u64, u64)> = HashSet::new();
+    for dir in ["store", "staging"] {
+        walk(&root.join(dir), &mut |m| {
+            if m.nlink() > 1 {
+                ours.insert((m.dev(), m.ino()));
+            }
+        });
+    }
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut bytes = 0u64;
+    walk(&root.join("dragonfly"), &mut |m| {
+        let key = (m.dev(), m.ino());
+        if !ours.contains(&key) && seen.insert(key) {
+            bytes = bytes.saturating_add(m.blocks().saturating_mul(512));
+        }
+    });
+    bytes
+}
+
 /// The model names of the directories under `dir` (hidden and invalid names skipped).
 pub(super) fn model_dirs(dir: &Path) -> Vec<ModelName> {
     visible_entries(dir)
@@ -579,6 +621,26 @@ mod tests {
             needed,
             candidates,
         }
+    }
+
+    /// Issue 25: dfdaemon's storage counts by what it really holds: a sparse file counts
+    /// nothing for its holes, a file with two names once, and an inode the cache shares none.
+    #[test]
+    fn issue25_dfdaemon_storage_counts_by_allocated_blocks_once() {
+        let root = tempfile::tempdir().unwrap();
+        let df = root.path().join("dragonfly/storage/content");
+        std::fs::create_dir_all(&df).unwrap();
+        let store = root.path().join("store/m/r1");
+        std::fs::create_dir_all(&store).unwrap();
+        let sparse = std::fs::File::create(df.join("sparse")).unwrap();
+        sparse.set_len(1 << 40).unwrap();
+        assert!(foreign_bytes(root.path()) < 1 << 20);
+        std::fs::write(df.join("task"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::hard_link(df.join("task"), df.join("task-link")).unwrap();
+        let counted = foreign_bytes(root.path());
+        assert!((1 << 20..2 << 20).contains(&counted), "{counted}");
+        std::fs::hard_link(df.join("task"), store.join("shard")).unwrap();
+        assert!(foreign_bytes(root.path()) < 1 << 20);
     }
 
     #[test]

@@ -266,10 +266,28 @@ impl Models {
         self.drop_ended_leases();
         // One budget decision or this pass at a time: this pass holds each model's lock for a
         // moment, and a decision must not take that for a model in use and give up on it.
-        let _no_budget_decision = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        for name in super::budget::model_dirs(&self.layout.root().join("store")) {
-            if let Err(e) = self.remove_unread_revisions(&name) {
-                warn!(model.name = %name, "{name}: could not remove its old revisions: {}", error_chain(&e));
+        // The removal itself waits until the decision lock is released: a set-aside directory
+        // is out of everyone's way, and a large one takes a while to delete.
+        let mut aside = Vec::new();
+        {
+            let _no_budget_decision = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+            for name in super::budget::model_dirs(&self.layout.root().join("store")) {
+                match self.set_aside_unread_revisions(&name) {
+                    Ok(dirs) => aside.extend(dirs.into_iter().map(|(r, d)| (name.clone(), r, d))),
+                    Err(e) => {
+                        warn!(model.name = %name, "{name}: could not remove its old revisions: {}", error_chain(&e));
+                    }
+                }
+            }
+        }
+        for (name, revision, dir) in aside {
+            match super::remove_dir(&dir) {
+                Ok(()) => {
+                    info!(model.name = %name, revision = %revision, "{name}: removed revision {revision}: no longer linked, and no pod reads it");
+                }
+                Err(e) => {
+                    warn!(model.name = %name, "{name}: could not remove its old revisions: {}", error_chain(&e));
+                }
             }
         }
     }
@@ -328,49 +346,40 @@ impl Models {
             .collect()
     }
 
-    /// Removes the revision directories of `name` that the link does not point to and no lease
-    /// names, under the model's lock (skipped when someone holds it: a job, an eviction, a
-    /// `modelcache prefetch`).
-    fn remove_unread_revisions(&self, name: &ModelName) -> Result<(), crate::store::StoreError> {
+    /// Sets aside (for removal) the revision directories of `name` that the link does not
+    /// point to and no lease names, under the model's lock (skipped when someone holds it: a
+    /// job, an eviction, a `modelcache prefetch`). Returns each revision and where it went.
+    fn set_aside_unread_revisions(
+        &self,
+        name: &ModelName,
+    ) -> Result<Vec<(String, PathBuf)>, crate::store::StoreError> {
         let TryLock::Held(_held) = try_lock(
             &self.layout,
             name,
             "modelcache agent, removing old revisions",
         )?
         else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let store = self.layout.root().join("store").join(name.as_str());
-        let aside = {
-            let _guard = self.lease_guard();
-            // Kept: the linked revision, those pods read, and the one the registry serves
-            // (readers are given it; it is the linked one but for a moment after a publish).
-            let mut keep: Vec<String> =
-                self.readers(name).into_iter().map(|h| h.revision).collect();
-            keep.extend(self.layout.published_revision(name));
-            keep.extend(
-                self.lock()
-                    .get(name.as_str())
-                    .and_then(|e| e.revision.clone()),
-            );
-            let mut aside = Vec::new();
-            for revision in super::budget::visible_entries(&store) {
-                if keep.contains(&revision) {
-                    continue;
-                }
-                aside.push((revision.clone(), self.set_aside(&store, &revision)?));
+        let _guard = self.lease_guard();
+        // Kept: the linked revision, those pods read, and the one the registry serves
+        // (readers are given it; it is the linked one but for a moment after a publish).
+        let mut keep: Vec<String> = self.readers(name).into_iter().map(|h| h.revision).collect();
+        keep.extend(self.layout.published_revision(name));
+        keep.extend(
+            self.lock()
+                .get(name.as_str())
+                .and_then(|e| e.revision.clone()),
+        );
+        let mut aside = Vec::new();
+        for revision in super::budget::visible_entries(&store) {
+            if keep.contains(&revision) {
+                continue;
             }
-            aside
-        };
-        for (revision, dir) in aside {
-            super::remove_dir(&dir).map_err(|e| crate::store::StoreError::Io {
-                action: "remove",
-                path: dir.clone(),
-                source: std::io::Error::other(error_chain(&e)),
-            })?;
-            info!(model.name = %name, revision = %revision, "{name}: removed revision {revision}: no longer linked, and no pod reads it");
+            aside.push((revision.clone(), self.set_aside(&store, &revision)?));
         }
-        Ok(())
+        Ok(aside)
     }
 
     /// Renames `store/NAME/REVISION` to a hidden name (instant, and out of every reader's and

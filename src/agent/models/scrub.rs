@@ -58,8 +58,8 @@ enum Scrubbed {
     Intact,
     /// Some do not: marked damaged (and, when linked, being repaired).
     Damaged,
-    /// Someone holds the model, or the revision is gone or already marked: not checked now.
-    Skipped,
+    /// Someone holds the model: not checked now.
+    Busy,
 }
 
 impl Models {
@@ -119,11 +119,13 @@ impl Models {
     }
 
     /// A model marked ready has no intact revision (a reader or the readiness probe found a
-    /// file changed since publish): re-hash its linked revision now, at full speed. Matching
-    /// bytes are ready again with their new times recorded; changed ones are repaired. One at
-    /// a time per model; the model reads `verifying` meanwhile.
+    /// file changed since publish): re-hash the revision it serves now, at full speed. Matching
+    /// bytes are ready again with their new times recorded (when that revision still is what
+    /// the model's configuration asks for); changed ones are repaired or fetched again. One at
+    /// a time per model; the model reads `verifying` meanwhile, also while someone else holds
+    /// the model (the background scrub, a `modelcache prefetch`), which is waited for.
     pub(super) fn recheck(self: &Arc<Self>, name: &ModelName) {
-        {
+        let revision = {
             let mut entries = self.lock();
             let Some(entry) = entries.get_mut(name.as_str()) else {
                 return;
@@ -133,19 +135,31 @@ impl Models {
             }
             entry.rechecking = true;
             entry.state = State::Verifying;
-        }
+            entry
+                .revision
+                .clone()
+                .or_else(|| self.layout.published_revision(name))
+        };
         warn!(model.name = %name, "{name}: marked ready, but a file of its revision changed since publish (size or modification time): verifying it again before anyone reads it");
         let models = Arc::clone(self);
         let name = name.clone();
         tokio::spawn(async move {
-            let linked = models.layout.published_revision(&name);
-            let outcome = match &linked {
-                Some(revision) => {
-                    models
-                        .scrub_revision(&name, revision, true, u64::MAX, &CancellationToken::new())
-                        .await
+            let outcome = loop {
+                let Some(revision) = &revision else {
+                    break Ok(Scrubbed::Damaged);
+                };
+                let linked = models.layout.published_revision(&name).as_ref() == Some(revision);
+                let outcome = models
+                    .scrub_revision(&name, revision, linked, u64::MAX, &CancellationToken::new())
+                    .await;
+                if !matches!(outcome, Ok(Scrubbed::Busy)) {
+                    break outcome;
                 }
-                None => Ok(Scrubbed::Damaged),
+                // Held by a job, a scrub or a `modelcache prefetch`: asked again shortly.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if !models.lock().contains_key(name.as_str()) {
+                    return;
+                }
             };
             let mut entries = models.lock();
             let Some(entry) = entries.get_mut(name.as_str()) else {
@@ -156,14 +170,20 @@ impl Models {
                 // The repair took over (state pending, a job fetching the changed files).
                 return;
             }
+            let serves = revision.as_ref().is_some_and(|r| {
+                let dir = models.layout.revision_dir(&name, r);
+                ReadyMarker::read(&dir).is_ok_and(|m| {
+                    m.files_present(&dir)
+                        && !(entry.configured && super::why_not_served(&entry.spec, &m).is_some())
+                })
+            });
             match outcome {
-                Ok(Scrubbed::Intact) => {
+                Ok(Scrubbed::Intact) if serves => {
                     entry.state = State::Ready;
-                    entry.revision = linked;
+                    entry.revision = revision;
                     info!(model.name = %name, "{name}: every byte matches what was published: ready");
                 }
-                Ok(Scrubbed::Skipped) => entry.state = State::Ready,
-                Ok(Scrubbed::Damaged) | Err(_) => {
+                _ => {
                     if let Err(e) = &outcome {
                         error!(model.name = %name, "{name}: could not verify it again: {}; fetching it again", error_chain(e));
                     }
@@ -190,14 +210,15 @@ impl Models {
         // A model someone works on is skipped this pass: its files are changing anyway.
         let TryLock::Held(held) = try_lock(&self.layout, name, "modelcache agent, scrubbing")?
         else {
-            return Ok(Scrubbed::Skipped);
+            return Ok(Scrubbed::Busy);
         };
         let dir = self.layout.revision_dir(name, dir_name);
+        // Gone, unreadable, or already found damaged (a repair is under way): nothing to check.
         let Ok(mut marker) = ReadyMarker::read(&dir) else {
-            return Ok(Scrubbed::Skipped);
+            return Ok(Scrubbed::Damaged);
         };
         if !marker.damaged.is_empty() {
-            return Ok(Scrubbed::Skipped);
+            return Ok(Scrubbed::Damaged);
         }
         let manifest = read_manifest_copy(&dir)?;
         let chunk = self.config.fetch.chunk_size;
@@ -221,12 +242,31 @@ impl Models {
                 continue;
             };
             let stop_reading = stop.clone();
+            let size = file.size;
+            let want = expected.clone();
             let hashed = tokio::task::spawn_blocking(move || {
-                hash_at_rate(&path, chunk, rate, &stop_reading)
+                // A published file with another name (dfdaemon's task file, from an agent that
+                // published dfdaemon's inode as it was) is taken into an inode of the agent's
+                // own first, and that is what is hashed and kept.
+                match private_copy(&path, size)? {
+                    Some(copy) => {
+                        let hashed = hash_at_rate(&copy, chunk, rate, &stop_reading);
+                        if hashed.as_ref().is_ok_and(|h| h.hex == want) {
+                            std::fs::rename(&copy, &path)?;
+                            if let Some(parent) = path.parent() {
+                                std::fs::File::open(parent)?.sync_all()?;
+                            }
+                        } else {
+                            let _ = std::fs::remove_file(&copy);
+                        }
+                        hashed.map(|h| (h, true))
+                    }
+                    None => hash_at_rate(&path, chunk, rate, &stop_reading).map(|h| (h, false)),
+                }
             })
             .await
             .map_err(|_| ScrubError::Stopped)?;
-            let hashed = match hashed {
+            let (hashed, taken) = match hashed {
                 Ok(h) => h,
                 Err(_) if stop.is_cancelled() => return Err(ScrubError::Stopped),
                 // Gone, shorter, unreadable: not what was published.
@@ -240,6 +280,9 @@ impl Models {
             if hashed.hex != expected {
                 bad.push(file.path.clone());
                 continue;
+            }
+            if taken {
+                info!(model.name = %name, revision = %dir_name, blob.path = %file.path, "{name}: {} shared its inode with another name (dfdaemon's task file); it is now a copy of the agent's own", file.path);
             }
             // Its bytes are the published ones: a new time (a `touch`) is recorded, unless the
             // file changed while it was read.
@@ -291,6 +334,26 @@ impl Models {
         }
         Ok(Scrubbed::Damaged)
     }
+}
+
+/// A copy of `path` in an inode of the agent's own (a reflink where the filesystem can), beside
+/// it under a hidden name, when `path` has another name; `None` when it has none.
+fn private_copy(path: &Path, size: u64) -> std::io::Result<Option<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_file() || meta.nlink() <= 1 {
+        return Ok(None);
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let copy = path.with_file_name(format!(".{file_name}.private-{}", std::process::id()));
+    let from = std::fs::File::open(path)?;
+    let to = crate::store::take::create_own(&copy, size).map_err(std::io::Error::other)?;
+    crate::store::take::clone_range(&from, &to, 0, size)?;
+    to.sync_all()?;
+    Ok(Some(copy))
 }
 
 /// Hashes a file piece by piece, reading at most `rate` bytes a second (the scrub must not
