@@ -405,17 +405,10 @@ fn issue25_a_stray_lease_temp_file_pins_nothing() {
     let models: Vec<_> = (0..2).map(|i| small_model(100_000, 270 + i)).collect();
     let size = selected_bytes(models[0].path());
     let node = FakeNode::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let agent = Agent::start(
-        dir.path(),
-        &config(
-            &cache,
-            &model_entry("a", &file_url(models[0].path()), false),
-            &format!("budget = \"{}\"\n{}", size * 3 / 2, node.leases_config()),
-        ),
-        "http://127.0.0.1:9",
-        &[],
+    let (_dir, cache, agent) = agent_on(
+        &node,
+        &model_entry("a", &file_url(models[0].path()), false),
+        &format!("budget = \"{}\"\n", size * 3 / 2),
     );
     agent.until_ready("a");
     let stray = cache.join("leases/a/.4b0c2a36-9f5e-4b8e-8a63-000000000009.tmp-4242");

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use tracing::info;
 
-use super::lifecycle::{self, AfterRemoval, Keep, Removal};
+use super::lifecycle::{self, AfterRemoval, Keep};
 use super::{ModelError, Models, State, dir_bytes, remove_dir};
 use crate::config::agent::Budget;
 use crate::fetch::{PrefetchError, error_chain};
@@ -384,7 +384,7 @@ impl Models {
                 };
                 info!(model.name = %name, "evicting {name} (least recently used, unpinned) to make room for {for_model}");
                 self.remove_unlinked(name, &aside)?;
-                self.forget_files(name, Removal::Evicted);
+                self.forget_files(name);
                 self.metrics.evicted();
             }
         }
@@ -433,12 +433,12 @@ impl Models {
     }
 
     /// Updates the registry after a model's files were removed.
-    fn forget_files(&self, name: &ModelName, why: Removal) {
+    fn forget_files(&self, name: &ModelName) {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(name.as_str()) else {
             return;
         };
-        match lifecycle::after_removal(entry.facts(), why) {
+        match lifecycle::after_removal(entry.facts()) {
             AfterRemoval::Forget => {
                 entries.remove(name.as_str());
             }
@@ -504,7 +504,7 @@ impl Models {
             .ok_or_else(|| read_by(name, &self.readers(&model)))?;
         self.remove_unlinked(&model, &unlinked)
             .map_err(|e| ModelError::Internal(error_chain(&e)))?;
-        self.forget_files(&model, Removal::Deleted);
+        self.forget_files(&model);
         info!(model.name = %name, "evicted {name}");
         self.metrics.evicted();
         Ok(())

@@ -121,20 +121,12 @@ pub(super) enum AfterRemoval {
     Reset,
 }
 
-/// Why a model's files were removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Removal {
-    /// The budget evicted it: a configured model's entry stays, so a pod that waits for it
-    /// again (a restart) gets it fetched again; a requested one is forgotten (only a request
-    /// on the admin socket, naming its source again, brings it back).
-    Evicted,
-    /// A `DELETE` asked for it.
-    Deleted,
-}
-
-/// Decides what a removal leaves of the entry (looked at again after the removal, since a
-/// request may have started a job while the files were being removed).
-pub(super) fn after_removal(facts: Facts, _why: Removal) -> AfterRemoval {
+/// Decides what a removal (an eviction or a `DELETE`) leaves of the entry, looked at again
+/// after the removal, since a request may have started a job while the files were being
+/// removed. A configured model's entry stays, so a pod that waits for it again (a restart) gets
+/// it fetched again; a requested one is forgotten (only a request on the admin socket, naming
+/// its source again, brings it back).
+pub(super) fn after_removal(facts: Facts) -> AfterRemoval {
     if facts.configured || facts.job.is_some() {
         AfterRemoval::Reset
     } else {
@@ -228,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_removal_never_forgets_an_entry_a_request_gave_a_job_meanwhile() {
-        let deleted = |f| after_removal(f, Removal::Deleted);
+        let deleted = after_removal;
         assert_eq!(
             deleted(facts(false, State::Ready, true, None)),
             AfterRemoval::Forget
@@ -249,11 +241,11 @@ mod tests {
     #[test]
     fn issue25_only_configured_models_stay_known_when_evicted() {
         assert_eq!(
-            after_removal(facts(true, State::Ready, true, None), Removal::Evicted),
+            after_removal(facts(true, State::Ready, true, None)),
             AfterRemoval::Reset
         );
         assert_eq!(
-            after_removal(facts(false, State::Ready, true, None), Removal::Evicted),
+            after_removal(facts(false, State::Ready, true, None)),
             AfterRemoval::Forget
         );
     }
