@@ -83,6 +83,16 @@ fn one<'a>(docs: &'a [Value], kind_of: &str, name: Option<&str>) -> &'a Value {
     found[0]
 }
 
+/// The container named `name` in a list of containers (a pod spec's `containers` or
+/// `initContainers`).
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_sequence()
+        .unwrap_or_else(|| panic!("no containers where {name} should be"))
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
 /// Every container and init container of workloads, with the document it came from.
 fn containers(docs: &[(PathBuf, Vec<Value>)]) -> Vec<(String, Value)> {
     let mut out = Vec::new();
@@ -497,7 +507,7 @@ fn manifests_pass_only_arguments_variables_and_keys_modelcache_knows() {
         host_path(spec, "modelcache").as_deref(),
         Some(config.cache_root.to_str().unwrap())
     );
-    let init = &spec["initContainers"][0];
+    let init = named(&spec["initContainers"], "wait-for-model");
     let args = strings(&init["args"]);
     let root = &args[args.iter().position(|a| a == "--cache-root").unwrap() + 1];
     let model = &args[args.iter().position(|a| a == "--model").unwrap() + 1];
@@ -522,7 +532,7 @@ fn manifests_pass_only_arguments_variables_and_keys_modelcache_knows() {
         mounted_at(init),
         Some((root.clone(), "HostToContainer".to_string()))
     );
-    let vllm_c = &spec["containers"][0];
+    let vllm_c = named(&spec["containers"], "vllm");
     assert_eq!(
         mounted_at(vllm_c),
         Some((root.clone(), "HostToContainer".to_string())),
@@ -800,7 +810,7 @@ fn issue19_the_vllm_example_recreates_runs_as_non_root_and_has_probes_and_a_serv
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert!(pod["securityContext"]["runAsUser"].as_u64().unwrap() > 0);
-    let vllm = &pod["containers"][0];
+    let vllm = named(&pod["containers"], "vllm");
     assert_eq!(vllm["securityContext"]["allowPrivilegeEscalation"], false);
     assert!(vllm["securityContext"]["privileged"].is_null());
     let env = |var: &str| {
@@ -914,7 +924,7 @@ fn shell_blocks(text: &str) -> Vec<String> {
 }
 
 /// Issue 19: the guide's commands, in order, as one script, pass `shellcheck` (quoting, portable
-/// syntax), and so do the test command and the image script.
+/// syntax), and so do the README's, the test command and the image script.
 #[test]
 fn issue19_the_guides_shell_commands_pass_shellcheck() {
     let found = std::process::Command::new("shellcheck")
@@ -931,6 +941,9 @@ fn issue19_the_guides_shell_commands_pass_shellcheck() {
         let text = std::fs::read_to_string(repo().join(doc)).unwrap();
         let blocks = shell_blocks(&text);
         assert!(!blocks.is_empty(), "{doc} has shell commands");
+        // Every block is closed, so none is left out of the script.
+        let fences = text.lines().filter(|l| l.trim_start() == "```sh").count();
+        assert_eq!(blocks.len(), fences, "{doc}: an unclosed ```sh block");
         let script = dir.path().join(doc.replace('/', "-") + ".sh");
         std::fs::write(
             &script,
@@ -945,4 +958,275 @@ fn issue19_the_guides_shell_commands_pass_shellcheck() {
     cmd.args(["--severity=warning"]).args(&checked);
     let out = run(&mut cmd, Duration::from_secs(60));
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+}
+
+/// A shell command of a document, its continuation lines joined (and the lines of a quoted
+/// string that spans several): the first one that contains `needle`.
+fn command_in(doc: &str, needle: &str) -> String {
+    let text = std::fs::read_to_string(repo().join(doc)).unwrap();
+    let script = shell_blocks(&text).join("\n").replace("\\\n", " ");
+    let mut lines = script.lines().skip_while(|l| !l.contains(needle));
+    let mut command = lines
+        .next()
+        .unwrap_or_else(|| panic!("{doc} has no command with {needle}"))
+        .to_string();
+    while command.matches('\'').count() % 2 == 1 {
+        command.push('\n');
+        command.push_str(lines.next().expect("the quote closes"));
+    }
+    command
+}
+
+/// The words after `flag` in a command, up to the next flag.
+fn words_after(command: &str, flag: &str) -> Vec<String> {
+    command
+        .split_whitespace()
+        .skip_while(|w| *w != flag)
+        .skip(1)
+        .take_while(|w| !w.starts_with("--"))
+        .map(|w| w.trim_matches('"').to_string())
+        .collect()
+}
+
+/// The namespace of every workload in `docs` that mounts a hostPath volume (which the baseline
+/// Pod Security Standard forbids).
+fn host_path_namespaces(docs: &[Value]) -> BTreeSet<String> {
+    docs.iter()
+        .filter(|d| matches!(kind(d), "DaemonSet" | "Deployment"))
+        .filter(|d| {
+            d["spec"]["template"]["spec"]["volumes"]
+                .as_sequence()
+                .is_some_and(|v| v.iter().any(|v| !v["hostPath"].is_null()))
+        })
+        .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The vLLM example lives in a namespace of its own, rendered with it, never `default`; every
+/// namespace whose pods mount a hostPath allows it (Pod Security Admission) and is among the
+/// exclusions the guide makes for Deployment Safeguards and Azure Policy.
+#[test]
+fn the_vllm_example_has_its_own_namespace_and_the_guide_excludes_every_host_path_namespace() {
+    let Some(examples) = render("deploy/examples") else {
+        return;
+    };
+    let Some(overlay) = render("deploy/overlays/aks") else {
+        return;
+    };
+    for docs in [&examples, &overlay] {
+        let deployment = one(docs, "Deployment", Some("vllm-gpt-oss-120b"));
+        let service = one(docs, "Service", Some("vllm-gpt-oss-120b"));
+        let namespace = deployment["metadata"]["namespace"].as_str().unwrap();
+        assert_ne!(namespace, "default");
+        assert_eq!(service["metadata"]["namespace"].as_str(), Some(namespace));
+        one(docs, "Namespace", Some(namespace));
+    }
+    let needed = host_path_namespaces(&overlay);
+    assert!(
+        needed.contains("modelcache") && needed.len() == 2,
+        "{needed:?}"
+    );
+    for namespace in &needed {
+        let object = one(&overlay, "Namespace", Some(namespace));
+        assert_eq!(
+            object["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+            "{namespace} mounts a hostPath, which baseline forbids"
+        );
+    }
+    let all = needed;
+
+    let safeguards = command_in("docs/aks.md", "az aks safeguards update");
+    let excluded: BTreeSet<String> = words_after(&safeguards, "--excluded-ns")
+        .into_iter()
+        .collect();
+    assert!(
+        excluded.is_superset(&all),
+        "{excluded:?} lacks some of {all:?}"
+    );
+
+    let policy = command_in("docs/aks.md", "az policy assignment update");
+    let params = policy
+        .split("--params '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("the parameters in single quotes");
+    let params: serde_json::Value = serde_json::from_str(params).unwrap();
+    let excluded: BTreeSet<String> = params["excludedNamespaces"]["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        excluded.is_superset(&all),
+        "{excluded:?} lacks some of {all:?}"
+    );
+    assert!(excluded.contains("kube-system"), "the defaults are kept");
+}
+
+/// The vLLM pod's first init container runs vLLM's own image (the same as the `vllm` container,
+/// the overlay's registry included) with a no-op command, so the kubelet pulls that image when the
+/// pod starts; the second is modelcache's `wait`. The guide imports the image the overlay names.
+#[test]
+fn the_vllm_pod_pulls_its_image_first_then_waits_for_the_model() {
+    let Some(base) = render("deploy") else { return };
+    let Some(overlay) = render("deploy/overlays/aks") else {
+        return;
+    };
+    let no_ops: [&[&str]; 4] = [
+        &["/bin/true"],
+        &["true"],
+        &["/bin/sh", "-c", "exit 0"],
+        &["/bin/sh", "-c", "true"],
+    ];
+    let mut images = Vec::new();
+    for docs in [&base, &overlay] {
+        let pod = &one(docs, "Deployment", Some("vllm-gpt-oss-120b"))["spec"]["template"]["spec"];
+        let inits = pod["initContainers"].as_sequence().unwrap();
+        assert_eq!(inits.len(), 2, "{inits:?}");
+        let vllm = named(&pod["containers"], "vllm");
+        let image = vllm["image"].as_str().unwrap();
+        let (pull, wait) = (&inits[0], &inits[1]);
+        assert_eq!(
+            pull["image"].as_str(),
+            Some(image),
+            "the same image as vllm"
+        );
+        let command = strings(&pull["command"]);
+        assert!(
+            no_ops.iter().any(|n| *n == command.as_slice()),
+            "{command:?} is not a no-op"
+        );
+        assert!(pull["args"].is_null());
+        for c in [pull, vllm] {
+            assert_eq!(c["imagePullPolicy"], "IfNotPresent", "pulled once");
+        }
+        assert_eq!(wait["name"], "wait-for-model");
+        assert!(wait["image"].as_str().unwrap().contains("modelcache"));
+        assert_eq!(
+            strings(&wait["args"]).first().map(String::as_str),
+            Some("wait")
+        );
+        images.push(image.to_string());
+    }
+    // The overlay moves both containers to the registry the guide imports the image into.
+    let kustomization: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/overlays/aks/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let (repository, tag) = images[0].split_once(':').unwrap();
+    let entry = kustomization["images"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == repository)
+        .expect("the overlay names vLLM's image");
+    let new_name = entry["newName"].as_str().unwrap();
+    assert_eq!(images[1], format!("{new_name}:{tag}"));
+    let import = command_in("docs/aks.md", "az acr import");
+    assert_eq!(words_after(&import, "--image"), [images[0].clone()]);
+    assert_eq!(
+        words_after(&import, "--source"),
+        [format!("docker.io/{}", images[0])]
+    );
+    assert!(new_name.ends_with(&format!(".azurecr.io/{repository}")));
+}
+
+/// A normal start (the image pull, the longest `wait --timeout`, the whole startup probe) fits
+/// in `progressDeadlineSeconds` with ten minutes to spare, so the Deployment never reports
+/// failure while it progresses; and no probe gives up after the default one second.
+#[test]
+fn the_vllm_deployment_allows_its_slowest_normal_start_and_its_probes_wait_for_an_answer() {
+    let Some(docs) = render("deploy/overlays/aks") else {
+        return;
+    };
+    let deployment = one(&docs, "Deployment", Some("vllm-gpt-oss-120b"));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args = strings(&named(&pod["initContainers"], "wait-for-model")["args"]);
+    let timeout = &args[args.iter().position(|a| a == "--timeout").unwrap() + 1];
+    let timeout = humantime::parse_duration(timeout).unwrap().as_secs();
+    let startup = &named(&pod["containers"], "vllm")["startupProbe"];
+    let seconds = |v: &Value, default: u64| v.as_u64().unwrap_or(default);
+    let startup_budget = seconds(&startup["initialDelaySeconds"], 0)
+        + seconds(&startup["periodSeconds"], 10) * seconds(&startup["failureThreshold"], 3);
+    let deadline = deployment["spec"]["progressDeadlineSeconds"]
+        .as_u64()
+        .expect("progressDeadlineSeconds is set");
+    assert!(
+        deadline >= timeout + startup_budget + 600,
+        "{deadline} s < wait {timeout} s + startup probe {startup_budget} s + 600 s for the pull"
+    );
+    let mut probes = 0;
+    for key in ["initContainers", "containers"] {
+        for c in pod[key].as_sequence().unwrap() {
+            for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                if c[probe].is_null() {
+                    continue;
+                }
+                probes += 1;
+                assert!(
+                    c[probe]["timeoutSeconds"].as_u64().unwrap_or(1) > 1,
+                    "{} {probe} gives up after one second",
+                    c["name"].as_str().unwrap()
+                );
+            }
+        }
+    }
+    assert_eq!(probes, 3);
+}
+
+/// Copies a directory tree.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The guide's submodule layout: this repository at `modelcache/` and the operator's overlays
+/// beside it, their paths pointing into the submodule as the guide shows, render exactly what
+/// the overlays in `deploy/overlays` render.
+#[test]
+fn the_guides_submodule_layout_renders_what_the_overlays_render() {
+    let guide = std::fs::read_to_string(repo().join("docs/aks.md")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    copy_tree(
+        &repo().join("deploy"),
+        &root.path().join("modelcache/deploy"),
+    );
+    let moves = [
+        ("../../kubernetes", "../../modelcache/deploy/kubernetes"),
+        ("../../examples", "../../modelcache/deploy/examples"),
+        ("../../dragonfly", "../../modelcache/deploy/dragonfly"),
+    ];
+    for (_, to) in moves {
+        assert!(guide.contains(to), "the guide shows {to}");
+    }
+    for overlay in ["aks", "aks-dragonfly"] {
+        let theirs = root.path().join("overlays").join(overlay);
+        copy_tree(&repo().join("deploy/overlays").join(overlay), &theirs);
+        let path = theirs.join("kustomization.yaml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (from, to) in moves {
+            text = text.replace(&format!("- {from}\n"), &format!("- {to}\n"));
+        }
+        std::fs::write(&path, text).unwrap();
+        let Some(expected) = render(&format!("deploy/overlays/{overlay}")) else {
+            return;
+        };
+        // `render` joins the repository with its argument; an absolute path stays as it is.
+        let Some(rendered) = render(theirs.to_str().unwrap()) else {
+            return;
+        };
+        assert_eq!(
+            rendered, expected,
+            "overlays/{overlay} in the submodule layout"
+        );
+    }
 }
