@@ -924,7 +924,7 @@ fn shell_blocks(text: &str) -> Vec<String> {
 }
 
 /// Issue 19: the guide's commands, in order, as one script, pass `shellcheck` (quoting, portable
-/// syntax), and so do the README's, the test command and the image script.
+/// syntax), and so do the Dragonfly page's, the README's, the test command and the image script.
 #[test]
 fn issue19_the_guides_shell_commands_pass_shellcheck() {
     let found = std::process::Command::new("shellcheck")
@@ -937,7 +937,7 @@ fn issue19_the_guides_shell_commands_pass_shellcheck() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut checked = Vec::new();
-    for doc in ["docs/aks.md", "README.md"] {
+    for doc in ["docs/aks.md", "docs/dragonfly.md", "README.md"] {
         let text = std::fs::read_to_string(repo().join(doc)).unwrap();
         let blocks = shell_blocks(&text);
         assert!(!blocks.is_empty(), "{doc} has shell commands");
@@ -1004,7 +1004,7 @@ fn host_path_namespaces(docs: &[Value]) -> BTreeSet<String> {
 
 /// The vLLM example lives in a namespace of its own, rendered with it, never `default`; every
 /// namespace whose pods mount a hostPath allows it (Pod Security Admission) and is among the
-/// exclusions the guide makes for Deployment Safeguards and Azure Policy.
+/// exclusions the guide makes for Deployment Safeguards and Azure Policy, Dragonfly's included.
 #[test]
 fn the_vllm_example_has_its_own_namespace_and_the_guide_excludes_every_host_path_namespace() {
     let Some(examples) = render("deploy/examples") else {
@@ -1033,7 +1033,30 @@ fn the_vllm_example_has_its_own_namespace_and_the_guide_excludes_every_host_path
             "{namespace} mounts a hostPath, which baseline forbids"
         );
     }
-    let all = needed;
+    // Dragonfly's client mounts host paths too, in the namespace its Helm command names, which
+    // the Dragonfly page labels the same way before installing.
+    let values: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("deploy/dragonfly/values-aks.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        values["client"]["extraVolumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| !v["hostPath"].is_null())
+    );
+    let helm = command_in("docs/dragonfly.md", "helm upgrade --install");
+    let dragonfly = words_after(&helm, "--namespace")[0].clone();
+    let label = command_in("docs/dragonfly.md", "kubectl label namespace");
+    assert!(
+        label.contains(&format!(
+            "namespace {dragonfly} pod-security.kubernetes.io/enforce=privileged"
+        )),
+        "{label}"
+    );
+    let mut all = needed.clone();
+    all.insert(dragonfly);
 
     let safeguards = command_in("docs/aks.md", "az aks safeguards update");
     let excluded: BTreeSet<String> = words_after(&safeguards, "--excluded-ns")
