@@ -123,6 +123,23 @@ impl Pods {
         }
     }
 
+    /// When the kubelet started `pod` here: the birth time of its directory under
+    /// `leases.pods_dir`, which the kubelet makes as it admits the pod, before any image pull
+    /// or container (the modification time where the filesystem keeps no birth time, or its
+    /// cgroup's, which comes moments later, where the directory is not visible).
+    pub fn started(&self, pod: &PodUid) -> Option<std::time::SystemTime> {
+        let from = |path: &Path| {
+            let meta = std::fs::metadata(path).ok()?;
+            meta.created().or_else(|_| meta.modified()).ok()
+        };
+        from(&self.pods_dir.join(pod.as_str())).or_else(|| {
+            let driver = self.driver()?;
+            cgroup_paths(&self.cgroup_root, driver, pod)
+                .iter()
+                .find_map(|p| from(p))
+        })
+    }
+
     /// The pod process `pid` belongs to, if it is in one.
     pub fn pod_of_process(&self, pid: i32) -> Result<Option<PodUid>, PeerError> {
         if pid <= 0 {

@@ -1,7 +1,7 @@
 //! The commands that run or talk to the node agent: `agent`, `wait` and `status`.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{
     AgentArgs, CommandError, DiskCommand, StatusArgs, WaitArgs, exit, invalid, progress_text,
@@ -89,6 +89,10 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
                     d.socket.display()
                 ),
             }
+            // With this process's credentials: run it in the agent's pod for the node's answer.
+            if let Some(found) = crate::agent::signing::check(&config, env).await {
+                println!("dragonfly (with this process's credentials): {found}");
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -104,12 +108,89 @@ enum Look {
     Ready {
         revision: String,
         line: String,
+        agent: AgentTimes,
     },
     Waiting(String),
     Failed(String),
     /// The agent refused the request itself (a pod not on this node, a bad name): waiting
     /// would not change it.
     Refused(String),
+}
+
+/// What the agent said about time when it answered ready (nothing when read from the cache).
+#[derive(Debug, Default)]
+struct AgentTimes {
+    /// When the kubelet started this pod, as the agent saw it.
+    pod_started: Option<SystemTime>,
+    /// The model's steps on the agent.
+    timeline: Option<crate::agent::models::timeline::Timeline>,
+}
+
+/// `wait`'s own steps, for the line it ends with.
+struct WaitSteps {
+    began: Instant,
+    began_at: SystemTime,
+    ready: Option<Instant>,
+    linked: Option<Instant>,
+    warmed: Option<Instant>,
+}
+
+impl WaitSteps {
+    fn now() -> Self {
+        Self {
+            began: Instant::now(),
+            began_at: SystemTime::now(),
+            ready: None,
+            linked: None,
+            warmed: None,
+        }
+    }
+
+    /// One line an operator can paste: how long from the pod's start (or this command's) to
+    /// serving, and where it went.
+    fn line(&self, name: &ModelName, agent: &AgentTimes) -> String {
+        let span = |from: Instant, to: Option<Instant>| {
+            to.map(|t| t.saturating_duration_since(from).as_secs_f64())
+        };
+        let ready = span(self.began, self.ready).unwrap_or(0.0);
+        let mut parts = Vec::new();
+        let before = agent
+            .pod_started
+            .and_then(|p| self.began_at.duration_since(p).ok())
+            .map(|d| d.as_secs_f64());
+        if let Some(before) = before {
+            parts.push(format!(
+                "{before:.1} s before this wait (image pulls, earlier init containers)"
+            ));
+        }
+        parts.push(format!("{ready:.1} s waiting for the agent"));
+        let mut last = self.ready.unwrap_or(self.began);
+        if let Some(t) = span(last, self.linked) {
+            parts.push(format!("link {t:.1} s"));
+            last = self.linked.unwrap_or(last);
+        }
+        if let Some(t) = span(last, self.warmed) {
+            parts.push(format!("warm {t:.1} s"));
+            last = self.warmed.unwrap_or(last);
+        }
+        let total = last.saturating_duration_since(self.began).as_secs_f64();
+        let head = match before {
+            Some(before) => format!(
+                "{name}: serving {:.1} s after the pod started",
+                before + total
+            ),
+            None => format!("{name}: serving {total:.1} s after this wait began"),
+        };
+        let mut line = format!("{head}: {}", parts.join(", "));
+        if let Some(timeline) = &agent.timeline {
+            line.push_str(&format!(
+                "; the agent (seconds after its start at {}): {}",
+                timeline.agent_started_at,
+                timeline.line()
+            ));
+        }
+        line
+    }
 }
 
 /// `modelcache wait`: until the model is ready, then the revision it resolved (linked at
@@ -144,6 +225,7 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
         ));
     }
     let started = Instant::now();
+    let mut steps = WaitSteps::now();
     let mut last_line = String::new();
     let mut last_sample: Option<(Instant, u64)> = None;
     loop {
@@ -159,9 +241,14 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
                 }
                 match (look, &view) {
                     // The agent's answer must be visible here before it is served.
-                    (Look::Ready { revision, line }, Some(view)) => {
-                        visible_here(view, &name, revision, line)
-                    }
+                    (
+                        Look::Ready {
+                            revision,
+                            line,
+                            agent,
+                        },
+                        Some(view),
+                    ) => visible_here(view, &name, revision, line, agent),
                     // Progress from the cache while the agent cannot be reached.
                     (Look::Waiting(line), Some(view)) if line.contains("waiting for the agent") => {
                         match progress_from_cache(view, &name, &mut last_sample) {
@@ -176,15 +263,22 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
             (None, None) => return Err(invalid("give --cache-root or --api")),
         };
         match look {
-            Look::Ready { revision, line } => {
+            Look::Ready {
+                revision,
+                line,
+                agent,
+            } => {
+                steps.ready = Some(Instant::now());
                 let Some(view) = &view else {
                     println!("{line}");
+                    println!("{}", steps.line(&name, &agent));
                     return Ok(ExitCode::SUCCESS);
                 };
                 let dir = view.revision_dir(&name, &revision);
                 let served = match &args.link {
                     Some(link) => {
                         point_link(link, &dir)?;
+                        steps.linked = Some(Instant::now());
                         link.clone()
                     }
                     None => dir.clone(),
@@ -192,7 +286,9 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
                 println!("{line} -> {}", served.display());
                 if args.warm {
                     warm(&dir, &name).await?;
+                    steps.warmed = Some(Instant::now());
                 }
+                println!("{}", steps.line(&name, &agent));
                 return Ok(ExitCode::SUCCESS);
             }
             Look::Failed(reason) => {
@@ -288,6 +384,7 @@ fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, 
                 marker.verification,
             ),
             revision,
+            agent: AgentTimes::default(),
         };
     }
     Look::Waiting(
@@ -299,10 +396,20 @@ fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, 
 
 /// The agent answered `revision`: ready once its directory is intact in this container's view
 /// of the cache (a mount still propagating, or a copy being repaired, is waited for).
-fn visible_here(view: &Layout, name: &ModelName, revision: String, line: String) -> Look {
+fn visible_here(
+    view: &Layout,
+    name: &ModelName,
+    revision: String,
+    line: String,
+    agent: AgentTimes,
+) -> Look {
     let dir = view.revision_dir(name, &revision);
     match crate::store::ReadyMarker::read(&dir) {
-        Ok(marker) if marker.files_present(&dir) => Look::Ready { revision, line },
+        Ok(marker) if marker.files_present(&dir) => Look::Ready {
+            revision,
+            line,
+            agent,
+        },
         _ => Look::Waiting(format!(
             "{name}: the agent says revision {revision} is ready, but {} is not (yet) there intact; waiting",
             dir.display()
@@ -433,6 +540,12 @@ async fn ask_agent(api: &AgentApi, name: &ModelName, pod: Option<&str>) -> Look 
                     _ => "",
                 }
             ),
+            agent: AgentTimes {
+                pod_started: body["pod_started_at"]
+                    .as_str()
+                    .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
+                timeline: serde_json::from_value(body["status"]["timeline"].clone()).ok(),
+            },
         },
         202 => {
             let s = &body["status"];
@@ -529,10 +642,27 @@ pub async fn run_status(args: StatusArgs, env: &Environment) -> Result<ExitCode,
     for m in models_via_dragonfly(&models) {
         println!("{m}");
     }
+    for m in &models {
+        if let Some(line) = timeline_text(m) {
+            println!("{line}");
+        }
+    }
     if let Some(config) = config {
         print!("{}", config_text(&config));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A model's timeline on the node, for people; `None` from an agent that does not keep one.
+fn timeline_text(model: &serde_json::Value) -> Option<String> {
+    let timeline: crate::agent::models::timeline::Timeline =
+        serde_json::from_value(model["timeline"].clone()).ok()?;
+    Some(format!(
+        "{}: seconds after the agent started at {}: {}",
+        model["name"].as_str().unwrap_or("?"),
+        timeline.agent_started_at,
+        timeline.line()
+    ))
 }
 
 /// One line per model whose last run went through Dragonfly: bytes by origin and file outcomes.

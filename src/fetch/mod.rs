@@ -342,6 +342,8 @@ pub struct Summary {
     pub refetched_files: Vec<String>,
     /// What the structure checks found odd but vLLM loads anyway (also in `ready.json`).
     pub warnings: Vec<String>,
+    /// When each step happened, in seconds after the prefetch began.
+    pub steps: progress::Steps,
 }
 
 /// Fills the cache with a model from `source`, resuming earlier work, and publishes it at
@@ -435,6 +437,7 @@ async fn attempt(
         source_restarts: restarts,
         refetched_files: refetched,
         warnings: Vec::new(),
+        steps: progress.steps(started),
     };
 
     // Already published and intact: link it (again), drop what a publish killed after its

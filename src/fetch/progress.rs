@@ -41,6 +41,8 @@ impl Phase {
 pub struct Progress {
     phase: AtomicU8,
     phase_log: std::sync::Mutex<Vec<(Phase, std::time::Instant)>>,
+    /// When the first byte arrived from the source (or dfdaemon).
+    first_byte: std::sync::OnceLock<std::time::Instant>,
     total: AtomicU64,
     fetched: AtomicU64,
     reused: AtomicU64,
@@ -110,6 +112,32 @@ impl Progress {
             .collect()
     }
 
+    /// When each step of this run happened so far, in seconds after `origin`.
+    ///
+    /// The last byte is when the last download phase ended (a repair downloads again after
+    /// verifying); a run that reused every byte has neither a first nor a last byte.
+    pub fn steps(&self, origin: std::time::Instant) -> Steps {
+        let log = self.phase_log.lock().unwrap_or_else(|p| p.into_inner());
+        let after = |t: std::time::Instant| t.saturating_duration_since(origin).as_secs_f64();
+        let first = |phase: Phase| {
+            log.iter()
+                .find(|(p, _)| *p == phase)
+                .map(|(_, t)| after(*t))
+        };
+        let first_byte = self.first_byte.get().map(|t| after(*t));
+        let last_byte = first_byte.and_then(|_| {
+            let last_download = log.iter().rposition(|(p, _)| *p == Phase::Downloading)?;
+            log.get(last_download + 1).map(|(_, t)| after(*t))
+        });
+        Steps {
+            listing: first(Phase::Listing),
+            first_byte,
+            last_byte,
+            verified: first(Phase::Publishing),
+            published: first(Phase::Done),
+        }
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Relaxed) {
@@ -126,6 +154,9 @@ impl Progress {
     }
 
     pub(crate) fn add_fetched(&self, bytes: u64) {
+        if bytes > 0 && self.first_byte.get().is_none() {
+            let _ = self.first_byte.set(std::time::Instant::now());
+        }
         self.fetched.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -231,6 +262,38 @@ impl Progress {
             .zip(&self.retries)
             .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
             .collect()
+    }
+}
+
+/// When each step of one fill happened, in seconds after an origin: the command's start for
+/// `modelcache prefetch`, the agent's start in the agent. `None`: not (yet) reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Steps {
+    /// Listing the source began.
+    pub listing: Option<f64>,
+    /// The first byte arrived.
+    pub first_byte: Option<f64>,
+    /// The last byte arrived (the download ended).
+    pub last_byte: Option<f64>,
+    /// Every byte was verified (publishing began).
+    pub verified: Option<f64>,
+    /// The revision was published.
+    pub published: Option<f64>,
+}
+
+impl Steps {
+    /// The steps reached, in order, as `(name, seconds)`.
+    pub fn reached(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("listing", self.listing),
+            ("first_byte", self.first_byte),
+            ("last_byte", self.last_byte),
+            ("verified", self.verified),
+            ("published", self.published),
+        ]
+        .into_iter()
+        .filter_map(|(name, at)| at.map(|at| (name, at)))
+        .collect()
     }
 }
 

@@ -279,6 +279,8 @@ impl Models {
                 let next = lifecycle::after_attempt(entry.facts(), outcome);
                 entry.state = next.state;
                 if let Some(summary) = &published {
+                    entry.published_run = Some(progress.steps(self.boot.started()));
+                    entry.first_ready(&self.boot, &self.metrics);
                     entry.revision = Some(summary.revision.clone());
                     entry.verification = Some(summary.verification);
                     entry.warnings.clone_from(&summary.warnings);

@@ -13,6 +13,7 @@ mod lifecycle;
 mod readers;
 mod reconcile;
 mod scrub;
+pub mod timeline;
 mod warm;
 
 pub use readers::{Reader, Reading};
@@ -125,6 +126,8 @@ pub struct ModelStatus {
     pub page_cache: Option<WarmReport>,
     /// How many leases pods hold on its revisions.
     pub leases: usize,
+    /// When each step of its fill happened on this node, after the agent's start.
+    pub timeline: timeline::Timeline,
     /// The pods reading it, and which revision each reads: on the admin socket only (a pod's
     /// UID is not for anyone on the node network).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -207,6 +210,10 @@ struct Entry {
     reader_asked: Option<Instant>,
     /// A re-verification of its published revision runs (a reader found it not intact).
     rechecking: bool,
+    /// The steps of the fill that published the revision it serves.
+    published_run: Option<crate::fetch::progress::Steps>,
+    /// When it was first ready in this agent's life.
+    ready_since: Option<Instant>,
 }
 
 impl Entry {
@@ -228,6 +235,8 @@ impl Entry {
             warm: None,
             reader_asked: None,
             rechecking: false,
+            published_run: None,
+            ready_since: None,
         }
     }
 
@@ -259,8 +268,15 @@ impl Entry {
         self.state
     }
 
-    fn status(&self) -> ModelStatus {
+    fn status(&self, boot: &timeline::Boot) -> ModelStatus {
         let p = &self.progress;
+        // The fill under way until a revision serves; then the one that published it.
+        let filling = self.job.is_some() && self.state() != State::Ready;
+        let run = if filling {
+            Some(p.steps(boot.started()))
+        } else {
+            self.published_run
+        };
         let total = p.total();
         let done = (p.fetched() + p.reused()).min(total);
         let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
@@ -292,8 +308,32 @@ impl Entry {
             warnings: self.warnings.clone(),
             page_cache: self.warm.clone(),
             leases: 0,
+            timeline: boot.timeline(run, self.ready_since),
             readers: Vec::new(),
         }
+    }
+
+    /// Counts a revision found published at start as this life's run: every byte there,
+    /// none fetched.
+    fn found_published(&mut self, bytes: u64) {
+        let progress = Progress::new();
+        progress.set_total(bytes);
+        progress.add_reused(bytes);
+        self.progress = Arc::new(progress);
+    }
+
+    /// Marks the model ready in this agent's life, the first time: the moment its timeline
+    /// and the boot histogram end with.
+    fn first_ready(&mut self, boot: &timeline::Boot, metrics: &Metrics) {
+        if self.ready_since.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        self.ready_since = Some(now);
+        for (step, at) in self.published_run.unwrap_or_default().reached() {
+            metrics.boot_step(step, at);
+        }
+        metrics.boot_step("ready", boot.seconds(now));
     }
 }
 
@@ -321,6 +361,8 @@ pub struct Models {
     parse_budget: crate::verify::structure::ParseBudget,
     /// Metrics, updated as jobs finish and on scrape.
     pub metrics: Metrics,
+    /// The agent's start and its disks' settling, which every model's timeline counts from.
+    boot: timeline::Boot,
 }
 
 impl std::fmt::Debug for Models {
@@ -363,6 +405,7 @@ impl Models {
             reservations: Mutex::new(BTreeMap::new()),
             parse_budget: crate::verify::structure::ParseBudget::default(),
             metrics: Metrics::new(),
+            boot: timeline::Boot::now(),
             pods: crate::agent::pods::Pods::new(
                 &config.leases.cgroup_root,
                 &config.proc_root,
@@ -386,6 +429,9 @@ impl Models {
     /// cache root is on the OS disk. Otherwise ready models are marked so and the others get
     /// a job.
     pub fn activate(self: &Arc<Self>, blocked: Option<String>) -> Result<(), ModelError> {
+        if let Some(at) = self.boot.disks_settled() {
+            self.metrics.boot_step("disks_settled", at);
+        }
         if let Some(reason) = &blocked {
             for entry in self.lock().values_mut() {
                 entry.last_error = Some(format!("waiting for the cache disks: {reason}"));
@@ -420,6 +466,8 @@ impl Models {
                 entry.verification = Some(marker.verification);
                 entry.warnings = marker.warnings;
                 entry.last_used = last_used;
+                entry.found_published(marker.bytes);
+                entry.first_ready(&self.boot, &self.metrics);
             } else {
                 to_fetch.push(spec.name.to_string());
             }
@@ -537,6 +585,8 @@ impl Models {
             entry.verification = Some(marker.verification);
             entry.warnings = marker.warnings;
             entry.last_used = self.link_mtime(&name);
+            entry.found_published(marker.bytes);
+            entry.first_ready(&self.boot, &self.metrics);
             info!(model.name = %name, revision = %revision, "{name} revision {revision} was published earlier: ready (unpinned)");
             self.lock().insert(name.to_string(), entry);
         }
@@ -573,13 +623,14 @@ impl Models {
 
     /// Every model's status.
     pub fn list(&self) -> Vec<ModelStatus> {
-        let statuses: Vec<ModelStatus> = self.lock().values().map(Entry::status).collect();
+        let statuses: Vec<ModelStatus> =
+            self.lock().values().map(|e| e.status(&self.boot)).collect();
         statuses.into_iter().map(|s| self.with_readers(s)).collect()
     }
 
     /// One model's status.
     pub fn get(&self, name: &str) -> Option<ModelStatus> {
-        let status = self.lock().get(name).map(Entry::status)?;
+        let status = self.lock().get(name).map(|e| e.status(&self.boot))?;
         Some(self.with_readers(status))
     }
 

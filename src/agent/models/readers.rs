@@ -65,6 +65,11 @@ pub enum Reading {
 }
 
 impl Models {
+    /// When the kubelet started `pod` on this node, if it can be told.
+    pub fn pod_started(&self, pod: &PodUid) -> Option<SystemTime> {
+        self.pods.started(pod)
+    }
+
     /// A reader asks for `name`.
     ///
     /// Ready: the revision to serve (intact, and what the model's configuration asks for) is
@@ -138,7 +143,7 @@ impl Models {
                     if pod.is_some() {
                         entry.last_used = SystemTime::now();
                     }
-                    entry.status()
+                    entry.status(&self.boot)
                 };
                 return Ok(Reading::Ready {
                     revision,
