@@ -41,6 +41,8 @@ pub struct AppState {
     pub disk: Arc<std::sync::RwLock<super::DiskStatus>>,
     /// The configuration file's later changes: what needs a restart, what was refused.
     pub config: Arc<std::sync::RwLock<super::reload::ConfigStatus>>,
+    /// With Dragonfly on, whether dfdaemon can be handed URLs (see [`super::signing`]).
+    pub dragonfly: Arc<std::sync::RwLock<Option<String>>>,
     /// Which listener serves this router.
     pub listener: Listener,
 }
@@ -246,6 +248,10 @@ struct Readiness {
     disk: String,
     cache_root: bool,
     models: std::collections::BTreeMap<String, super::models::State>,
+    /// With Dragonfly on: `usable: …` or `unusable: …` (the agent serves either way; files
+    /// dfdaemon cannot fetch are fetched directly).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dragonfly: Option<String>,
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
@@ -273,6 +279,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             disk,
             cache_root,
             models,
+            dragonfly: state
+                .dragonfly
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }),
     )
 }
@@ -386,6 +397,9 @@ struct ReaderAnswer {
     /// Whether the agent identified the pod itself (the readers' socket) rather than taking
     /// the reader's word for it.
     proved: bool,
+    /// When the kubelet started the leased pod here (RFC 3339), for the reader's timeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_started_at: Option<String>,
     status: ModelStatus,
 }
 
@@ -448,10 +462,18 @@ async fn reader(
     let for_state = state.clone();
     let reading = tokio::task::spawn_blocking(move || {
         let who = reader_identity(&for_state, peer.as_deref(), body.pod)?;
-        models.reader(&asked, who).map_err(ApiError::from)
+        let reading = models.reader(&asked, who).map_err(ApiError::from)?;
+        let pod_started = match &reading {
+            Reading::Ready {
+                leased: Some(pod), ..
+            } => models.pod_started(pod),
+            _ => None,
+        };
+        Ok::<_, ApiError>((reading, pod_started))
     })
     .await
     .map_err(|e| ApiError::from(ModelError::Internal(e.to_string())))??;
+    let (reading, pod_started) = reading;
     Ok(match reading {
         Reading::Ready {
             revision,
@@ -467,6 +489,8 @@ async fn reader(
                 revision: Some(revision),
                 leased: leased.is_some(),
                 proved,
+                pod_started_at: pod_started
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 status: state.shown(status),
             }),
         ),
@@ -479,6 +503,7 @@ async fn reader(
                 path: None,
                 leased: false,
                 proved: false,
+                pod_started_at: None,
                 status: state.shown(status),
             }),
         ),

@@ -10,6 +10,7 @@ pub mod models;
 pub mod pods;
 pub mod reload;
 mod serve;
+pub mod signing;
 pub mod socket;
 pub mod sources;
 
@@ -127,10 +128,45 @@ pub async fn serve(
         DiskStatus::Disabled
     }));
     let models = Models::waiting(Arc::clone(&config), env.clone(), "disk setup in progress");
+    let dragonfly = Arc::new(std::sync::RwLock::new(
+        config
+            .fetch
+            .dragonfly
+            .is_some()
+            .then(|| "checking whether URLs can be signed for dfdaemon".to_string()),
+    ));
+    if config.fetch.dragonfly.is_some() {
+        let (config, env, shown) = (Arc::clone(&config), env.clone(), Arc::clone(&dragonfly));
+        let stop = stop.clone();
+        // Asked again while unusable: a role assignment takes minutes to reach the storage
+        // service, and the operator should not have to restart every agent for it.
+        tokio::spawn(async move {
+            let mut last = None;
+            while let Some(found) = signing::check(&config, &env).await {
+                if last.as_ref() != Some(&found.line) {
+                    if found.usable {
+                        info!("dragonfly: {found}");
+                    } else {
+                        tracing::warn!("dragonfly: {found}");
+                    }
+                }
+                *shown.write().unwrap_or_else(|p| p.into_inner()) = Some(found.line.clone());
+                if found.usable {
+                    break;
+                }
+                last = Some(found.line);
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(signing::RECHECK_INTERVAL) => {}
+                }
+            }
+        });
+    }
     let state = AppState {
         models: Arc::clone(&models),
         disk: Arc::clone(&disk),
         config: Arc::clone(&config_status),
+        dragonfly,
         listener: http::Listener::Read,
     };
     let read_addr = read.local_addr().map_err(AgentError::Serve)?;

@@ -222,56 +222,72 @@ pub fn azurite() -> Option<&'static Azurite> {
     let started = AZURITE.get_or_init(|| {
         let bin = azurite_bin()?;
         let workspace = tempfile::tempdir().unwrap();
-        // The shell ends Azurite when our stdin closes, i.e. when this test process exits.
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#""$0" "$@" & pid=$!; read _; kill $pid"#)
-            .arg(&bin)
-            .args([
-                "--blobHost",
-                "127.0.0.1",
-                "--blobPort",
-                "0",
-                "--skipApiVersionCheck",
-                "--loose",
-                "--disableTelemetry",
-                "-l",
-            ])
-            .arg(workspace.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start azurite");
-        let mut out = child.stdout.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 512];
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let port = loop {
+        Some(start_azurite(&bin, workspace, &[], "http"))
+    });
+    if started.is_none() {
+        skip_or_fail(
+            "Azurite is not installed (run the README's test command, which installs it into .tools/)",
+        );
+    }
+    started.as_ref()
+}
+
+/// An Azurite that serves HTTPS and accepts Azure AD bearer tokens (`--oauth basic`: it checks
+/// a token's issuer, audience and lifetime, not its signature), as Blob Storage does for a
+/// workload identity; the only way to ask it for a user delegation key. Its certificate is
+/// signed by a CA of its own, at `ca` (give it to the agent as `SSL_CERT_FILE`).
+pub struct OAuthAzurite {
+    pub azurite: Azurite,
+    pub ca: PathBuf,
+}
+
+impl OAuthAzurite {
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.azurite.port)
+    }
+}
+
+/// Starts the HTTPS, OAuth-accepting Azurite once, or returns None after a loud skip.
+pub fn azurite_oauth() -> Option<&'static OAuthAzurite> {
+    static AZURITE: OnceLock<Option<OAuthAzurite>> = OnceLock::new();
+    let started = AZURITE.get_or_init(|| {
+        let bin = azurite_bin()?;
+        let workspace = tempfile::tempdir().unwrap();
+        let certs = workspace.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let sh = |script: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .current_dir(&certs)
+                .output()
+                .expect("run openssl");
             assert!(
-                std::time::Instant::now() < deadline,
-                "azurite did not start: {seen}"
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
             );
-            let n = out.read(&mut buf).unwrap();
-            assert!(n > 0, "azurite exited: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if let Some(i) = seen.find("listens on http://127.0.0.1:") {
-                let rest = &seen[i + "listens on http://127.0.0.1:".len()..];
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                if rest.len() > digits.len() {
-                    break digits.parse::<u16>().unwrap();
-                }
-            }
         };
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = [0u8; 4096];
-            while out.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
-        });
-        Some(Azurite {
-            port,
-            _workspace: workspace,
-            _guard: child,
+        // A CA, and a server certificate for 127.0.0.1 it signs: TLS clients refuse a CA
+        // certificate used as the server's own.
+        sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=modelcache-test-ca \
+              -keyout ca.key -out ca.pem 2>/dev/null");
+        sh("openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out req.pem 2>/dev/null \
+            && printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf \
+            && openssl x509 -req -in req.pem -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+                 -extfile ext.cnf -out cert.pem 2>/dev/null");
+        let args: Vec<String> = vec![
+            "--oauth".into(),
+            "basic".into(),
+            "--cert".into(),
+            certs.join("cert.pem").display().to_string(),
+            "--key".into(),
+            certs.join("key.pem").display().to_string(),
+        ];
+        let ca = certs.join("ca.pem");
+        Some(OAuthAzurite {
+            azurite: start_azurite(&bin, workspace, &args, "https"),
+            ca,
         })
     });
     if started.is_none() {
@@ -280,6 +296,95 @@ pub fn azurite() -> Option<&'static Azurite> {
         );
     }
     started.as_ref()
+}
+
+/// An unsigned Azure AD access token for Blob Storage, as `--oauth basic` Azurite checks it:
+/// valid from `valid_from` to `valid_until` seconds from now (negative: in the past).
+pub fn azure_ad_token(valid_from: i64, valid_until: i64) -> String {
+    use base64::Engine as _;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let header = b64(serde_json::json!({"alg": "RS256", "typ": "JWT"}));
+    let claims = b64(serde_json::json!({
+        "aud": "https://storage.azure.com",
+        "iss": "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/",
+        "iat": now + valid_from,
+        "nbf": now + valid_from,
+        "exp": now + valid_until,
+        "oid": "11059fcc-5514-4800-b5f8-49808b9cfab6",
+        "tid": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+    }));
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+/// Starts Azurite with `extra` arguments; `scheme` is what it serves.
+fn start_azurite(
+    bin: &Path,
+    workspace: tempfile::TempDir,
+    extra: &[String],
+    scheme: &str,
+) -> Azurite {
+    // The shell ends Azurite when our stdin closes, i.e. when this test process exits.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#""$0" "$@" & pid=$!; read _; kill $pid"#)
+        .arg(bin)
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            "0",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--disableTelemetry",
+        ])
+        .args(extra)
+        .arg("-l")
+        .arg(workspace.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start azurite");
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let listens = format!("listens on {scheme}://127.0.0.1:");
+    let port = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "azurite did not start: {seen}"
+        );
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "azurite exited: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some(i) = seen.find(&listens) {
+            let rest = &seen[i + listens.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if rest.len() > digits.len() {
+                break digits.parse::<u16>().unwrap();
+            }
+        }
+    };
+    // Keep draining its output so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 4096];
+        while out.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+    });
+    Azurite {
+        port,
+        _workspace: workspace,
+        _guard: child,
+    }
 }
 
 /// Makes `name` unique to this test.
