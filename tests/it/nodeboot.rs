@@ -135,7 +135,11 @@ fn a_gpu_node_boots_fetches_verifies_and_serves_the_model_to_a_vllm_style_reader
     // mount path maps to the hostPath here, its emptyDir to a directory it may write, the
     // downward API's values to the agent's address and a pod of this "node".
     let example = yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
-    let init = &example[0]["spec"]["template"]["spec"]["initContainers"][0];
+    // The init container that waits (the first one only pulls vLLM's image).
+    let init = example[0]["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .and_then(|all| all.iter().find(|c| c["name"] == "wait-for-model"))
+        .expect("the example's wait-for-model init container");
     let mount_path = init["volumeMounts"][0]["mountPath"]
         .as_str()
         .unwrap()

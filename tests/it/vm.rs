@@ -356,7 +356,11 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
             .expect("the DaemonSet sets a memory limit"),
     );
     let example = crate::nodeboot::yaml_docs("deploy/examples/vllm-gpt-oss-120b.yaml");
-    let init = &example[0]["spec"]["template"]["spec"]["initContainers"][0];
+    // The init container that waits (the first one only pulls vLLM's image).
+    let init = example[0]["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .and_then(|all| all.iter().find(|c| c["name"] == "wait-for-model"))
+        .expect("the example's wait-for-model init container");
     let init_memory = quantity(init["resources"]["limits"]["memory"].as_str().unwrap());
     let init_user = init["securityContext"]["runAsUser"].as_u64().unwrap();
     let mount_of = |volume: &str| {
@@ -507,6 +511,48 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
         small_reader <= size / 3,
         "a reader limited to a quarter of the model keeps no more than that cached: {why}"
     );
+    // mdadm --create ran under the DaemonSet's read-only /sys (its sysfs write refused, the
+    // array made through the device node instead).
+    let sys = first.get("AGENT_SYS");
+    assert!(
+        sys.split(';')
+            .next()
+            .is_some_and(|options| options.split(',').next() == Some("ro"))
+            && sys.contains("Read-only file system"),
+        "the agent's /sys is read-only, as in the DaemonSet: {sys}: {why}"
+    );
+    // The node's time to serving, by step, from the agent and from the init container.
+    let timeline = first.model_json()["timeline"].clone();
+    let steps: Vec<f64> = [
+        "disks_settled",
+        "listing",
+        "first_byte",
+        "last_byte",
+        "verified",
+        "published",
+        "ready",
+    ]
+    .iter()
+    .map(|s| timeline[*s].as_f64().unwrap_or(-1.0))
+    .collect();
+    assert!(
+        steps[0] >= 0.0 && steps.windows(2).all(|w| w[0] <= w[1]),
+        "every step, in order: {timeline}: {why}"
+    );
+    let wait_line = first.get("WAIT_LINE");
+    assert!(
+        wait_line.starts_with(&format!("{MODEL}: serving "))
+            && wait_line.contains(" s after the pod started: ")
+            && wait_line.contains("warm "),
+        "{wait_line}: {why}"
+    );
+    report(&format!(
+        "vm boot 1 timeline, seconds after the agent started: disks settled {:.1} (mdadm --create under a read-only /sys, mkfs, mount), listing {:.1}, first byte {:.1}, last byte {:.1}, verified {:.1}, published {:.1}, ready {:.1}",
+        steps[0], steps[1], steps[2], steps[3], steps[4], steps[5], steps[6]
+    ));
+    report(&format!(
+        "vm boot 1, the init container's last line: {wait_line}"
+    ));
     report(&format!(
         "vm boot 1 (first boot, 4 blank NVMe): agent start to ready {} s, boot to ready {} s (VM uptime), whole boot {:.0} s; {} bytes fetched; agent restart to ready {} s",
         first.get("AGENT_START_TO_READY_SECONDS"),

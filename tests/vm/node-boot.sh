@@ -92,16 +92,21 @@ while [ ! -e /run/vllm-pod/.ready ]; do
 done
 in_vllm() { local group=$1; shift; nsenter -t $VLLM -m sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "/sys/fs/cgroup/vllm-pod/$group" "$@"; }
 
-# The agent's pod: privileged, the node's /dev and /sys, the host path at /mnt/modelcache as a
-# peer of the node's (Bidirectional: its mountinfo shows a bind of the directory, shared), an
-# emptyDir at its private mount point, in its memory cgroup, started with the DaemonSet's
-# arguments.
+# The agent's pod: privileged, the node's /dev, the node's /sys read-only (the DaemonSet's
+# `readOnly: true` hostPath: the top mount read-only, its submounts such as the cgroup
+# filesystem as they are), the host path at /mnt/modelcache as a peer of the node's
+# (Bidirectional: its mountinfo shows a bind of the directory, shared), an emptyDir at its
+# private mount point, in its memory cgroup, started with the DaemonSet's arguments. mdadm
+# --create writes /sys/module/md_mod/parameters/new_array where it can; here it cannot.
 start_agent() {
   env -i PATH="$PATH" "${AGENT_ENV[@]}" unshare -m --propagation unchanged bash -c '
     mount --bind "$0" "$0" && mount --make-private "$0" &&
     mount -t tmpfs -o size=1m emptydir "$0" && mount --make-private "$0" &&
+    mount -o remount,bind,ro /sys &&
+    { findmnt -n -o OPTIONS /sys; echo md_probe > /sys/module/md_mod/parameters/new_array; } > "$1" 2>&1
+    shift
     echo $$ > /sys/fs/cgroup/modelcache-agent/cgroup.procs && exec "$@"' \
-    "$PRIVATE" "$MC" "${AGENT_ARGS[@]}" >> "$SHARE/agent.log" 2>&1 &
+    "$PRIVATE" "$SHARE/agent-sys.txt" "$MC" "${AGENT_ARGS[@]}" >> "$SHARE/agent.log" 2>&1 &
   AGENT=$!
 }
 # /healthz answers from the start; /readyz once the model is ready (or never, this boot).
@@ -138,10 +143,14 @@ start_agent
 start_init pod-1-uid init.log
 ready=$(until_ready)
 say AGENT_READY "$ready"
+# What the agent's mount namespace showed at /sys, and how a write there failed.
+say AGENT_SYS "$(tr '\n' ';' < "$SHARE/agent-sys.txt")"
 say AGENT_START_TO_READY_SECONDS "$(since "$AGENT_STARTED")"
 say BOOT_TO_READY_SECONDS "$(up)"
 wait $INIT
 say INIT_EXIT "$?"
+# The line the init container ends with: from the pod's start to serving, and where it went.
+say WAIT_LINE "$(tail -n 1 "$SHARE/init.log")"
 say DISK "$(curl -s http://127.0.0.1:8080/v1/disk | tr -d '\n')"
 say MODEL "$(curl -s "http://127.0.0.1:8080/v1/models/$MODEL" | tr -d '\n')"
 say MDSTAT_AFTER "$(grep -E '^md' /proc/mdstat | tr '\n' ';')"
