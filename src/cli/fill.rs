@@ -469,11 +469,12 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         "5. original/ skipped: {skipped}; ready marker: {}",
         summary.path.join(".modelcache/ready.json").display()
     );
-    demo_api(&cache_root, &source_dir).await?;
+    let served = dir.join("pod").join("model").join("gpt-oss-120b");
+    demo_api(&cache_root, &source_dir, &served).await?;
     println!(
-        "\nvLLM would start with:\n  vllm serve {} --tensor-parallel-size 4\n  TIKTOKEN_ENCODINGS_BASE={}",
-        summary.path.display(),
-        summary.path.display()
+        "\nvLLM would start with (the pod's link: one revision for the pod's whole life, never models/NAME, which a refresh repoints):\n  vllm serve {} --tensor-parallel-size 4\n  TIKTOKEN_ENCODINGS_BASE={}",
+        served.display(),
+        served.display()
     );
     println!(
         "\ndone in {:.1} s; {}",
@@ -511,6 +512,7 @@ fn own_demo_dir() -> Result<std::path::PathBuf, CommandError> {
 async fn demo_api(
     cache_root: &std::path::Path,
     source_dir: &std::path::Path,
+    served: &std::path::Path,
 ) -> Result<(), CommandError> {
     let socket = cache_root
         .parent()
@@ -564,9 +566,29 @@ async fn demo_api(
             Err(e) => println!("   GET {url} failed: {e}"),
         }
     }
+    // What the vLLM pod's init container runs: the link in the pod's own volume (an emptyDir
+    // on a node) points at the revision directory resolved now.
+    let link_dir = served.parent().unwrap_or(served);
+    std::fs::create_dir_all(link_dir).map_err(|e| CommandError::new(exit::CACHE_FAILED, e))?;
+    println!(
+        "7. the init container's contract: modelcache wait --model gpt-oss-120b --cache-root {} --link {}",
+        cache_root.display(),
+        served.display()
+    );
+    let waited = super::node::run_wait(crate::cli::WaitArgs {
+        model: "gpt-oss-120b".to_string(),
+        cache_root: Some(cache_root.to_path_buf()),
+        api: Some(format!("http://{}", listening.read)),
+        link: Some(served.to_path_buf()),
+        lease: None,
+        timeout: Some(Duration::from_secs(60)),
+        interval: None,
+        warm: false,
+    })
+    .await;
     stop.cancel();
     let _ = server.await;
-    Ok(())
+    waited.map(|_| ())
 }
 
 #[cfg(test)]

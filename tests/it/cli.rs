@@ -30,11 +30,36 @@ fn demo_runs_the_whole_flow_and_reuses_on_the_second_run() {
     let text = stdout(&out);
     assert!(text.contains("verified blake3"), "{text}");
     assert!(text.contains("original/ skipped: true"), "{text}");
-    assert!(text.contains("vllm serve"), "{text}");
     assert!(
         text.contains("/readyz -> 200"),
         "the demo asks the agent's API: {text}"
     );
+    // It ends with the consumer's contract: `wait --link` resolved one revision into the pod's
+    // own link, and vLLM serves that link, never the mutable models/NAME.
+    let served = dir.path().join("pod/model/gpt-oss-120b");
+    let revision_dir = std::fs::read_link(&served).expect("the demo's wait made the pod's link");
+    assert!(
+        revision_dir.starts_with(dir.path().join("cache/store/gpt-oss-120b")),
+        "{}",
+        revision_dir.display()
+    );
+    let tail: Vec<&str> = text.lines().rev().take(6).collect();
+    assert!(
+        tail.iter().any(
+            |l| l.trim() == format!("vllm serve {} --tensor-parallel-size 4", served.display())
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("-> {}", served.display()))
+            && !text.contains(&format!(
+                "vllm serve {}",
+                dir.path().join("cache/models").display()
+            )),
+        "{text}"
+    );
+    // Not a terminal: plain log lines, no colour codes.
+    assert!(!stderr(&out).contains('\u{1b}'), "{}", stderr(&out));
     let link = dir.path().join("cache/models/gpt-oss-120b");
     assert!(link.join("model-00014-of-00014.safetensors").exists());
     assert!(link.join("o200k_base.tiktoken").exists());
