@@ -439,7 +439,26 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn nc96_like_selects_the_four_direct_disks_never_the_remote_os_disk() {
+    fn nc96_selects_its_four_direct_disks_beside_the_scsi_os_and_temporary_disks() {
+        let host = FakeHost::new();
+        // NC96ads_A100_v4: the OS and temporary disks are SCSI; the local disks are NVMe.
+        host.disk("sda", Some("Virtual Disk    "), "8:0");
+        host.partition("sda", "sda1", "8:1");
+        host.mount("8:1", "/", "/dev/sda1");
+        host.disk("sdb", Some("Virtual Disk    "), "8:16");
+        for i in 0..4 {
+            host.disk(&format!("nvme{i}n1"), Some(DIRECT), &format!("259:{i}"));
+        }
+        let found = discover(&host.paths(), &selector()).unwrap();
+        assert_eq!(
+            selected(&found),
+            ["nvme0n1", "nvme1n1", "nvme2n1", "nvme3n1"]
+        );
+    }
+
+    #[test]
+    fn nvme_os_sizes_select_the_direct_disks_never_the_remote_os_disk() {
+        // Sizes whose OS disk is itself NVMe (the v6 generation): never taken by its index.
         let host = FakeHost::new();
         host.disk(
             "nvme0n1",
