@@ -489,8 +489,7 @@ async fn reader(
                 revision: Some(revision),
                 leased: leased.is_some(),
                 proved,
-                pod_started_at: pod_started
-                    .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                pod_started_at: pod_started.and_then(super::models::timeline::rfc3339),
                 status: state.shown(status),
             }),
         ),

@@ -249,7 +249,7 @@ impl Metrics {
         );
         registry.register(
             "modelcache_boot_timeline_seconds",
-            "Seconds from the agent's start to each step of a model's first fill in its life (disks_settled, listing, first_byte, last_byte, verified, published, ready)",
+            "Seconds from the agent's start to each step of the first fill of each model configured at start (listing, first_byte, last_byte, verified, published, ready); disks_settled at every start",
             boot_steps.clone(),
         );
         registry.register(

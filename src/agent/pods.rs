@@ -123,20 +123,20 @@ impl Pods {
         }
     }
 
-    /// When the kubelet started `pod` here: the birth time of its directory under
-    /// `leases.pods_dir`, which the kubelet makes as it admits the pod, before any image pull
-    /// or container (the modification time where the filesystem keeps no birth time, or its
-    /// cgroup's, which comes moments later, where the directory is not visible).
+    /// When `pod` started here, as far as this boot of the node is concerned: the birth time
+    /// of its directory under `leases.pods_dir`, which the kubelet makes as it admits the pod,
+    /// before any image pull or container, or the node's boot when the directory is older (a
+    /// reboot keeps it, and the pod's containers start again). `None` where the filesystem
+    /// keeps no birth time: the modification time moves when the first container starts, after
+    /// its image pull, and would hide exactly the time a reader wants to see.
     pub fn started(&self, pod: &PodUid) -> Option<std::time::SystemTime> {
-        let from = |path: &Path| {
-            let meta = std::fs::metadata(path).ok()?;
-            meta.created().or_else(|_| meta.modified()).ok()
-        };
-        from(&self.pods_dir.join(pod.as_str())).or_else(|| {
-            let driver = self.driver()?;
-            cgroup_paths(&self.cgroup_root, driver, pod)
-                .iter()
-                .find_map(|p| from(p))
+        let born = std::fs::metadata(self.pods_dir.join(pod.as_str()))
+            .ok()?
+            .created()
+            .ok()?;
+        Some(match node_booted(&self.proc_root) {
+            Some(boot) if boot > born => boot,
+            _ => born,
         })
     }
 
@@ -152,6 +152,18 @@ impl Pods {
         })?;
         Ok(pod_in_cgroup_file(&text))
     }
+}
+
+/// When the node booted: `btime` in `/proc/stat`.
+fn node_booted(proc_root: &Path) -> Option<std::time::SystemTime> {
+    let text = std::fs::read_to_string(proc_root.join("stat")).ok()?;
+    let seconds: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(seconds))
 }
 
 /// Where the pod's cgroup is under each QoS class, for one driver.
@@ -232,6 +244,48 @@ mod tests {
             UID.replace('-', "_")
         );
         assert_eq!(pod_in_cgroup_file(&relative).unwrap().as_str(), UID);
+    }
+
+    #[test]
+    fn a_pod_older_than_the_nodes_boot_started_at_the_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = PodUid::new(UID).unwrap();
+        std::fs::create_dir_all(dir.path().join("pods").join(UID)).unwrap();
+        std::fs::create_dir(dir.path().join("proc")).unwrap();
+        let pods = Pods::new(
+            &dir.path().join("cgroup"),
+            &dir.path().join("proc"),
+            &dir.path().join("pods"),
+        );
+        let stat = |btime: u64| {
+            std::fs::write(
+                dir.path().join("proc/stat"),
+                format!("cpu  1 2 3\nbtime {btime}\nprocesses 9\n"),
+            )
+            .unwrap();
+        };
+        let Some(born) = pods.started(&pod) else {
+            // This filesystem keeps no birth times: nothing to compare.
+            return;
+        };
+        // Booted long before the pod's directory appeared: the directory's time.
+        stat(1_000);
+        assert_eq!(pods.started(&pod), Some(born));
+        // Booted after it (the directory outlived a reboot): the boot.
+        let later = born
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3_600;
+        stat(later);
+        assert_eq!(
+            pods.started(&pod),
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(later))
+        );
+        assert_eq!(
+            pods.started(&PodUid::new(&UID.replace('4', "5")).unwrap()),
+            None
+        );
     }
 
     #[test]

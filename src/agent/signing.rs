@@ -43,7 +43,14 @@ impl std::fmt::Display for DragonflyCheck {
 pub async fn check(config: &AgentConfig, env: &Environment) -> Option<DragonflyCheck> {
     config.fetch.dragonfly.as_ref()?;
     let mut signed = Vec::new();
+    // One URL per container and account: models beside each other share the answer, and a
+    // fleet of agents asking again while unusable asks the identity service no more than that.
+    let mut asked = std::collections::BTreeSet::new();
     for spec in &config.models {
+        if !asked.insert((spec.account.clone(), container_of(&spec.source))) {
+            signed.push(spec.name.to_string());
+            continue;
+        }
         let shown = redact_url(&spec.source);
         let opened = source::open(
             &spec.source,
@@ -80,12 +87,20 @@ pub async fn check(config: &AgentConfig, env: &Environment) -> Option<DragonflyC
             Ok(Err(e)) => {
                 // The source's own context names the file, which was never read: the cause is
                 // what matters.
-                let cause =
-                    std::error::Error::source(&e).map_or_else(|| error_chain(&e), error_chain);
+                let cause = one_line(
+                    &std::error::Error::source(&e).map_or_else(|| error_chain(&e), error_chain),
+                );
+                // A refusal (403) is the role; a timeout or a token that cannot be had is not.
+                let hint = if cause.contains("403")
+                    || cause.contains("AuthorizationPermissionMismatch")
+                {
+                    " (hint: with a workload or managed identity the agent's identity needs the Storage Blob Delegator role on the storage account itself, not only a reader role on the container)"
+                } else {
+                    ""
+                };
                 return Some(unusable(format!(
-                    "cannot sign a URL for {} ({shown}): {} (hint: with a workload or managed identity the agent's identity needs the Storage Blob Delegator role on the storage account itself, not only a reader role on the container)",
+                    "cannot sign a URL for {} ({shown}): {cause}{hint}",
                     spec.name,
-                    one_line(&cause)
                 )));
             }
             Err(_) => {
@@ -113,7 +128,12 @@ pub async fn check(config: &AgentConfig, env: &Environment) -> Option<DragonflyC
     })
 }
 
-/// The storage service's answer on one line: its XML error body's text without tags.
+/// The longest answer quoted, in characters: it is shown on the read listener.
+const MAX_ANSWER: usize = 500;
+
+/// The storage service's answer on one line: its XML error body's text without tags, control
+/// characters, the request's id and time, or how long it took (so two answers alike read
+/// alike), at most [`MAX_ANSWER`] characters.
 fn one_line(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_tag = false;
@@ -125,10 +145,50 @@ fn one_line(text: &str) -> String {
                 out.push(' ');
             }
             _ if in_tag => {}
+            c if c.is_control() => out.push(' '),
             _ => out.push(c),
         }
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    let mut words: Vec<&str> = Vec::new();
+    for word in out.split_whitespace() {
+        if word.starts_with("RequestId:") || word.starts_with("Time:") {
+            continue;
+        }
+        // "… in 86.008675ms - …": the time the request took.
+        if is_duration(word) && words.last() == Some(&"in") {
+            words.pop();
+            continue;
+        }
+        words.push(word);
+    }
+    let line = words.join(" ");
+    match line.char_indices().nth(MAX_ANSWER) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
+/// `86.008675ms`, `1.2s`, `950µs`.
+fn is_duration(word: &str) -> bool {
+    ["ms", "µs", "ns", "s"]
+        .iter()
+        .find_map(|unit| word.strip_suffix(unit))
+        .is_some_and(|n| !n.is_empty() && n.parse::<f64>().is_ok())
+}
+
+/// The account-and-container part of a source URL: `az://CONTAINER` or
+/// `https://ACCOUNT.blob.core.windows.net/CONTAINER`.
+fn container_of(source: &str) -> String {
+    let without_query = source.split(['?', '#']).next().unwrap_or_default();
+    let (scheme, rest) = without_query
+        .split_once("://")
+        .unwrap_or(("", without_query));
+    let mut parts = rest.split('/');
+    let host = parts.next().unwrap_or_default();
+    match scheme {
+        "az" => format!("az://{host}"),
+        _ => format!("{scheme}://{host}/{}", parts.next().unwrap_or_default()),
+    }
 }
 
 fn unusable(why: String) -> DragonflyCheck {
@@ -142,14 +202,37 @@ fn unusable(why: String) -> DragonflyCheck {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::*;
 
     #[test]
     fn an_xml_error_body_becomes_one_line() {
-        let body = "403 Forbidden: <?xml version=\"1.0\"?>\n<Error>\n  <Code>AuthorizationPermissionMismatch</Code>\n  <Message>This request is not authorized.\nRequestId:1</Message>\n</Error>";
+        let body = "403 Forbidden: <?xml version=\"1.0\"?>\n<Error>\n  <Code>AuthorizationPermissionMismatch</Code>\n  <Message>This request is not authorized.\nRequestId:1f2e\nTime:2026-12-07T08:00:00.0000000Z</Message>\n</Error>\u{1b}[31m";
         assert_eq!(
             one_line(body),
-            "403 Forbidden: AuthorizationPermissionMismatch This request is not authorized. RequestId:1"
+            "403 Forbidden: AuthorizationPermissionMismatch This request is not authorized. [31m"
+        );
+        assert_eq!(
+            one_line(
+                "Error performing POST https://a/?comp=userdelegationkey in 86.008675ms - Server returned 403"
+            ),
+            "Error performing POST https://a/?comp=userdelegationkey - Server returned 403"
+        );
+        assert_eq!(one_line("sign in 2 steps"), "sign in 2 steps");
+        let long = "x".repeat(1000);
+        assert_eq!(one_line(&long).chars().count(), MAX_ANSWER + 1);
+    }
+
+    #[test]
+    fn models_in_one_container_share_a_check() {
+        assert_eq!(container_of("az://models/gpt-oss-120b"), "az://models");
+        assert_eq!(container_of("az://models/llama"), "az://models");
+        assert_eq!(
+            container_of("https://acct.blob.core.windows.net/models/m?sv=1&sig=x"),
+            "https://acct.blob.core.windows.net/models"
+        );
+        assert_ne!(
+            container_of("https://a.blob.core.windows.net/models/m"),
+            container_of("https://b.blob.core.windows.net/models/m")
         );
     }
 }

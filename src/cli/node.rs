@@ -93,6 +93,10 @@ pub async fn run_agent(args: AgentArgs, env: &Environment) -> Result<ExitCode, C
             if let Some(found) = crate::agent::signing::check(&config, env).await {
                 println!("dragonfly (with this process's credentials): {found}");
             }
+        } else {
+            println!(
+                "dragonfly: off (no [fetch.dragonfly] in this configuration or MODELCACHE_FETCH_DRAGONFLY_* in the environment)"
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

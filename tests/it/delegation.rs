@@ -69,6 +69,9 @@ fn a_token_that_cannot_get_a_user_delegation_key_is_reported_in_one_line_everywh
         .lines()
         .find(|l| l.starts_with("dragonfly (with this process's credentials): "))
         .unwrap_or_else(|| panic!("no check line: {checked}"));
+    report(&format!(
+        "dragonfly check with a token refused a user delegation key: {line}"
+    ));
     assert!(
         line.contains("unusable: dfdaemon cannot be used, every file is fetched directly")
             && line.contains("Storage Blob Delegator")

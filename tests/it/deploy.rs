@@ -1080,23 +1080,71 @@ fn the_vllm_example_has_its_own_namespace_and_the_guide_excludes_every_host_path
         "{excluded:?} lacks some of {all:?}"
     );
 
-    let policy = command_in("docs/aks.md", "az policy assignment update");
-    let params = policy
-        .split("--params '")
+    // The policy assignment's parameters are its own, with ours added by a jq program: the
+    // namespaces it adds, and the initiatives' defaults where it sets none.
+    let policy = command_in("docs/aks.md", "jq -c '");
+    let program = policy
+        .split("jq -c '")
         .nth(1)
         .and_then(|rest| rest.split('\'').next())
-        .expect("the parameters in single quotes");
-    let params: serde_json::Value = serde_json::from_str(params).unwrap();
-    let excluded: BTreeSet<String> = params["excludedNamespaces"]["value"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
+        .expect("the jq program in single quotes");
+    let quoted: BTreeSet<String> = program
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
         .collect();
+    let excluded = quoted;
+    assert!(
+        program.contains(".excludedNamespaces.value // ") && program.contains("| unique"),
+        "{program}"
+    );
     assert!(
         excluded.is_superset(&all),
         "{excluded:?} lacks some of {all:?}"
     );
+    assert!(
+        command_in("docs/aks.md", "az policy assignment update").contains("--params \"$PARAMS\""),
+        "the merged parameters are what is applied"
+    );
+    // Where jq is installed, the program run on an assignment that audits and excludes a
+    // namespace of its own, and on one that sets nothing: both keep what they had.
+    if std::process::Command::new("jq")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        for (given, kept) in [
+            (
+                r#"{"effect":{"value":"audit"},"excludedNamespaces":{"value":["kube-system","team-x"]}}"#,
+                vec!["team-x", "kube-system"],
+            ),
+            ("null", vec!["kube-system", "gatekeeper-system"]),
+        ] {
+            let mut jq = std::process::Command::new("jq");
+            jq.args(["-c", program]).stdin(std::process::Stdio::piped());
+            let mut child = jq.stdout(std::process::Stdio::piped()).spawn().unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), given.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "jq on {given}");
+            let merged: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let list: Vec<&str> = merged["excludedNamespaces"]["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            for namespace in all.iter().map(String::as_str).chain(kept) {
+                assert!(
+                    list.contains(&namespace),
+                    "{namespace} missing from {merged}"
+                );
+            }
+            if given != "null" {
+                assert_eq!(merged["effect"]["value"], "audit", "the effect is kept");
+            }
+        }
+    }
     assert!(excluded.contains("kube-system"), "the defaults are kept");
 }
 
@@ -1169,7 +1217,8 @@ fn the_vllm_pod_pulls_its_image_first_then_waits_for_the_model() {
 }
 
 /// A normal start (the image pull, the longest `wait --timeout`, the whole startup probe) fits
-/// in `progressDeadlineSeconds` with ten minutes to spare, so the Deployment never reports
+/// in `progressDeadlineSeconds` with twenty minutes to spare for the image pull and the warm
+/// read, so the Deployment never reports
 /// failure while it progresses; and no probe gives up after the default one second.
 #[test]
 fn the_vllm_deployment_allows_its_slowest_normal_start_and_its_probes_wait_for_an_answer() {
@@ -1189,8 +1238,8 @@ fn the_vllm_deployment_allows_its_slowest_normal_start_and_its_probes_wait_for_a
         .as_u64()
         .expect("progressDeadlineSeconds is set");
     assert!(
-        deadline >= timeout + startup_budget + 600,
-        "{deadline} s < wait {timeout} s + startup probe {startup_budget} s + 600 s for the pull"
+        deadline >= timeout + startup_budget + 1200,
+        "{deadline} s < wait {timeout} s + startup probe {startup_budget} s + 1200 s for the pull and the warm read"
     );
     let mut probes = 0;
     for key in ["initContainers", "containers"] {

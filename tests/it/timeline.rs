@@ -113,6 +113,14 @@ fn a_fill_is_timed_step_by_step_and_wait_ends_with_one_line_from_the_pods_start(
         "{timeline}"
     );
     assert_in_order(&steps(timeline, &["disks_settled", "ready"]), timeline);
+    // A restart is not a boot's fill: only the disks' step is observed.
+    let (_, metrics) = http(&agent.read, "GET", "/metrics", &[], "");
+    assert!(
+        metrics.contains("modelcache_boot_timeline_seconds_count{step=\"disks_settled\"} 1")
+            && !metrics.contains("modelcache_boot_timeline_seconds_count{step=\"ready\"}")
+            && !metrics.contains("modelcache_boot_timeline_seconds_count{step=\"published\"}"),
+        "{metrics}"
+    );
 }
 
 fn wait_warm(agent: &Agent, cache: &Path, link: &Path, pod: &str) -> std::process::Output {

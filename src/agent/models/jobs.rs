@@ -279,8 +279,16 @@ impl Models {
                 let next = lifecycle::after_attempt(entry.facts(), outcome);
                 entry.state = next.state;
                 if let Some(summary) = &published {
-                    entry.published_run = Some(progress.steps(self.boot.started()));
-                    entry.first_ready(&self.boot, &self.metrics);
+                    if !summary.already_published {
+                        let steps = progress.steps(self.boot.started());
+                        entry.serving_from_now(Some(steps), &self.boot, &self.metrics);
+                    } else if entry.revision.as_deref() != Some(summary.revision.as_str())
+                        || entry.served_since.is_none()
+                    {
+                        // Found intact in the store (a refresh that changed nothing keeps the
+                        // timeline of the fill that published it).
+                        entry.serving_from_now(None, &self.boot, &self.metrics);
+                    }
                     entry.revision = Some(summary.revision.clone());
                     entry.verification = Some(summary.verification);
                     entry.warnings.clone_from(&summary.warnings);

@@ -210,10 +210,14 @@ struct Entry {
     reader_asked: Option<Instant>,
     /// A re-verification of its published revision runs (a reader found it not intact).
     rechecking: bool,
-    /// The steps of the fill that published the revision it serves.
+    /// The steps of the fill that published the revision it serves (`None`: found published).
     published_run: Option<crate::fetch::progress::Steps>,
+    /// When the revision it serves became ready in this agent's life.
+    served_since: Option<Instant>,
     /// When it was first ready in this agent's life.
     ready_since: Option<Instant>,
+    /// Configured when the agent started: its first fill is part of the node's boot.
+    at_start: bool,
 }
 
 impl Entry {
@@ -236,7 +240,9 @@ impl Entry {
             reader_asked: None,
             rechecking: false,
             published_run: None,
+            served_since: None,
             ready_since: None,
+            at_start: false,
         }
     }
 
@@ -271,11 +277,10 @@ impl Entry {
     fn status(&self, boot: &timeline::Boot) -> ModelStatus {
         let p = &self.progress;
         // The fill under way until a revision serves; then the one that published it.
-        let filling = self.job.is_some() && self.state() != State::Ready;
-        let run = if filling {
-            Some(p.steps(boot.started()))
+        let (run, ready) = if self.job.is_some() && self.state() != State::Ready {
+            (Some(p.steps(boot.started())), None)
         } else {
-            self.published_run
+            (self.published_run, self.served_since)
         };
         let total = p.total();
         let done = (p.fetched() + p.reused()).min(total);
@@ -308,7 +313,7 @@ impl Entry {
             warnings: self.warnings.clone(),
             page_cache: self.warm.clone(),
             leases: 0,
-            timeline: boot.timeline(run, self.ready_since),
+            timeline: boot.timeline(run, ready),
             readers: Vec::new(),
         }
     }
@@ -322,18 +327,29 @@ impl Entry {
         self.progress = Arc::new(progress);
     }
 
-    /// Marks the model ready in this agent's life, the first time: the moment its timeline
-    /// and the boot histogram end with.
-    fn first_ready(&mut self, boot: &timeline::Boot, metrics: &Metrics) {
+    /// A revision serves from now: published by the fill whose steps are `fill`, or found
+    /// published (`None`). The first time in this agent's life, a model configured at its start
+    /// that had to be filled adds its steps to the boot histogram; one found published (a
+    /// restart) or added later does not.
+    fn serving_from_now(
+        &mut self,
+        fill: Option<crate::fetch::progress::Steps>,
+        boot: &timeline::Boot,
+        metrics: &Metrics,
+    ) {
+        let now = Instant::now();
+        self.published_run = fill;
+        self.served_since = Some(now);
         if self.ready_since.is_some() {
             return;
         }
-        let now = Instant::now();
         self.ready_since = Some(now);
-        for (step, at) in self.published_run.unwrap_or_default().reached() {
-            metrics.boot_step(step, at);
+        if let (true, Some(steps)) = (self.at_start, fill) {
+            for (step, at) in steps.reached() {
+                metrics.boot_step(step, at);
+            }
+            metrics.boot_step("ready", boot.seconds(now));
         }
-        metrics.boot_step("ready", boot.seconds(now));
     }
 }
 
@@ -417,6 +433,7 @@ impl Models {
             let mut entries = models.lock();
             for spec in &config.models {
                 let mut entry = Entry::new(spec.clone(), true);
+                entry.at_start = true;
                 entry.last_error = Some(format!("waiting for the cache disks: {why}"));
                 entries.insert(spec.name.to_string(), entry);
             }
@@ -467,7 +484,7 @@ impl Models {
                 entry.warnings = marker.warnings;
                 entry.last_used = last_used;
                 entry.found_published(marker.bytes);
-                entry.first_ready(&self.boot, &self.metrics);
+                entry.serving_from_now(None, &self.boot, &self.metrics);
             } else {
                 to_fetch.push(spec.name.to_string());
             }
@@ -586,7 +603,7 @@ impl Models {
             entry.warnings = marker.warnings;
             entry.last_used = self.link_mtime(&name);
             entry.found_published(marker.bytes);
-            entry.first_ready(&self.boot, &self.metrics);
+            entry.serving_from_now(None, &self.boot, &self.metrics);
             info!(model.name = %name, revision = %revision, "{name} revision {revision} was published earlier: ready (unpinned)");
             self.lock().insert(name.to_string(), entry);
         }

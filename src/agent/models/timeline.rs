@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::fetch::progress::Steps;
 
+/// `t` as RFC 3339 with milliseconds (UTC), when it is one: from 1970 to the year 9999 (a
+/// file's time can be set to anything by whoever owns it).
+pub fn rfc3339(t: SystemTime) -> Option<String> {
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    (since.as_secs() < 253_402_300_800).then(|| humantime::format_rfc3339_millis(t).to_string())
+}
+
 /// The agent's own steps, shared by every model.
 #[derive(Debug)]
 pub struct Boot {
@@ -49,7 +56,7 @@ impl Boot {
     /// The timeline of one model, from its own steps.
     pub fn timeline(&self, run: Option<Steps>, ready: Option<Instant>) -> Timeline {
         Timeline {
-            agent_started_at: humantime::format_rfc3339_millis(self.started_at).to_string(),
+            agent_started_at: rfc3339(self.started_at).unwrap_or_default(),
             disks_settled: self.disks_settled.get().map(|t| self.seconds(*t)),
             run: run.unwrap_or_default(),
             ready: ready.map(|t| self.seconds(t)),
@@ -112,6 +119,20 @@ mod tests {
         assert_eq!(
             timeline.line(),
             "disks 4.1 s · listing 4.2 s · first byte 4.6 s"
+        );
+    }
+
+    #[test]
+    fn times_outside_rfc_3339_are_none_not_a_panic() {
+        let epoch = std::time::UNIX_EPOCH;
+        assert_eq!(
+            rfc3339(epoch + std::time::Duration::from_millis(1500)).as_deref(),
+            Some("1970-01-01T00:00:01.500Z")
+        );
+        assert_eq!(rfc3339(epoch - std::time::Duration::from_secs(1)), None);
+        assert_eq!(
+            rfc3339(epoch + std::time::Duration::from_secs(253_402_300_800)),
+            None
         );
     }
 
