@@ -58,6 +58,13 @@ fn check(dir: &Path, az: &OAuthAzurite, token: &str) -> String {
     stdout(&out)
 }
 
+/// The agent with Dragonfly on, holding `token`.
+fn agent_with(dir: &Path, az: &OAuthAzurite, token: &str) -> Agent {
+    let identity = identity(az, token);
+    let envs: Vec<(&str, &str)> = identity.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Agent::start(dir, &dragonfly_config(dir), &az.endpoint(), &envs)
+}
+
 #[test]
 fn a_token_that_cannot_get_a_user_delegation_key_is_reported_in_one_line_everywhere() {
     let Some(az) = azurite_oauth() else { return };
@@ -79,14 +86,7 @@ fn a_token_that_cannot_get_a_user_delegation_key_is_reported_in_one_line_everywh
         "{line}"
     );
 
-    let identity = identity(az, &expired);
-    let envs: Vec<(&str, &str)> = identity.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = Agent::start(
-        dir.path(),
-        &dragonfly_config(dir.path()),
-        &az.endpoint(),
-        &envs,
-    );
+    let agent = agent_with(dir.path(), az, &expired);
     agent.until_logged("dragonfly: unusable: dfdaemon cannot be used");
     let logged = agent.log();
     let logged_line = logged
@@ -122,14 +122,7 @@ fn a_token_that_can_get_a_user_delegation_key_is_reported_usable() {
         "{checked}"
     );
 
-    let identity = identity(az, &valid);
-    let envs: Vec<(&str, &str)> = identity.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let agent = Agent::start(
-        dir.path(),
-        &dragonfly_config(dir.path()),
-        &az.endpoint(),
-        &envs,
-    );
+    let agent = agent_with(dir.path(), az, &valid);
     agent.until_logged("dragonfly: usable: ");
     let (_, body) = http(&agent.read, "GET", "/readyz", &[], "");
     let readiness: serde_json::Value = serde_json::from_str(&body).unwrap();

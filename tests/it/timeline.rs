@@ -9,6 +9,17 @@ use std::time::Duration;
 use crate::agent::{Agent, config, http, model_entry};
 use crate::support::*;
 
+/// A timeline's steps, in the order they happen.
+pub(crate) const STEPS: [&str; 7] = [
+    "disks_settled",
+    "listing",
+    "first_byte",
+    "last_byte",
+    "verified",
+    "published",
+    "ready",
+];
+
 /// The steps of a timeline that are set, in order, with their seconds.
 fn steps(timeline: &serde_json::Value, names: &[&str]) -> Vec<f64> {
     names
@@ -48,15 +59,7 @@ fn a_fill_is_timed_step_by_step_and_wait_ends_with_one_line_from_the_pods_start(
         humantime::parse_rfc3339(timeline["agent_started_at"].as_str().unwrap()).is_ok(),
         "{timeline}"
     );
-    let order = [
-        "disks_settled",
-        "listing",
-        "first_byte",
-        "last_byte",
-        "verified",
-        "published",
-        "ready",
-    ];
+    let order = STEPS;
     assert_in_order(&steps(timeline, &order), timeline);
 
     // One observation per step of this boot.

@@ -523,18 +523,10 @@ fn a_gpu_node_in_a_vm_builds_raid0_serves_vllm_survives_reboots_and_disk_changes
     );
     // The node's time to serving, by step, from the agent and from the init container.
     let timeline = first.model_json()["timeline"].clone();
-    let steps: Vec<f64> = [
-        "disks_settled",
-        "listing",
-        "first_byte",
-        "last_byte",
-        "verified",
-        "published",
-        "ready",
-    ]
-    .iter()
-    .map(|s| timeline[*s].as_f64().unwrap_or(-1.0))
-    .collect();
+    let steps: Vec<f64> = crate::timeline::STEPS
+        .iter()
+        .map(|s| timeline[*s].as_f64().unwrap_or(-1.0))
+        .collect();
     assert!(
         steps[0] >= 0.0 && steps.windows(2).all(|w| w[0] <= w[1]),
         "every step, in order: {timeline}: {why}"
