@@ -1477,3 +1477,60 @@ fn the_admin_api_is_a_root_only_socket_and_a_rotated_token_takes_effect() {
     assert!(status.success());
     assert!(!socket.exists(), "the socket is removed at exit");
 }
+
+/// A model someone holds when a scrub pass reaches it (a lease pass removing an old revision,
+/// a recheck, a hand-run prefetch) is scrubbed once it is free, in that pass, not an interval
+/// later: here the model's lock is held for a few seconds from outside while the agent starts
+/// with an hour between passes.
+#[test]
+fn a_model_held_when_the_scrub_reaches_it_is_scrubbed_once_free() {
+    let source = small_model(60_000, 17);
+    upload_manifest(source.path());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", source.path().display());
+    drop({
+        let first = Agent::start(
+            dir.path(),
+            &config(&cache, &model_entry("m", &url, true), ""),
+            "http://127.0.0.1:9",
+            &[],
+        );
+        first.until_ready("m");
+        first
+    });
+    // `flock` holds the model's lock until its `sleep` ends.
+    let lock = cache.join("locks/m");
+    let mut holder = std::process::Command::new("flock")
+        .arg("-x")
+        .arg(&lock)
+        .args(["sleep", "4"])
+        .spawn()
+        .expect("run flock (util-linux)");
+    let started = Instant::now();
+    while !std::process::Command::new("flock")
+        .args(["-n", "-x"])
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .is_ok_and(|s| !s.success())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "flock never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent = Agent::start(
+        dir.path(),
+        &config(
+            &cache,
+            &model_entry("m", &url, true),
+            "scrub_rate = \"1GiB\"\nscrub_interval = \"1h\"\n",
+        ),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    agent.until_logged("every file intact");
+    let _ = holder.wait();
+}

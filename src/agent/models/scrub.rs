@@ -51,6 +51,10 @@ struct Hashed {
     mtime_after: Option<u64>,
 }
 
+/// How often a pass tries again a model someone held, and how long it waits between tries.
+const BUSY_RETRIES: u32 = 10;
+const BUSY_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What a scrub of one revision found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scrubbed {
@@ -74,13 +78,28 @@ impl Models {
                 .filter(|e| e.state == State::Ready && e.revision.is_some() && e.job.is_none())
                 .map(|e| e.spec.name.clone())
                 .collect();
-            for name in ready {
-                match self.scrub_model(&name, policy.rate, &stop).await {
-                    Ok(()) => {}
-                    Err(ScrubError::Stopped) => return,
-                    Err(e) => {
-                        warn!(model.name = %name, "{name}: scrub failed: {}", error_chain(&e));
+            // A model someone holds (a lease pass removing an old revision, a recheck, a
+            // hand-run prefetch) is tried again shortly, not a whole interval later.
+            let mut pending = ready;
+            for round in 0..=BUSY_RETRIES {
+                let mut busy = Vec::new();
+                for name in pending {
+                    match self.scrub_model(&name, policy.rate, &stop).await {
+                        Ok(Scrubbed::Busy) => busy.push(name),
+                        Ok(_) => {}
+                        Err(ScrubError::Stopped) => return,
+                        Err(e) => {
+                            warn!(model.name = %name, "{name}: scrub failed: {}", error_chain(&e));
+                        }
                     }
+                }
+                if busy.is_empty() || round == BUSY_RETRIES {
+                    break;
+                }
+                pending = busy;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(BUSY_RETRY_DELAY) => {}
                 }
             }
             let pause = policy.interval.saturating_sub(started.elapsed());
@@ -91,17 +110,22 @@ impl Models {
         }
     }
 
-    /// Scrubs `name`'s linked revision and every other revision pods lease.
+    /// Scrubs `name`'s linked revision and every other revision pods lease; `Busy` when
+    /// someone held the model.
     async fn scrub_model(
         self: &Arc<Self>,
         name: &ModelName,
         rate: u64,
         stop: &CancellationToken,
-    ) -> Result<(), ScrubError> {
+    ) -> Result<Scrubbed, ScrubError> {
         let linked = self.layout.published_revision(name);
         if let Some(revision) = &linked {
-            self.scrub_revision(name, revision, true, rate, stop)
-                .await?;
+            if let Scrubbed::Busy = self
+                .scrub_revision(name, revision, true, rate, stop)
+                .await?
+            {
+                return Ok(Scrubbed::Busy);
+            }
         }
         let mut leased: Vec<String> = self
             .readers(name)
@@ -112,10 +136,14 @@ impl Models {
         leased.sort();
         leased.dedup();
         for revision in leased {
-            self.scrub_revision(name, &revision, false, rate, stop)
-                .await?;
+            if let Scrubbed::Busy = self
+                .scrub_revision(name, &revision, false, rate, stop)
+                .await?
+            {
+                return Ok(Scrubbed::Busy);
+            }
         }
-        Ok(())
+        Ok(Scrubbed::Intact)
     }
 
     /// A model marked ready has no intact revision (a reader or the readiness probe found a
