@@ -6,6 +6,7 @@
 pub mod cached;
 pub mod hash;
 pub mod manifest;
+pub mod signature;
 pub mod structure;
 
 use std::path::PathBuf;

@@ -501,3 +501,43 @@ fn api_bodies_and_sources_are_accepted_or_refused_cleanly() {
         Ok(())
     });
 }
+
+/// Model signatures (OpenSSF Model Signing bundles), random or the reference signer's with bytes
+/// changed, inserted or cut: a clean error, or, where the change missed what the signature
+/// covers, exactly what the publisher signed; never another file list.
+#[test]
+fn model_signatures_are_verified_or_refused_cleanly() {
+    use modelcache::verify::signature::{TrustedKey, verify};
+    const SIGNED: &[u8] = include_bytes!("../../src/verify/fixtures/oms/sha256.sig");
+    let key = TrustedKey::from_pem(
+        "publisher",
+        include_str!("../../src/verify/fixtures/oms/key.pub.pem"),
+    )
+    .unwrap();
+    let original = verify(SIGNED, std::slice::from_ref(&key))
+        .unwrap()
+        .resources;
+    let edit = (0..SIGNED.len(), any::<u8>(), 0..3u8).prop_map(|(at, byte, how)| {
+        let mut bytes = SIGNED.to_vec();
+        match how {
+            0 => bytes[at] = byte,
+            1 => bytes.insert(at, byte),
+            _ => bytes.truncate(at),
+        }
+        bytes
+    });
+    let bytes = prop_oneof![
+        6 => edit,
+        1 => prop::collection::vec(any::<u8>(), 0..256),
+        1 => hostile_text().prop_map(String::into_bytes),
+    ];
+    property("model signatures", 3_000, bytes, |bytes| {
+        match verify(&bytes, std::slice::from_ref(&key)) {
+            Ok(signed) if signed.resources != original => Err(format!(
+                "accepted another file list: {:?}",
+                signed.resources
+            )),
+            _ => Ok(()),
+        }
+    });
+}
