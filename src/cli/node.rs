@@ -228,8 +228,8 @@ pub async fn run_wait(args: WaitArgs) -> Result<ExitCode, CommandError> {
             "--lease needs the agent: give --api, or a --cache-root where the agent's readers' socket (readers.sock) is",
         ));
     }
-    let started = Instant::now();
     let mut steps = WaitSteps::now();
+    let started = steps.began;
     let mut last_line = String::new();
     let mut last_sample: Option<(Instant, u64)> = None;
     loop {

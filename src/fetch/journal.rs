@@ -41,19 +41,24 @@ pub struct JournalLine {
 impl JournalLine {
     /// The digest as bytes, if it is well-formed.
     pub fn digest_bytes(&self) -> Option<PieceDigest> {
-        if self.digest.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = u8::from_str_radix(self.digest.get(i * 2..i * 2 + 2)?, 16).ok()?;
-        }
-        Some(out)
+        parse_hex(&self.digest)
     }
 }
 
+/// A 32-byte digest from its 64 hex digits, if it is that.
+pub fn parse_hex(text: &str) -> Option<PieceDigest> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Hex of a digest.
-pub fn hex(digest: &PieceDigest) -> String {
+pub fn hex(digest: &[u8]) -> String {
     use std::fmt::Write as _;
     digest.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");

@@ -458,7 +458,7 @@ impl Engine {
                 etag: slot.remote.etag.clone(),
                 chunk,
                 index,
-                digest: digest.as_ref().map(hex).unwrap_or_default(),
+                digest: digest.as_ref().map(|d| hex(d)).unwrap_or_default(),
             };
             self.pending
                 .lock()

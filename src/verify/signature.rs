@@ -16,6 +16,8 @@ use std::ops::Range;
 
 use aws_lc_rs::signature::{self, VerificationAlgorithm};
 use base64::Engine as _;
+
+use crate::fetch::journal::{hex, parse_hex};
 use serde::Deserialize;
 
 /// The largest bundle read: a statement listing ten thousand files is well under 2 MiB.
@@ -401,7 +403,7 @@ fn signed_statement(statement: Statement, signer: &str) -> Result<Signed, Signat
     let mut root = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut out = Vec::with_capacity(resources.len());
     for r in resources {
-        let digest = parse_digest(&r.digest)
+        let digest = parse_hex(&r.digest)
             .ok_or_else(|| malformed(format!("the digest of {:?} is not 64 hex digits", r.name)))?;
         root.update(&digest);
         let expected_algorithm = match (method, hash) {
@@ -461,23 +463,6 @@ fn shard_name(name: &str) -> Option<(&str, Range<u64>)> {
     let (path, start) = rest.rsplit_once(':')?;
     let (start, end) = (start.parse().ok()?, end.parse().ok()?);
     (start < end).then_some((path, start..end))
-}
-
-fn parse_digest(text: &str) -> Option<[u8; 32]> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

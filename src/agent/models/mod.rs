@@ -214,8 +214,8 @@ struct Entry {
     published_run: Option<crate::fetch::progress::Steps>,
     /// When the revision it serves became ready in this agent's life.
     served_since: Option<Instant>,
-    /// When it was first ready in this agent's life.
-    ready_since: Option<Instant>,
+    /// It was ready before in this agent's life (its boot steps are counted).
+    was_ready: bool,
     /// Configured when the agent started: its first fill is part of the node's boot.
     at_start: bool,
 }
@@ -241,7 +241,7 @@ impl Entry {
             rechecking: false,
             published_run: None,
             served_since: None,
-            ready_since: None,
+            was_ready: false,
             at_start: false,
         }
     }
@@ -340,10 +340,9 @@ impl Entry {
         let now = Instant::now();
         self.published_run = fill;
         self.served_since = Some(now);
-        if self.ready_since.is_some() {
+        if std::mem::replace(&mut self.was_ready, true) {
             return;
         }
-        self.ready_since = Some(now);
         if let (true, Some(steps)) = (self.at_start, fill) {
             for (step, at) in steps.reached() {
                 metrics.boot_step(step, at);
