@@ -95,11 +95,13 @@ async fn run_with_checkpoints(
         let engine = Arc::clone(engine);
         let journal = Arc::clone(journal);
         let progress_file = progress_file.to_path_buf();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_secs(2));
-            interval.tick().await;
-            loop {
-                interval.tick().await;
+        Periodic::start(Duration::from_secs(2), move || {
+            let (engine, journal, progress_file) = (
+                Arc::clone(&engine),
+                Arc::clone(&journal),
+                progress_file.clone(),
+            );
+            async move {
                 if let Err(e) = checkpoint(&engine, &journal).await {
                     warn!("checkpoint of the resume journal failed: {e}");
                 }
@@ -109,12 +111,56 @@ async fn run_with_checkpoints(
     };
     write_progress(progress_file, &engine.progress);
     let result = engine.run(jobs).await;
-    ticker.abort();
-    let _ = ticker.await;
+    ticker.stop().await;
     write_progress(progress_file, &engine.progress);
     let flushed = checkpoint(engine, journal).await;
     result?;
     flushed.map_err(PrefetchError::from)
+}
+
+/// A job run every interval on its own task until [`Periodic::stop`], which waits for a run in
+/// progress to end instead of cancelling it. A checkpoint cancelled at an `await` would leave
+/// its blocking append running unowned: lines taken from the engine reach the journal after the
+/// final checkpoint, after the journal was read to decide how the model was verified, or after
+/// it was rewritten for a refetch.
+pub(super) struct Periodic {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Periodic {
+    /// Runs `job` every `every`, the first time one interval from now.
+    pub(super) fn start<F, Fut>(every: Duration, job: F) -> Self
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            // A slow run delays the next one rather than making a burst of them.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval.tick().await;
+            loop {
+                tokio::select! {
+                    // A stop wins over a tick that is due as well.
+                    biased;
+                    () = token.cancelled() => return,
+                    _ = interval.tick() => {}
+                }
+                job().await;
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops the ticks; returns once a run in progress has ended.
+    pub(super) async fn stop(self) {
+        self.stop.cancel();
+        // A job that panicked has nothing left running; its panic was already reported.
+        let _ = self.task.await;
+    }
 }
 
 /// Best effort: progress is for people watching, so a failure to write it is not an error.
@@ -185,4 +231,41 @@ pub(super) fn check_space(staging: &std::path::Path, needed: u64) -> Result<(), 
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A checkpoint in progress when the download ends runs to its end before `stop` returns:
+    /// its blocking work never outlives the caller (cancelling it at an `await`, as a task's
+    /// `abort` does, left the journal append running after the final checkpoint and after the
+    /// journal was read to decide the model's verification).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_waits_for_the_run_in_progress() {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let ended = Arc::new(AtomicU32::new(0));
+        let ticker = {
+            let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+            Periodic::start(Duration::from_millis(10), move || {
+                let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+                async move {
+                    started.notify_one();
+                    tokio::task::spawn_blocking(move || {
+                        std::thread::sleep(Duration::from_millis(300));
+                        ended.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .await
+                    .ok();
+                }
+            })
+        };
+        started.notified().await;
+        ticker.stop().await;
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+        // And nothing runs after it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
 }

@@ -191,12 +191,9 @@ pub(super) async fn fetch_through_dragonfly(
     let progress_file = layout.progress_path(name);
     let ticker = {
         let (progress, path) = (Arc::clone(&engine.progress), progress_file.clone());
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                interval.tick().await;
-                super::download::write_progress(&path, &progress);
-            }
+        super::download::Periodic::start(Duration::from_secs(2), move || {
+            super::download::write_progress(&path, &progress);
+            std::future::ready(())
         })
     };
     let results: Vec<Result<(), PrefetchError>> = futures::stream::iter(wanted.iter().cloned())
@@ -281,8 +278,7 @@ pub(super) async fn fetch_through_dragonfly(
         .buffer_unordered(options.concurrent_files.max(1))
         .collect()
         .await;
-    ticker.abort();
-    let _ = ticker.await;
+    ticker.stop().await;
     super::download::write_progress(&progress_file, &engine.progress);
     results.into_iter().collect()
 }
