@@ -124,6 +124,19 @@ impl TrustedKey {
         &self.name
     }
 
+    /// `sha256:` and the hex SHA-256 of the key's DER encoding.
+    pub fn fingerprint(&self) -> String {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.spki);
+        format!("sha256:{}", hex(d.as_ref()))
+    }
+
+    fn signer(&self) -> Signer {
+        Signer::Key {
+            name: self.name.clone(),
+            fingerprint: self.fingerprint(),
+        }
+    }
+
     /// The verification algorithm of this key's curve.
     fn algorithm(&self) -> Option<&'static dyn VerificationAlgorithm> {
         let candidates: [&'static dyn VerificationAlgorithm; 3] = [
@@ -142,6 +155,60 @@ impl TrustedKey {
                 .verify(message, sig)
                 .is_ok()
         })
+    }
+}
+
+/// Every signer the operator trusts for a model.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// Public keys (`model_signing sign key`).
+    pub keys: Vec<TrustedKey>,
+}
+
+impl Trust {
+    /// Whether nothing is trusted: no signature can verify.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// How many signers are trusted, for messages.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Reads each PEM file: a `PUBLIC KEY` block is a trusted key, named after its file.
+    pub fn load(paths: &[std::path::PathBuf]) -> Result<Self, SignatureError> {
+        let mut trust = Self::default();
+        for path in paths {
+            let name = path.display().to_string();
+            let pem = std::fs::read_to_string(path).map_err(|e| SignatureError::BadKey {
+                name: name.clone(),
+                reason: format!("cannot read it: {e}"),
+            })?;
+            trust.keys.push(TrustedKey::from_pem(&name, &pem)?);
+        }
+        Ok(trust)
+    }
+}
+
+/// Who signed: the trusted key, or the certificate and the root it chains to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Signer {
+    /// A trusted public key.
+    Key {
+        /// The key's name (its file, as configured).
+        name: String,
+        /// `sha256:` and the hex SHA-256 of its DER `SubjectPublicKeyInfo`.
+        fingerprint: String,
+    },
+}
+
+impl std::fmt::Display for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key { name, fingerprint } => write!(f, "key {name} ({fingerprint})"),
+        }
     }
 }
 
@@ -182,8 +249,8 @@ pub struct Resource {
 pub struct Signed {
     /// The model's name as the signer gave it (the directory's name).
     pub model_name: String,
-    /// The trusted key that verified it.
-    pub signer: String,
+    /// The trusted signer that verified it.
+    pub signer: Signer,
     /// The digests' hash.
     pub hash: HashType,
     /// How the model was cut.
@@ -281,7 +348,8 @@ fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Verifies `bundle` against `trusted` and returns what it signs.
-pub fn verify(bundle: &[u8], trusted: &[TrustedKey]) -> Result<Signed, SignatureError> {
+pub fn verify(bundle: &[u8], trust: &Trust) -> Result<Signed, SignatureError> {
+    let trusted = &trust.keys;
     if bundle.len() > MAX_BUNDLE {
         return Err(SignatureError::TooLarge {
             size: bundle.len(),
@@ -325,8 +393,9 @@ pub fn verify(bundle: &[u8], trusted: &[TrustedKey]) -> Result<Signed, Signature
         .iter()
         .filter_map(|s| b64.decode(&s.sig).ok())
         .find_map(|sig| trusted.iter().find(|k| k.verifies(&message, &sig)))
+        .map(TrustedKey::signer)
         .ok_or_else(|| SignatureError::Untrusted {
-            trusted: trusted.len(),
+            trusted: trust.len(),
             hint: if hint.is_empty() {
                 "none".into()
             } else {
@@ -336,10 +405,10 @@ pub fn verify(bundle: &[u8], trusted: &[TrustedKey]) -> Result<Signed, Signature
     // Only now, signed by a trusted key, is the statement worth parsing.
     let statement: Statement = serde_json::from_slice(&payload)
         .map_err(|e| malformed(format!("its statement is not in-toto JSON: {e}")))?;
-    signed_statement(statement, signer.name())
+    signed_statement(statement, signer)
 }
 
-fn signed_statement(statement: Statement, signer: &str) -> Result<Signed, SignatureError> {
+fn signed_statement(statement: Statement, signer: Signer) -> Result<Signed, SignatureError> {
     let malformed = |what: String| SignatureError::Malformed(what);
     if statement.kind != STATEMENT_TYPE {
         return Err(malformed(format!(
@@ -449,7 +518,7 @@ fn signed_statement(statement: Statement, signer: &str) -> Result<Signed, Signat
     }
     Ok(Signed {
         model_name: subject.name.clone(),
-        signer: signer.to_string(),
+        signer,
         hash,
         method,
         ignore_paths: serialization.ignore_paths.clone(),
@@ -485,6 +554,10 @@ mod tests {
         TrustedKey::from_pem(name, pem).unwrap()
     }
 
+    fn trust(keys: Vec<TrustedKey>) -> Trust {
+        Trust { keys }
+    }
+
     fn file_digest(path: &str, hash: HashType) -> [u8; 32] {
         let bytes = std::fs::read(format!("{MODEL}/{path}")).unwrap();
         match hash {
@@ -499,8 +572,12 @@ mod tests {
     #[test]
     fn the_reference_signers_bundles_verify_and_list_the_files_digests() {
         for (bundle, hash) in [(SHA256, HashType::Sha256), (BLAKE3, HashType::Blake3)] {
-            let signed = verify(bundle, &[key("other"), key("publisher")]).unwrap();
-            assert_eq!(signed.signer, "publisher");
+            let signed = verify(bundle, &trust(vec![key("other"), key("publisher")])).unwrap();
+            assert!(
+                matches!(&signed.signer, Signer::Key { name, fingerprint } if name == "publisher" && fingerprint.starts_with("sha256:")),
+                "{}",
+                signed.signer
+            );
             assert_eq!(signed.model_name, "model");
             assert_eq!(signed.hash, hash);
             assert_eq!(signed.method, Method::Files);
@@ -515,7 +592,7 @@ mod tests {
 
     #[test]
     fn a_sharded_bundle_lists_each_range() {
-        let signed = verify(SHARDS, &[key("publisher")]).unwrap();
+        let signed = verify(SHARDS, &trust(vec![key("publisher")])).unwrap();
         assert_eq!(signed.method, Method::Shards { shard_size: 1000 });
         let shards: Vec<(&str, Range<u64>)> = signed
             .resources
@@ -539,11 +616,11 @@ mod tests {
     #[test]
     fn an_untrusted_key_a_changed_statement_and_hostile_bytes_are_refused() {
         assert!(matches!(
-            verify(SHA256, &[key("other")]),
+            verify(SHA256, &trust(vec![key("other")])),
             Err(SignatureError::Untrusted { trusted: 1, .. })
         ));
         assert!(matches!(
-            verify(SHA256, &[]),
+            verify(SHA256, &trust(vec![])),
             Err(SignatureError::Untrusted { .. })
         ));
         // One digest changed in the payload: the signature no longer covers it.
@@ -559,21 +636,25 @@ mod tests {
         bundle["dsseEnvelope"]["payload"] = b64.encode(forged).into();
         let forged = serde_json::to_vec(&bundle).unwrap();
         assert!(matches!(
-            verify(&forged, &[key("publisher")]),
+            verify(&forged, &trust(vec![key("publisher")])),
             Err(SignatureError::Untrusted { .. })
         ));
         // Another payload type, even with the same bytes.
         let mut other: serde_json::Value = serde_json::from_slice(SHA256).unwrap();
         other["dsseEnvelope"]["payloadType"] = "application/json".into();
-        let e = verify(&serde_json::to_vec(&other).unwrap(), &[key("publisher")]).unwrap_err();
+        let e = verify(
+            &serde_json::to_vec(&other).unwrap(),
+            &trust(vec![key("publisher")]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("payloadType"), "{e}");
         // Truncated, oversized, not JSON.
         assert!(matches!(
-            verify(&SHA256[..SHA256.len() / 2], &[key("publisher")]),
+            verify(&SHA256[..SHA256.len() / 2], &trust(vec![key("publisher")])),
             Err(SignatureError::Malformed(_))
         ));
         assert!(matches!(
-            verify(&vec![b' '; MAX_BUNDLE + 1], &[key("publisher")]),
+            verify(&vec![b' '; MAX_BUNDLE + 1], &trust(vec![key("publisher")])),
             Err(SignatureError::TooLarge { .. })
         ));
     }
@@ -604,7 +685,7 @@ mod tests {
                     serde_json::json!([{"name": name, "algorithm": "sha256", "digest": digest}]),
                     &root,
                 ),
-                "k",
+                key("publisher").signer(),
             )
             .unwrap_err();
             assert!(e.to_string().contains(says), "{e}");
@@ -614,7 +695,7 @@ mod tests {
                 serde_json::json!([{"name": "a", "algorithm": "sha256", "digest": digest}]),
                 &"00".repeat(32),
             ),
-            "k",
+            key("publisher").signer(),
         )
         .unwrap_err();
         assert!(matches!(e, SignatureError::Inconsistent { .. }), "{e}");
@@ -623,7 +704,7 @@ mod tests {
                 serde_json::json!([{"name": "a", "algorithm": "sha256", "digest": digest}]),
                 &root,
             ),
-            "k",
+            key("publisher").signer(),
         )
         .unwrap();
         assert_eq!(ok.resources[0].path, "a");

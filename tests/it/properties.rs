@@ -507,16 +507,15 @@ fn api_bodies_and_sources_are_accepted_or_refused_cleanly() {
 /// covers, exactly what the publisher signed; never another file list.
 #[test]
 fn model_signatures_are_verified_or_refused_cleanly() {
-    use modelcache::verify::signature::{TrustedKey, verify};
+    use modelcache::verify::signature::{Trust, TrustedKey, verify};
     const SIGNED: &[u8] = include_bytes!("../../src/verify/fixtures/oms/sha256.sig");
     let key = TrustedKey::from_pem(
         "publisher",
         include_str!("../../src/verify/fixtures/oms/key.pub.pem"),
     )
     .unwrap();
-    let original = verify(SIGNED, std::slice::from_ref(&key))
-        .unwrap()
-        .resources;
+    let trust = Trust { keys: vec![key] };
+    let original = verify(SIGNED, &trust).unwrap().resources;
     let edit = (0..SIGNED.len(), any::<u8>(), 0..3u8).prop_map(|(at, byte, how)| {
         let mut bytes = SIGNED.to_vec();
         match how {
@@ -532,7 +531,7 @@ fn model_signatures_are_verified_or_refused_cleanly() {
         1 => hostile_text().prop_map(String::into_bytes),
     ];
     property("model signatures", 3_000, bytes, |bytes| {
-        match verify(&bytes, std::slice::from_ref(&key)) {
+        match verify(&bytes, &trust) {
             Ok(signed) if signed.resources != original => Err(format!(
                 "accepted another file list: {:?}",
                 signed.resources
