@@ -514,7 +514,10 @@ fn model_signatures_are_verified_or_refused_cleanly() {
         include_str!("../../src/verify/fixtures/oms/key.pub.pem"),
     )
     .unwrap();
-    let trust = Trust { keys: vec![key] };
+    let trust = Trust {
+        keys: vec![key],
+        ..Trust::default()
+    };
     let original = verify(SIGNED, &trust).unwrap().resources;
     let edit = (0..SIGNED.len(), any::<u8>(), 0..3u8).prop_map(|(at, byte, how)| {
         let mut bytes = SIGNED.to_vec();
