@@ -248,6 +248,8 @@ struct Readiness {
     disk: String,
     cache_root: bool,
     models: std::collections::BTreeMap<String, super::models::State>,
+    /// Who signed the revision each model serves (OpenSSF Model Signing), or `unsigned`.
+    signed_by: std::collections::BTreeMap<String, String>,
     /// With Dragonfly on: `usable: …` or `unusable: …` (the agent serves either way; files
     /// dfdaemon cannot fetch are fetched directly).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -279,6 +281,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             disk,
             cache_root,
             models,
+            signed_by: state.models.signed_by(),
             dragonfly: state
                 .dragonfly
                 .read()
@@ -538,6 +541,7 @@ pub struct PrefetchBody {
     exclude: Option<Vec<String>>,
     pin: Option<bool>,
     require_manifest: Option<bool>,
+    signature: Option<crate::fetch::signed::SignatureMode>,
 }
 
 impl PrefetchBody {
@@ -558,6 +562,7 @@ impl PrefetchBody {
             exclude: self.exclude,
             pin: self.pin,
             require_manifest: self.require_manifest,
+            signature: self.signature,
         }
     }
 }

@@ -46,6 +46,12 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignerLabel {
+    model: String,
+    signer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -114,6 +120,7 @@ pub struct Metrics {
     scrubbed: Counter,
     scrub_mismatches: Counter,
     state: Family<StateLabel, Gauge>,
+    signed: Family<SignerLabel, Gauge>,
     concurrency: Family<ModelLabel, Gauge>,
     phases: Family<PhaseLabel, Histogram>,
     boot_steps: Family<StepLabel, Histogram>,
@@ -148,6 +155,7 @@ impl Metrics {
         let scrubbed = Counter::default();
         let scrub_mismatches = Counter::default();
         let state = Family::<StateLabel, Gauge>::default();
+        let signed = Family::<SignerLabel, Gauge>::default();
         let concurrency = Family::<ModelLabel, Gauge>::default();
         // 1 s to about 2.3 hours: a cold 65 GB fill on a slow link takes tens of minutes.
         let phases = Family::<PhaseLabel, Histogram>::new_with_constructor(
@@ -243,6 +251,11 @@ impl Metrics {
             state.clone(),
         );
         registry.register(
+            "modelcache_model_signer",
+            "1 for who signed the revision each model serves (OpenSSF Model Signing): the trusted key or certificate, or unsigned",
+            signed.clone(),
+        );
+        registry.register(
             "modelcache_phase_duration_seconds",
             "Duration of each prefetch phase",
             phases.clone(),
@@ -276,6 +289,7 @@ impl Metrics {
             scrubbed,
             scrub_mismatches,
             state,
+            signed,
             concurrency,
             phases,
             boot_steps,
@@ -365,7 +379,23 @@ impl Metrics {
     }
 
     /// Brings counters up to date with the live runs and renders the text format.
-    pub fn render(&self, live: &[(String, State, Arc<Progress>)], free: u64, used: u64) -> String {
+    pub fn render(
+        &self,
+        live: &[(String, State, Arc<Progress>)],
+        signers: &[(String, String)],
+        free: u64,
+        used: u64,
+    ) -> String {
+        // Only the signer of what each model serves now: one that was replaced is dropped.
+        self.signed.clear();
+        for (model, signer) in signers {
+            self.signed
+                .get_or_create(&SignerLabel {
+                    model: model.clone(),
+                    signer: signer.clone(),
+                })
+                .set(1);
+        }
         let finished = self
             .finished
             .lock()

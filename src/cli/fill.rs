@@ -14,6 +14,7 @@ use super::{
 };
 use crate::config::{DEFAULT_CHUNK_SIZE, Environment, FetchOptions, Selection, human_bytes};
 use crate::fetch::progress::{Phase, Progress};
+use crate::fetch::signed::PublishedSignature;
 use crate::fetch::{PrefetchError, PrefetchRequest, Summary, compute_manifest, prefetch};
 use crate::source::{self, MANIFEST_NAME, SourceOptions};
 use crate::store::{Layout, ModelName};
@@ -86,6 +87,7 @@ pub async fn run_prefetch(args: PrefetchArgs, env: &Environment) -> Result<ExitC
         selection,
         options,
         require_manifest: args.require_manifest,
+        signature: args.signing.resolve().map_err(invalid)?,
         owner: "modelcache prefetch".to_string(),
         cancel: cancel_on_signal(),
         make_room: None,
@@ -297,8 +299,24 @@ pub async fn run_verify(args: VerifyArgs, env: &Environment) -> Result<ExitCode,
             ));
         }
     };
+    let mut trust = match &args.config {
+        Some(config) => crate::config::agent::AgentConfig::load(Some(config), env, &[])
+            .map(|c| (*c.trust).clone())
+            .map_err(invalid)?,
+        None => crate::verify::signature::Trust::default(),
+    };
+    let given = crate::verify::signature::Trust::load(&args.trusted)
+        .map_err(|e| invalid(format!("--trusted: {e}")))?;
+    trust.keys.extend(given.keys);
+    trust.roots.extend(given.roots);
+    if args.require_signature && trust.is_empty() {
+        return Err(invalid(
+            "--require-signature needs a trusted signer: pass --trusted PEM, or --config with signing.trusted",
+        ));
+    }
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let started = Instant::now();
+    let signature_dir = dir.clone();
     let report =
         tokio::task::spawn_blocking(move || verify_cached(&dir, DEFAULT_CHUNK_SIZE, threads))
             .await
@@ -310,9 +328,52 @@ pub async fn run_verify(args: VerifyArgs, env: &Environment) -> Result<ExitCode,
                 };
                 CommandError::new(code, e)
             })?;
+    let signature_dir = std::fs::canonicalize(&signature_dir).unwrap_or(signature_dir);
+    let signature = crate::fetch::signed::verify_published(&signature_dir, &trust)
+        .await
+        .map_err(|e| {
+            let code = match e.kind() {
+                crate::fetch::ErrorKind::Cache => exit::CACHE_FAILED,
+                _ => exit::VERIFY_FAILED,
+            };
+            CommandError::new(code, e)
+        })?;
+    let signature_line = match &signature {
+        PublishedSignature::Unsigned => "unsigned".to_string(),
+        PublishedSignature::NotChecked { recorded } => format!(
+            "signature kept, not checked (no trusted signer given; recorded signer: {})",
+            recorded
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |r| r.signer.to_string())
+        ),
+        PublishedSignature::Verified {
+            signer,
+            hash,
+            files,
+        } => format!("signature verified: signed by {signer}, {hash} of all {files} files match"),
+    };
+    if args.require_signature && !matches!(signature, PublishedSignature::Verified { .. }) {
+        return Err(CommandError::new(
+            exit::VERIFY_FAILED,
+            format!(
+                "{} is {signature_line}, and --require-signature was given",
+                signature_dir.display()
+            ),
+        ));
+    }
     let secs = started.elapsed().as_secs_f64();
     if args.json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        #[derive(Serialize)]
+        struct WithSignature<'a> {
+            #[serde(flatten)]
+            report: &'a crate::verify::cached::CachedReport,
+            signature: &'a PublishedSignature,
+        }
+        let json = WithSignature {
+            report: &report,
+            signature: &signature,
+        };
+        println!("{}", serde_json::to_string(&json).unwrap_or_default());
     } else {
         #[expect(clippy::cast_precision_loss, reason = "display")]
         let rate = report.bytes as f64 / secs.max(0.001) / 1e9;
@@ -325,6 +386,7 @@ pub async fn run_verify(args: VerifyArgs, env: &Environment) -> Result<ExitCode,
             report.verification,
             report.dir.display()
         );
+        println!("{signature_line}");
         for warning in &report.warnings {
             println!("warning: {warning}");
         }
@@ -441,6 +503,7 @@ pub async fn run_demo(args: DemoArgs) -> Result<ExitCode, CommandError> {
         selection,
         options,
         require_manifest: true,
+        signature: crate::fetch::signed::SignaturePolicy::default(),
         owner: "modelcache demo".to_string(),
         cancel: cancel_on_signal(),
         make_room: None,

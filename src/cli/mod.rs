@@ -394,9 +394,12 @@ pub struct PrefetchArgs {
         default_value = "/mnt/modelcache"
     )]
     pub cache_root: PathBuf,
-    /// Refuse a source without modelcache.manifest.json.
+    /// Refuse a source without modelcache.manifest.json (a verified signature counts as one).
     #[arg(long, env = "MODELCACHE_REQUIRE_MANIFEST")]
     pub require_manifest: bool,
+    /// The publisher's signature (OpenSSF Model Signing).
+    #[command(flatten)]
+    pub signing: SigningArgs,
     /// Print the final summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -409,6 +412,57 @@ pub struct PrefetchArgs {
     /// Download tuning.
     #[command(flatten)]
     pub fetch: FetchArgs,
+}
+
+/// Where a model's signature is and whom to trust.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Signature (OpenSSF Model Signing)")]
+pub struct SigningArgs {
+    /// Whether the signature is read: off; optional (verified when present, the model is
+    /// published as unsigned when absent); required (missing or invalid, nothing is
+    /// published). With no --trusted signer, optional publishes unsigned.
+    #[arg(
+        long,
+        env = "MODELCACHE_SIGNATURE",
+        value_name = "MODE",
+        default_value = "optional",
+        value_parser = ["off", "optional", "required"]
+    )]
+    pub signature: String,
+    /// The signature's name in the model's directory, as `model_signing sign --signature` wrote it.
+    #[arg(long, value_name = "NAME", default_value = crate::fetch::signed::DEFAULT_SIGNATURE_FILE)]
+    pub signature_file: String,
+    /// A trusted signer: a PEM file with the publisher's public key (`model_signing sign key`)
+    /// or the CA certificate its signing certificate chains to (`sign certificate`). Repeat for
+    /// several.
+    #[arg(
+        long,
+        env = "MODELCACHE_TRUSTED",
+        value_name = "PEM",
+        value_delimiter = ','
+    )]
+    pub trusted: Vec<PathBuf>,
+}
+
+impl SigningArgs {
+    /// The policy these flags give.
+    pub fn resolve(&self) -> Result<crate::fetch::signed::SignaturePolicy, String> {
+        use crate::fetch::signed::{SignatureMode, SignaturePolicy};
+        let mode =
+            SignatureMode::parse("--signature", &self.signature).map_err(|e| e.to_string())?;
+        crate::source::validate_name(&self.signature_file)
+            .map_err(|e| format!("--signature-file: {e}"))?;
+        let trust = crate::verify::signature::Trust::load(&self.trusted)
+            .map_err(|e| format!("--trusted: {e}"))?;
+        if mode == SignatureMode::Required && trust.is_empty() {
+            return Err("--signature required needs a trusted signer: pass the publisher's public key or CA certificate with --trusted PEM".into());
+        }
+        Ok(SignaturePolicy {
+            mode,
+            file: self.signature_file.clone(),
+            trust: std::sync::Arc::new(trust),
+        })
+    }
 }
 
 /// `modelcache verify`.
@@ -428,9 +482,18 @@ pub struct VerifyArgs {
     /// The model to verify (under --cache-root).
     #[arg(long, value_name = "NAME")]
     pub model: Option<String>,
-    /// The agent's configuration file, for its cache root (set in the agent's pod).
+    /// The agent's configuration file, for its cache root and its trusted signers
+    /// (`signing.trusted`), set in the agent's pod.
     #[arg(long, env = "MODELCACHE_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// A trusted signer to check the revision's signature against: the publisher's public key
+    /// or CA certificate (PEM). Repeat for several; adds to --config's `signing.trusted`.
+    /// Without any, a signature kept with the revision is reported, not checked.
+    #[arg(long, value_name = "PEM", value_delimiter = ',')]
+    pub trusted: Vec<PathBuf>,
+    /// Fail unless the revision's signature is there and verifies against a trusted signer.
+    #[arg(long)]
+    pub require_signature: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

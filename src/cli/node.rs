@@ -382,10 +382,14 @@ fn look_at_cache(layout: &Layout, name: &ModelName, last: &mut Option<(Instant, 
     if let Some((revision, marker)) = layout.linked_intact(name) {
         return Look::Ready {
             line: format!(
-                "{name} is ready: revision {revision}, {} in {} files, verified {}",
+                "{name} is ready: revision {revision}, {} in {} files, verified {}, {}",
                 human_bytes(marker.bytes),
                 marker.files.len(),
                 marker.verification,
+                marker.signature.as_ref().map_or_else(
+                    || "unsigned".to_string(),
+                    |s| format!("signed by {}", s.signer)
+                ),
             ),
             revision,
             agent: AgentTimes::default(),
@@ -647,6 +651,11 @@ pub async fn run_status(args: StatusArgs, env: &Environment) -> Result<ExitCode,
         println!("{m}");
     }
     for m in &models {
+        if let Some(line) = signature_text(m) {
+            println!("{line}");
+        }
+    }
+    for m in &models {
         if let Some(line) = timeline_text(m) {
             println!("{line}");
         }
@@ -655,6 +664,37 @@ pub async fn run_status(args: StatusArgs, env: &Environment) -> Result<ExitCode,
         print!("{}", config_text(&config));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who signed a model's published revision, for people; `None` before one is published.
+fn signature_text(m: &serde_json::Value) -> Option<String> {
+    let name = m["name"].as_str()?;
+    m["revision"].as_str()?;
+    let s = &m["signature"];
+    if s.is_null() {
+        return Some(format!("{name}: unsigned"));
+    }
+    let signer = &s["signer"];
+    let who = match signer["kind"].as_str() {
+        Some("key") => format!(
+            "key {} ({})",
+            signer["name"].as_str().unwrap_or("?"),
+            signer["fingerprint"].as_str().unwrap_or("?")
+        ),
+        Some("certificate") => format!(
+            "certificate {} ({}) under {}",
+            signer["subject"].as_str().unwrap_or("?"),
+            signer["fingerprint"].as_str().unwrap_or("?"),
+            signer["root"].as_str().unwrap_or("?")
+        ),
+        _ => "an unknown signer".to_string(),
+    };
+    Some(format!(
+        "{name}: signed by {who}; {} digests of {} in {}",
+        s["hash"].as_str().unwrap_or("?"),
+        s["method"].as_str().unwrap_or("?"),
+        s["file"].as_str().unwrap_or("?")
+    ))
 }
 
 /// A model's timeline on the node, for people; `None` from an agent that does not keep one.

@@ -15,7 +15,10 @@ use super::{
     DragonflyOptions, Environment, Exchange, FetchOptions, InvalidValue, Selection, parse_duration,
     parse_size,
 };
+use crate::fetch::signed::{DEFAULT_SIGNATURE_FILE, SignatureMode};
 use crate::store::ModelName;
+use crate::verify::signature::Trust;
+use std::sync::Arc;
 
 /// Dragonfly's client keeps its storage here (its Helm chart's `storage.dir`).
 pub const DFDAEMON_STORAGE_DIR: &str = "/var/lib/dragonfly";
@@ -60,6 +63,8 @@ const OVERRIDABLE: &[(&str, Kind)] = &[
     ("leases.check_interval", Kind::Text),
     ("leases.cgroup_root", Kind::Text),
     ("api.allowed_sources", Kind::List),
+    ("signing.trusted", Kind::List),
+    ("signing.default", Kind::Text),
     ("disk.enabled", Kind::Bool),
     ("disk.models", Kind::List),
     ("disk.devices", Kind::List),
@@ -137,7 +142,18 @@ struct FileConfig {
     #[serde(default)]
     leases: LeasesFile,
     #[serde(default)]
+    signing: SigningFile,
+    #[serde(default)]
     models: Vec<ModelFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SigningFile {
+    #[serde(default)]
+    trusted: Vec<PathBuf>,
+    #[serde(default)]
+    default: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,6 +396,10 @@ struct ModelFile {
     pin: bool,
     #[serde(default)]
     require_manifest: bool,
+    #[serde(default)]
+    signature: Option<String>,
+    #[serde(default)]
+    signature_file: Option<String>,
 }
 
 fn yes() -> bool {
@@ -444,6 +464,12 @@ pub struct ModelSpec {
     pub pin: bool,
     /// Refuse a source without a manifest.
     pub require_manifest: bool,
+    /// Whether the publisher's signature is read and required.
+    pub signature: SignatureMode,
+    /// The signature's name in the model's directory.
+    pub signature_file: String,
+    /// The signers trusted for it (the agent's `signing.trusted`).
+    pub trust: Arc<Trust>,
 }
 
 /// A bearer token, never printed.
@@ -557,6 +583,11 @@ pub struct AgentConfig {
     pub proc_root: PathBuf,
     /// Disk setup.
     pub disk: crate::disk::DiskConfig,
+    /// The signers trusted for every model (`signing.trusted`).
+    pub trust: Arc<Trust>,
+    /// The signature policy of prefetch requests for models not configured
+    /// (`signing.default`); a request may ask for a stricter one.
+    pub signature_default: SignatureMode,
     /// Configured models.
     pub models: Vec<ModelSpec>,
 }
@@ -827,6 +858,26 @@ impl AgentConfig {
                 )?,
             }),
         };
+        let trust = Arc::new(
+            Trust::load(&file.signing.trusted)
+                .map_err(|e| InvalidValue::new("signing.trusted", "", e.to_string()))?,
+        );
+        let signature_default = match &file.signing.default {
+            Some(v) => SignatureMode::parse("signing.default", v)?,
+            None => SignatureMode::default(),
+        };
+        let needs_trust = |key: &str, mode: SignatureMode| {
+            if mode == SignatureMode::Required && trust.is_empty() {
+                Err(InvalidValue::new(
+                    key,
+                    "required",
+                    "a required signature needs a trusted signer: list the publisher's public key or CA certificate (PEM files) in signing.trusted",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        needs_trust("signing.default", signature_default)?;
         let mut models: Vec<ModelSpec> = Vec::new();
         for (i, m) in file.models.into_iter().enumerate() {
             let key = format!("models[{i}]");
@@ -852,6 +903,21 @@ impl AgentConfig {
                 .into());
             }
             let selection = Selection::new(&m.include, &m.exclude, m.default_excludes)?;
+            let signature = match &m.signature {
+                Some(v) => SignatureMode::parse(&format!("{key}.signature"), v)?,
+                None => signature_default,
+            };
+            needs_trust(&format!("{key}.signature"), signature)?;
+            let signature_file = m
+                .signature_file
+                .unwrap_or_else(|| DEFAULT_SIGNATURE_FILE.to_string());
+            crate::source::validate_name(&signature_file).map_err(|e| {
+                InvalidValue::new(
+                    &format!("{key}.signature_file"),
+                    &signature_file,
+                    e.to_string(),
+                )
+            })?;
             models.push(ModelSpec {
                 name,
                 source: m.source,
@@ -859,6 +925,9 @@ impl AgentConfig {
                 selection,
                 pin: m.pin,
                 require_manifest: m.require_manifest,
+                signature,
+                signature_file,
+                trust: Arc::clone(&trust),
             });
         }
         let leases = LeasePolicy {
@@ -912,6 +981,8 @@ impl AgentConfig {
             allowed_sources: file.api.allowed_sources,
             leases,
             proc_root: file.cache.proc_root,
+            trust,
+            signature_default,
             models,
         })
     }

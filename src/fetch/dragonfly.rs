@@ -21,6 +21,7 @@ use super::PrefetchError;
 use super::journal::{JournalLine, hex};
 use super::pieces::{Engine, Finished};
 use super::plan::Plan;
+use super::signed::SignedModelError;
 use crate::config::{DragonflyOptions, human_bytes};
 use crate::dragonfly::{Dfdaemon, DragonflyError, Event, Origin, TaskRequest};
 use crate::store::take::{ForeignDir, Method};
@@ -60,8 +61,12 @@ enum Fallback {
     },
     #[error("refused what dfdaemon left: {0}")]
     Take(#[from] crate::store::take::TakeError),
-    #[error("BLAKE3 {actual} does not match the manifest's {expected}: discarded")]
+    #[error("{hash} {actual} does not match the {against}'s {expected}: discarded")]
     Mismatch {
+        /// `BLAKE3` or `SHA-256`.
+        hash: &'static str,
+        /// `manifest` or `signature`.
+        against: &'static str,
         expected: String,
         actual: String,
         task_id: String,
@@ -83,15 +88,45 @@ pub(super) async fn fetch_through_dragonfly(
     name: &ModelName,
     options: &DragonflyOptions,
 ) -> Result<(), PrefetchError> {
-    let Some((manifest, _)) = &plan.manifest else {
-        return Err(PrefetchError::DragonflyNeedsManifest {
-            url: engine.source.describe(),
-        });
+    let expected: HashMap<&str, Expected> = match (&plan.manifest, &plan.signature) {
+        (Some((manifest, _)), _) => manifest
+            .entries()
+            .map(|e| (e.path.as_str(), Expected::Blake3(e.clone())))
+            .collect(),
+        (None, Some(signed)) => {
+            let by_path = super::signed::resources_by_path(&signed.signed.resources);
+            plan.files
+                .iter()
+                .filter_map(|f| {
+                    let list = by_path.get(f.path.as_str())?;
+                    let digests = list
+                        .iter()
+                        .map(|r| super::sequential::Expected {
+                            range: r.range.clone().unwrap_or(0..f.size),
+                            digest: r.digest,
+                            is_shard: r.range.is_some(),
+                        })
+                        .collect();
+                    Some((
+                        f.path.as_str(),
+                        Expected::Signed {
+                            path: f.path.clone(),
+                            size: f.size,
+                            hash: signed.signed.hash,
+                            digests,
+                        },
+                    ))
+                })
+                .collect()
+        }
+        (None, None) => {
+            return Err(PrefetchError::DragonflyNeedsManifest {
+                url: engine.source.describe(),
+            });
+        }
     };
-    let expected: HashMap<&str, &ManifestEntry> =
-        manifest.entries().map(|e| (e.path.as_str(), e)).collect();
     let chunk = engine.options.chunk_size;
-    let wanted: Vec<(usize, ManifestEntry)> = engine
+    let wanted: Vec<(usize, Expected)> = engine
         .files
         .iter()
         .enumerate()
@@ -103,7 +138,7 @@ pub(super) async fn fetch_through_dragonfly(
         .filter_map(|(i, slot)| {
             expected
                 .get(slot.remote.path.as_str())
-                .map(|e| (i, (*e).clone()))
+                .map(|e| (i, e.clone()))
         })
         .collect();
     let Some((first, _)) = wanted.first() else {
@@ -234,16 +269,24 @@ pub(super) async fn fetch_through_dragonfly(
                         .map_err(|e| Fallback::Adopt(super::error_chain(&e))),
                     Err(reason) => Err(reason),
                 };
+                if adopted.is_ok() {
+                    if let (Some(sequential), Expected::Signed { .. }) =
+                        (&engine.sequential, &entry)
+                    {
+                        // Its signed digests were just checked on the same bytes.
+                        sequential.verified(index);
+                    }
+                }
                 let result = match adopted {
                     Ok((took, taken)) => {
                         engine.progress.dragonfly_file();
                         info!(
                             model.name = %name,
-                            blob.path = %entry.path,
+                            blob.path = %entry.path(),
                             cloned_bytes = taken.cloned,
                             copied_bytes = taken.copied,
-                            "{name}: {} came through dfdaemon, {} into modelcache's own file, and matches the manifest ({} in {:.1} s)",
-                            entry.path, taken.describe(), human_bytes(entry.size), took.as_secs_f64()
+                            "{name}: {} came through dfdaemon, {} into modelcache's own file, and matches the {} ({} in {:.1} s)",
+                            entry.path(), taken.describe(), entry.against(), human_bytes(entry.size()), took.as_secs_f64()
                         );
                         Ok(())
                     }
@@ -260,9 +303,9 @@ pub(super) async fn fetch_through_dragonfly(
                         engine.progress.dragonfly_fallback();
                         warn!(
                             model.name = %name,
-                            blob.path = %entry.path,
+                            blob.path = %entry.path(),
                             "{name}: {}: {}; fetching it directly",
-                            entry.path,
+                            entry.path(),
                             reason
                         );
                         Ok(())
@@ -281,6 +324,61 @@ pub(super) async fn fetch_through_dragonfly(
     ticker.stop().await;
     super::download::write_progress(&progress_file, &engine.progress);
     results.into_iter().collect()
+}
+
+/// What a file from dfdaemon must be: the manifest's BLAKE3, or the digests a signature lists
+/// for it (SHA-256, or BLAKE3 of shards), computed over the clone before it is adopted.
+#[derive(Debug, Clone)]
+enum Expected {
+    Blake3(ManifestEntry),
+    Signed {
+        path: String,
+        size: u64,
+        hash: crate::verify::signature::HashType,
+        digests: Vec<super::sequential::Expected>,
+    },
+}
+
+impl Expected {
+    fn path(&self) -> &str {
+        match self {
+            Self::Blake3(e) => &e.path,
+            Self::Signed { path, .. } => path,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Self::Blake3(e) => e.size,
+            Self::Signed { size, .. } => *size,
+        }
+    }
+
+    fn against(&self) -> &'static str {
+        match self {
+            Self::Blake3(_) => "manifest",
+            Self::Signed { .. } => "signature",
+        }
+    }
+
+    /// The task's identity in Dragonfly: the same content gets the same id on every node.
+    fn content_id(&self) -> String {
+        match self {
+            Self::Blake3(e) => format!("modelcache-blake3:{}", e.blake3),
+            Self::Signed { hash, digests, .. } => {
+                let mut all = blake3::Hasher::new();
+                for d in digests {
+                    all.update(&d.range.start.to_le_bytes());
+                    all.update(&d.digest);
+                }
+                format!(
+                    "modelcache-{}-signed:{}",
+                    super::signed::hash_name(*hash),
+                    all.finalize().to_hex()
+                )
+            }
+        }
+    }
 }
 
 /// Where one file goes on its way in: dfdaemon's output (a name in a directory dfdaemon can
@@ -303,7 +401,7 @@ async fn fetch_one(
     engine: &Arc<Engine>,
     client: &Dfdaemon,
     index: usize,
-    entry: &ManifestEntry,
+    entry: &Expected,
     paths: &Paths,
     chunk: u64,
     options: &DragonflyOptions,
@@ -311,10 +409,10 @@ async fn fetch_one(
     let began = Instant::now();
     let slot = engine.files.get(index).ok_or(Fallback::Cancelled)?;
     let size = slot.remote.size;
-    if entry.size != size {
+    if entry.size() != size {
         return Err(Fallback::Length {
             reported: size,
-            expected: entry.size,
+            expected: entry.size(),
         });
     }
     let url = engine
@@ -334,7 +432,7 @@ async fn fetch_one(
     let ours = Arc::new(ours);
     let task = TaskRequest {
         url,
-        content_id: format!("modelcache-blake3:{}", entry.blake3),
+        content_id: entry.content_id(),
         output_path: paths.output.clone(),
         timeout: TASK_TIMEOUT,
     };
@@ -482,13 +580,53 @@ async fn fetch_one(
         }
     }
     let digests: Vec<PieceDigest> = digests.into_iter().flatten().collect();
-    let actual = combine(&digests).to_hex().to_string();
-    if actual != entry.blake3 {
-        return Err(Fallback::Mismatch {
-            expected: entry.blake3.clone(),
-            actual,
-            task_id: stream.task_id().to_string(),
-        });
+    match entry {
+        Expected::Blake3(e) => {
+            let actual = combine(&digests).to_hex().to_string();
+            if actual != e.blake3 {
+                return Err(Fallback::Mismatch {
+                    hash: "BLAKE3",
+                    against: "manifest",
+                    expected: e.blake3.clone(),
+                    actual,
+                    task_id: stream.task_id().to_string(),
+                });
+            }
+        }
+        Expected::Signed {
+            path,
+            size,
+            hash,
+            digests: signed,
+        } => {
+            let check = Arc::new(super::sequential::Sequential::new(
+                *hash,
+                vec![super::sequential::FileToCheck {
+                    path: path.clone(),
+                    partial: paths.ours.clone(),
+                    size: *size,
+                    expected: signed.clone(),
+                }],
+            ));
+            match check.finish().await {
+                Ok(()) => {}
+                Err(PrefetchError::Signature(SignedModelError::DigestMismatch {
+                    hash,
+                    expected,
+                    actual,
+                    ..
+                })) => {
+                    return Err(Fallback::Mismatch {
+                        hash,
+                        against: "signature",
+                        expected,
+                        actual,
+                        task_id: stream.task_id().to_string(),
+                    });
+                }
+                Err(e) => return Err(Fallback::Adopt(super::error_chain(&e))),
+            }
+        }
     }
     Ok((digests, began.elapsed(), taken))
 }

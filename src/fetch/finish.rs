@@ -9,7 +9,11 @@ use tracing::warn;
 use super::PrefetchError;
 use super::pieces::Engine;
 use super::plan::Plan;
-use crate::store::{Layout, ModelName, ReadyFile, ReadyMarker, StagedModel, Verification, publish};
+use super::signed::{SignatureRecord, SignedPlan};
+use crate::store::{
+    Layout, ModelName, RECORDS_DIR, ReadyFile, ReadyMarker, SIGNATURE_COPY, StagedModel,
+    Verification, publish, write_synced,
+};
 use crate::verify::VerifyError;
 use crate::verify::hash::combine;
 use crate::verify::structure::{
@@ -63,6 +67,16 @@ fn check_files(
     Ok(warnings)
 }
 
+/// What the ready marker says besides the files.
+pub(super) struct Outcome<'a> {
+    /// The source, redacted.
+    pub(super) source: String,
+    pub(super) verification: Verification,
+    pub(super) warnings: Vec<String>,
+    /// The signature's name in the source.
+    pub(super) signature_file: &'a str,
+}
+
 /// Writes the ready marker, publishes the staged files as the plan's revision and removes the
 /// staging directory; returns the revision directory linked.
 pub(super) async fn publish_staged(
@@ -70,10 +84,14 @@ pub(super) async fn publish_staged(
     name: &ModelName,
     plan: &Plan,
     engine: &Engine,
-    source: String,
-    verification: Verification,
-    warnings: Vec<String>,
+    outcome: Outcome<'_>,
 ) -> Result<String, PrefetchError> {
+    let Outcome {
+        source,
+        verification,
+        warnings,
+        signature_file,
+    } = outcome;
     let files: Vec<ReadyFile> = engine
         .files
         .iter()
@@ -98,8 +116,10 @@ pub(super) async fn publish_staged(
         verified_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         warnings,
         damaged: Vec::new(),
+        signature: plan.signature.as_ref().map(|s| s.record(signature_file)),
     };
     let manifest_bytes = plan.manifest.as_ref().map(|(_, b)| b.to_vec());
+    let signature_bytes = plan.signature.as_ref().map(|s| s.bundle.to_vec());
     let staged_layout = layout.clone();
     let staged_name = name.clone();
     let revision = plan.revision.clone();
@@ -111,6 +131,7 @@ pub(super) async fn publish_staged(
                 revision: &revision,
                 marker: &marker,
                 manifest: manifest_bytes.as_deref(),
+                signature: signature_bytes.as_deref(),
             },
         )
     })
@@ -118,6 +139,31 @@ pub(super) async fn publish_staged(
     .map_err(|e| PrefetchError::Internal(e.to_string()))??;
     remove_staging(layout, name);
     Ok(linked)
+}
+
+/// Records on an already published revision the signature that verified it now (a signer the
+/// operator rotated in signs the same digests): the bundle's copy first, then the marker.
+pub(super) fn record_signature(
+    layout: &Layout,
+    name: &ModelName,
+    dir_name: &str,
+    mut marker: ReadyMarker,
+    signed: &SignedPlan,
+    signature_file: &str,
+) -> Result<SignatureRecord, PrefetchError> {
+    let record = signed.record(signature_file);
+    if marker.signature.as_ref() == Some(&record) {
+        return Ok(record);
+    }
+    let dir = layout.revision_dir(name, dir_name);
+    let records = dir.join(RECORDS_DIR);
+    let tmp = records.join(format!(".{SIGNATURE_COPY}.tmp-{}", std::process::id()));
+    write_synced(&tmp, &signed.bundle)?;
+    let copy = records.join(SIGNATURE_COPY);
+    std::fs::rename(&tmp, &copy).map_err(|e| PrefetchError::local("rename", tmp.clone(), e))?;
+    marker.signature = Some(record.clone());
+    marker.write(&dir)?;
+    Ok(record)
 }
 
 /// Removes `staging/NAME` and the progress record once the files are published.

@@ -17,6 +17,8 @@ mod plan;
 mod preflight;
 pub mod progress;
 mod resume;
+mod sequential;
+pub mod signed;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -182,7 +184,7 @@ pub enum PrefetchError {
     },
     /// The Dragonfly path is on but the source has no manifest to check peers' bytes against.
     #[error(
-        "fetch.dragonfly is on but {url} has no modelcache.manifest.json: bytes from peers can only be trusted against a manifest (hint: write one with `modelcache manifest`, or turn fetch.dragonfly off)"
+        "fetch.dragonfly is on but {url} has no modelcache.manifest.json (nor a verified signature): bytes from peers can only be trusted against a manifest or the publisher's signature (hint: write one with `modelcache manifest`, sign the model (docs/signing.md), or turn fetch.dragonfly off)"
     )]
     DragonflyNeedsManifest {
         /// The source, redacted.
@@ -191,6 +193,9 @@ pub enum PrefetchError {
     /// Verification failed.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// The model's signature stopped it.
+    #[error(transparent)]
+    Signature(#[from] signed::SignedModelError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -250,7 +255,7 @@ impl PrefetchError {
             PrefetchError::NoSpace { .. } | PrefetchError::OverBudget { .. } => ErrorKind::NoSpace,
             PrefetchError::Local { source, .. } => io_kind(source),
             PrefetchError::Verify(VerifyError::ManifestRequired) => ErrorKind::SourceUnavailable,
-            PrefetchError::Verify(_) => ErrorKind::VerifyFailed,
+            PrefetchError::Verify(_) | PrefetchError::Signature(_) => ErrorKind::VerifyFailed,
             PrefetchError::Store(e) => match e {
                 StoreError::InvalidName { .. } => ErrorKind::InvalidInput,
                 other => other.io_error().map_or(ErrorKind::Cache, io_kind),
@@ -270,8 +275,10 @@ pub struct PrefetchRequest {
     pub selection: Selection,
     /// Download tuning.
     pub options: FetchOptions,
-    /// Refuse a source without a manifest.
+    /// Refuse a source without a manifest (a verified signature counts as one).
     pub require_manifest: bool,
+    /// The publisher's signature: where, whom to trust, whether required.
+    pub signature: signed::SignaturePolicy,
     /// Who asks, for whoever waits for the model's lock (`modelcache prefetch`, `agent job 3`).
     pub owner: String,
     /// Cancels the prefetch (shutdown); finished ranges stay journaled.
@@ -294,6 +301,7 @@ impl std::fmt::Debug for PrefetchRequest {
             .field("selection", &self.selection)
             .field("options", &self.options)
             .field("require_manifest", &self.require_manifest)
+            .field("signature", &self.signature.mode)
             .field("make_room", &self.make_room.is_some())
             .finish_non_exhaustive()
     }
@@ -344,6 +352,9 @@ pub struct Summary {
     pub warnings: Vec<String>,
     /// When each step happened, in seconds after the prefetch began.
     pub steps: progress::Steps,
+    /// Who signed the published revision; absent: unsigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<signed::SignatureRecord>,
 }
 
 /// Fills the cache with a model from `source`, resuming earlier work, and publishes it at
@@ -438,6 +449,10 @@ async fn attempt(
         refetched_files: refetched,
         warnings: Vec::new(),
         steps: progress.steps(started),
+        signature: plan
+            .signature
+            .as_ref()
+            .map(|sig| sig.record(&request.signature.file)),
     };
 
     // Already published and intact: link it (again), drop what a publish killed after its
@@ -448,14 +463,28 @@ async fn attempt(
         progress.add_reused(total.saturating_sub(progress.reused()));
         enter_phase(progress, name, Phase::Done);
         info!(model.name = %name, revision = %plan.revision, "{name} revision {} is already published", plan.revision);
+        let signature = match &plan.signature {
+            // The revision names the signed digests, so only the signer can differ (a key the
+            // operator rotated in): record the one that verified now.
+            Some(sig) => Some(finish::record_signature(
+                layout,
+                name,
+                &dir_name,
+                marker.clone(),
+                sig,
+                &request.signature.file,
+            )?),
+            None => marker.signature.clone(),
+        };
         return Ok(Summary {
             warnings: marker.warnings,
             revision: dir_name,
+            signature,
             ..summary(true, marker.verification, Vec::new())
         });
     }
 
-    if options.dragonfly.is_some() && plan.manifest.is_none() {
+    if options.dragonfly.is_some() && plan.manifest.is_none() && plan.signature.is_none() {
         return Err(PrefetchError::DragonflyNeedsManifest {
             url: source.describe(),
         });
@@ -485,6 +514,7 @@ async fn attempt(
         make_room(resumed.needed_space)?;
     }
     download::check_space(&layout.staging_dir(name), resumed.needed_space)?;
+    let sequential = sequential::for_plan(&plan, layout, name, options, &resumed.slots);
     let engine = Arc::new(Engine {
         source: Arc::clone(source),
         options: options.clone(),
@@ -496,6 +526,7 @@ async fn attempt(
         // Without a manifest nothing catches a bit flipped in transit afterwards: check each
         // range against the server's checksum as it arrives.
         check_transfers: plan.manifest.is_none(),
+        sequential,
     });
     info!(
         model.name = %name,
@@ -513,11 +544,38 @@ async fn attempt(
     if let Some(dragonfly) = &options.dragonfly {
         dragonfly::fetch_through_dragonfly(&engine, &plan, layout, name, dragonfly).await?;
     }
-    let refetched =
-        download::download_verified(&engine, &resumed.journal, &plan, layout, name).await?;
+    let refetched = download::download_verified(&engine, &resumed.journal, &plan, layout, name)
+        .await
+        .map_err(|e| match e {
+            // The BLAKE3 compared was the signature's: say so.
+            PrefetchError::Verify(VerifyError::HashMismatch {
+                path,
+                expected,
+                actual,
+            }) if plan
+                .signature
+                .as_ref()
+                .is_some_and(signed::SignedPlan::stands_in_for_manifest) =>
+            {
+                signed::SignedModelError::DigestMismatch {
+                    path,
+                    range: None,
+                    hash: "BLAKE3",
+                    expected,
+                    actual,
+                }
+                .into()
+            }
+            other => other,
+        })?;
+    if let Some(sequential) = &engine.sequential {
+        sequential.finish().await?;
+    }
     let warnings = finish::check_structure(layout, name, &plan, &request.parse_budget).await?;
     let verification = if plan.manifest.is_some() && options.hash {
         Verification::Blake3
+    } else if engine.sequential.is_some() {
+        Verification::Signature
     } else if every_range_checked(&plan, layout, name, options.chunk_size)? {
         Verification::Md5
     } else {
@@ -532,9 +590,12 @@ async fn attempt(
         name,
         &plan,
         &engine,
-        source.describe(),
-        verification,
-        warnings.clone(),
+        finish::Outcome {
+            source: source.describe(),
+            verification,
+            warnings: warnings.clone(),
+            signature_file: &request.signature.file,
+        },
     )
     .await?;
     enter_phase(progress, name, Phase::Done);
@@ -599,7 +660,15 @@ pub async fn compute_manifest(
     progress: Arc<Progress>,
 ) -> Result<Manifest, PrefetchError> {
     let cancel = tokio_util::sync::CancellationToken::new();
-    let files = plan::list_selected(&source, selection, options, &cancel, &progress).await?;
+    let files = plan::list_selected(
+        &source,
+        selection,
+        options,
+        Some(signed::DEFAULT_SIGNATURE_FILE),
+        &cancel,
+        &progress,
+    )
+    .await?;
     progress.set_total(files.iter().map(|f| f.size).sum());
     let _ = progress.set_phase(Phase::Downloading);
     let mut options = options.clone();
@@ -617,6 +686,7 @@ pub async fn compute_manifest(
         cancel,
         writes: tokio_util::task::TaskTracker::new(),
         check_transfers: true,
+        sequential: None,
     });
     engine.run(engine.missing_ranges()).await?;
     let _ = progress.set_phase(Phase::Done);

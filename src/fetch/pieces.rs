@@ -272,6 +272,8 @@ pub(crate) struct Engine {
     pub(crate) writes: tokio_util::task::TaskTracker,
     /// Read ranges with [`Source::read_range_checked`] (each checked in transit).
     pub(crate) check_transfers: bool,
+    /// Digests of a signature computed over each file in order, told of every range written.
+    pub(crate) sequential: Option<Arc<super::sequential::Sequential>>,
 }
 
 impl Engine {
@@ -464,6 +466,9 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(Finished { line, file });
+            if let Some(sequential) = &self.sequential {
+                sequential.written(file_index, start..end);
+            }
         }
         debug!(blob.path = %slot.remote.path, range.start = start, range.end = end, "range done");
         Ok(())

@@ -7,35 +7,70 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::progress::Progress;
+use super::signed::{self, SignatureMode, SignedPlan};
 use super::{PrefetchError, PrefetchRequest, error_chain};
 use crate::config::{FetchOptions, Selection};
 use crate::source::{MANIFEST_NAME, RemoteFile, RetryCause, Source, SourceError, validate_name};
 use crate::verify::VerifyError;
 use crate::verify::manifest::Manifest;
 
-/// What the listing and manifest say the model is.
+/// What the listing, the manifest and the signature say the model is.
 pub(super) struct Plan {
     pub(super) files: Vec<RemoteFile>,
+    /// The source's manifest, or the one a BLAKE3 signature of whole files stands for.
     pub(super) manifest: Option<(Manifest, bytes::Bytes)>,
+    /// The publisher's signature, verified and covering exactly the files.
+    pub(super) signature: Option<SignedPlan>,
     pub(super) revision: String,
 }
 
-/// Lists the source, selects the model's files and reads the manifest, checking the two agree.
+/// Lists the source, selects the model's files, reads the signature and the manifest, checking
+/// they all agree.
 pub(super) async fn plan(
     source: &Arc<dyn Source>,
     request: &PrefetchRequest,
     progress: &Progress,
 ) -> Result<Plan, PrefetchError> {
     let url = source.describe();
+    let policy = &request.signature;
     let files = list_selected(
         source,
         &request.selection,
         &request.options,
+        policy.excluded_name(),
         &request.cancel,
         progress,
     )
     .await?;
-    let manifest = match retried(
+    let signature = match policy.excluded_name() {
+        None => None,
+        Some(file) => {
+            let bundle = retried(
+                &url,
+                &request.options,
+                &request.cancel,
+                progress,
+                file,
+                || source.read_small(file),
+            )
+            .await?;
+            let location = format!("{url}/{file}");
+            if bundle.is_some() && policy.trust.is_empty() && policy.mode == SignatureMode::Optional
+            {
+                warn!(
+                    model.name = %request.model,
+                    "{}: {location} is there but no trusted signer is configured to check it: the model is published as unsigned",
+                    request.model
+                );
+            }
+            let signed = signed::check_bundle(policy, &location, bundle)?;
+            if let Some(s) = &signed {
+                signed::check_coverage(&files, &s.signed, &request.selection, file)?;
+            }
+            signed
+        }
+    };
+    let mut manifest = match retried(
         &url,
         &request.options,
         &request.cancel,
@@ -49,16 +84,37 @@ pub(super) async fn plan(
             let m = Manifest::parse(&bytes, &format!("{url}/{MANIFEST_NAME}"))?;
             Some((m, bytes))
         }
-        None if request.require_manifest => return Err(VerifyError::ManifestRequired.into()),
+        None if request.require_manifest && signature.is_none() => {
+            return Err(VerifyError::ManifestRequired.into());
+        }
         None => None,
     };
+    if let Some(s) = signature.as_ref().filter(|s| s.stands_in_for_manifest()) {
+        let signed = signed::manifest_from_signature(&files, &s.signed)?;
+        match &manifest {
+            Some((m, _)) => {
+                if let Some(e) = signed::disagreement(&signed, m) {
+                    return Err(e.into());
+                }
+            }
+            None => {
+                let bytes = bytes::Bytes::from(signed.to_json());
+                manifest = Some((signed, bytes));
+            }
+        }
+    }
     if let Some((m, _)) = &manifest {
         check_against_manifest(&files, m, &request.selection)?;
     }
-    let revision = revision_of(&files, manifest.as_ref().map(|(m, _)| m));
+    let revision = revision_of(
+        &files,
+        manifest.as_ref().map(|(m, _)| m),
+        signature.as_ref(),
+    );
     Ok(Plan {
         files,
         manifest,
+        signature,
         revision,
     })
 }
@@ -68,6 +124,7 @@ pub(super) async fn list_selected(
     source: &Arc<dyn Source>,
     selection: &Selection,
     options: &FetchOptions,
+    signature_file: Option<&str>,
     cancel: &CancellationToken,
     progress: &Progress,
 ) -> Result<Vec<RemoteFile>, PrefetchError> {
@@ -82,7 +139,11 @@ pub(super) async fn list_selected(
     let listed_count = listed.len();
     let files: Vec<RemoteFile> = listed
         .into_iter()
-        .filter(|f| f.path != MANIFEST_NAME && selection.is_selected(&f.path))
+        .filter(|f| {
+            f.path != MANIFEST_NAME
+                && Some(f.path.as_str()) != signature_file
+                && selection.is_selected(&f.path)
+        })
         .collect();
     for f in &files {
         validate_name(&f.path).map_err(PrefetchError::UnsafeName)?;
@@ -204,14 +265,28 @@ where
     }
 }
 
-/// A revision names the exact content: with a manifest, the files' hashes; without, their ETags.
-fn revision_of(files: &[RemoteFile], manifest: Option<&Manifest>) -> String {
+/// A revision names the exact content: with a manifest, the files' hashes; without, their ETags;
+/// signed, also the digests the signature lists for them (so a published revision was checked
+/// against exactly these digests, and a model that becomes signed is fetched and checked once).
+fn revision_of(
+    files: &[RemoteFile],
+    manifest: Option<&Manifest>,
+    signature: Option<&SignedPlan>,
+) -> String {
+    let signed = signature.map(|s| signed::resources_by_path(&s.signed.resources));
     let mut hasher = blake3::Hasher::new();
     for f in files {
         let id = manifest
             .and_then(|m| m.get(&f.path))
             .map_or(f.etag.as_str(), |e| e.blake3.as_str());
-        hasher.update(format!("{}\t{}\t{}\n", f.path, f.size, id).as_bytes());
+        hasher.update(format!("{}\t{}\t{}", f.path, f.size, id).as_bytes());
+        if let Some(list) = signed.as_ref().and_then(|s| s.get(f.path.as_str())) {
+            for r in list {
+                hasher.update(b"\t");
+                hasher.update(crate::fetch::journal::hex(&r.digest).as_bytes());
+            }
+        }
+        hasher.update(b"\n");
     }
     hasher.finalize().to_hex()[..16].to_string()
 }

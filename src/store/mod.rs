@@ -29,6 +29,8 @@ pub const RECORDS_DIR: &str = ".modelcache";
 pub const READY_FILE: &str = "ready.json";
 /// The copy of the source manifest inside [`RECORDS_DIR`].
 pub const MANIFEST_COPY: &str = "manifest.json";
+/// The copy of the model's signature (an OpenSSF Model Signing bundle) inside [`RECORDS_DIR`].
+pub const SIGNATURE_COPY: &str = "signature.sig";
 
 /// A failure of a cache operation, naming the path.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +255,10 @@ pub enum Verification {
     Md5,
     /// No manifest: sizes, ETags and safetensors/index structure were checked.
     Structural,
+    /// Every byte matched the digests the publisher's signature lists (SHA-256, or BLAKE3 of
+    /// shards), computed in order as the ranges landed, and the structure checked. (A BLAKE3
+    /// signature of whole files is the manifest: `blake3`.)
+    Signature,
 }
 
 impl std::fmt::Display for Verification {
@@ -261,6 +267,7 @@ impl std::fmt::Display for Verification {
             Verification::Blake3 => "blake3",
             Verification::Md5 => "md5",
             Verification::Structural => "structural",
+            Verification::Signature => "signature",
         })
     }
 }
@@ -322,6 +329,9 @@ pub struct ReadyMarker {
     /// being repaired.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub damaged: Vec<String>,
+    /// Who signed the revision (its signature is [`SIGNATURE_COPY`]); absent: unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::fetch::signed::SignatureRecord>,
 }
 
 impl ReadyMarker {
@@ -350,6 +360,7 @@ impl ReadyMarker {
             verified_at: "now".into(),
             warnings: Vec::new(),
             damaged: Vec::new(),
+            signature: None,
         }
     }
 
@@ -401,6 +412,8 @@ pub struct StagedModel<'a> {
     pub marker: &'a ReadyMarker,
     /// The source manifest's bytes, kept beside the marker.
     pub manifest: Option<&'a [u8]>,
+    /// The signature's bytes, kept beside the marker.
+    pub signature: Option<&'a [u8]>,
 }
 
 /// Publishes a staged model: the only code that makes a model visible. Returns the name of the
@@ -501,6 +514,9 @@ pub fn publish(layout: &Layout, staged: &StagedModel<'_>) -> Result<String, Stor
     write_synced(&records.join(READY_FILE), &marker_json)?;
     if let Some(manifest) = staged.manifest {
         write_synced(&records.join(MANIFEST_COPY), manifest)?;
+    }
+    if let Some(signature) = staged.signature {
+        write_synced(&records.join(SIGNATURE_COPY), signature)?;
     }
     dirs.sort();
     dirs.dedup();
@@ -771,6 +787,7 @@ mod tests {
                 revision: rev,
                 marker: &marker,
                 manifest: None,
+                signature: None,
             };
             assert_eq!(publish(&layout, &staged).unwrap(), rev);
             assert_eq!(
@@ -812,6 +829,7 @@ mod tests {
             revision: "r2",
             marker: &marker,
             manifest: None,
+            signature: None,
         };
         assert_eq!(publish(&layout, &staged).unwrap(), "r2-2");
         assert_eq!(layout.published_revision(&name).as_deref(), Some("r2-2"));

@@ -117,6 +117,7 @@ pub fn verify_cached(dir: &Path, chunk: u64, threads: usize) -> Result<CachedRep
         verification: match (hashed_all, manifest.is_some(), marker.verification) {
             (true, true, _) => Verification::Blake3,
             (true, false, Verification::Md5) => Verification::Md5,
+            (true, false, Verification::Signature) => Verification::Signature,
             _ => Verification::Structural,
         },
         warnings,

@@ -20,6 +20,7 @@ mod principals;
 mod properties;
 mod proxy;
 mod resume;
+mod signing;
 mod space;
 mod support;
 mod timeline;

@@ -171,6 +171,7 @@ pub fn published_difference(source: &Path, model: &Path) -> Option<String> {
             !f.starts_with("original/")
                 && !f.starts_with("metal/")
                 && f != "modelcache.manifest.json"
+                && f != "model.sig"
         })
         .collect();
     let got: Vec<String> = files_under(model)

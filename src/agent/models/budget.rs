@@ -446,6 +446,7 @@ impl Models {
                 entry.state = State::Pending;
                 entry.revision = None;
                 entry.verification = None;
+                entry.signature = None;
                 entry.warm = None;
             }
         }

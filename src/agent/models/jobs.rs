@@ -53,6 +53,9 @@ fn operators_spec(
     {
         changes.push("require_manifest");
     }
+    if o.signature.is_some_and(|s| s != spec.signature) {
+        changes.push("signature");
+    }
     if !changes.is_empty() {
         return Err(ModelError::Forbidden(format!(
             "{name} is configured by the operator: a request may start or join its prefetch but not change {} (change models[] in the agent's configuration instead)",
@@ -64,6 +67,7 @@ fn operators_spec(
 use crate::config::agent::ModelSpec;
 use crate::config::human_bytes;
 use crate::fetch::progress::Progress;
+use crate::fetch::signed::{DEFAULT_SIGNATURE_FILE, SignatureMode, SignaturePolicy};
 use crate::fetch::{ErrorKind, PrefetchError, PrefetchRequest, error_chain, prefetch};
 use crate::source::{self, SourceOptions, redact_url};
 use crate::store::ModelName;
@@ -167,6 +171,24 @@ impl Models {
             .map_err(|e| ModelError::Invalid(e.to_string()))?,
         };
         let account = o.account.or_else(|| base.and_then(|b| b.account.clone()));
+        // The operator's default is the floor: a request may ask for more, never for less.
+        let floor = self.config.signature_default;
+        let signature = match o.signature {
+            Some(asked) if asked < floor => {
+                return Err(ModelError::Forbidden(format!(
+                    "signature {:?} is weaker than the agent's signing.default {:?}: a request may only ask for a stricter signature policy",
+                    asked.as_str(),
+                    floor.as_str()
+                )));
+            }
+            Some(SignatureMode::Required) if self.config.trust.is_empty() => {
+                return Err(ModelError::Invalid(
+                    "signature \"required\" needs a trusted signer, and the agent's signing.trusted is empty".into(),
+                ));
+            }
+            Some(asked) => asked,
+            None => base.map_or(floor, |b| b.signature.max(floor)),
+        };
         // A source that cannot even be opened (bad URL, no account) is the caller's mistake:
         // say so now, not as a failed model later.
         source::open(
@@ -191,6 +213,9 @@ impl Models {
             require_manifest: o
                 .require_manifest
                 .unwrap_or(base.is_some_and(|b| b.require_manifest)),
+            signature,
+            signature_file: DEFAULT_SIGNATURE_FILE.to_string(),
+            trust: Arc::clone(&self.config.trust),
             source,
         })
     }
@@ -291,6 +316,7 @@ impl Models {
                     }
                     entry.revision = Some(summary.revision.clone());
                     entry.verification = Some(summary.verification);
+                    entry.signature.clone_from(&summary.signature);
                     entry.warnings.clone_from(&summary.warnings);
                     entry.last_error = None;
                     entry.last_used = SystemTime::now();
@@ -377,6 +403,11 @@ impl Models {
             selection: spec.selection.clone(),
             options: self.config.fetch.clone(),
             require_manifest: spec.require_manifest,
+            signature: SignaturePolicy {
+                mode: spec.signature,
+                file: spec.signature_file.clone(),
+                trust: Arc::clone(&spec.trust),
+            },
             owner: format!("modelcache agent, job {job}"),
             cancel,
             make_room: Some(Arc::new(move |needed| models.make_room(&for_model, needed))),

@@ -100,6 +100,8 @@ pub struct ModelStatus {
     pub revision: Option<String>,
     /// How the published revision was verified.
     pub verification: Option<Verification>,
+    /// Who signed the published revision (OpenSSF Model Signing); `null`: unsigned.
+    pub signature: Option<crate::fetch::signed::SignatureRecord>,
     /// Bytes present (fetched + reused) in the current or last run.
     pub bytes_done: u64,
     /// Bytes in the model (0 until listed).
@@ -157,6 +159,8 @@ pub struct PrefetchOverride {
     pub pin: Option<bool>,
     /// Require a manifest.
     pub require_manifest: Option<bool>,
+    /// The signature policy (never weaker than the agent's default).
+    pub signature: Option<crate::fetch::signed::SignatureMode>,
 }
 
 /// Why a request about a model was refused.
@@ -202,6 +206,7 @@ struct Entry {
     started: Option<Instant>,
     revision: Option<String>,
     verification: Option<Verification>,
+    signature: Option<crate::fetch::signed::SignatureRecord>,
     last_error: Option<String>,
     warnings: Vec<String>,
     last_used: SystemTime,
@@ -233,6 +238,7 @@ impl Entry {
             started: None,
             revision: None,
             verification: None,
+            signature: None,
             last_error: None,
             warnings: Vec::new(),
             last_used: SystemTime::now(),
@@ -300,6 +306,7 @@ impl Entry {
             pinned: self.spec.pin,
             revision: self.revision.clone(),
             verification: self.verification,
+            signature: self.signature.clone(),
             bytes_done: done,
             bytes_total: total,
             bytes_fetched: p.fetched(),
@@ -480,6 +487,7 @@ impl Models {
                 entry.state = State::Ready;
                 entry.revision = Some(revision);
                 entry.verification = Some(marker.verification);
+                entry.signature = marker.signature;
                 entry.warnings = marker.warnings;
                 entry.last_used = last_used;
                 entry.found_published(marker.bytes);
@@ -592,6 +600,9 @@ impl Models {
                 selection: crate::config::Selection::vllm_default(),
                 pin: false,
                 require_manifest: false,
+                signature: self.config.signature_default,
+                signature_file: crate::fetch::signed::DEFAULT_SIGNATURE_FILE.to_string(),
+                trust: Arc::clone(&self.config.trust),
             };
             let mut entry = Entry::new(spec, false);
             // Markers record sources redacted: a query there was a SAS token, now lost.
@@ -599,6 +610,7 @@ impl Models {
             entry.state = State::Ready;
             entry.revision = Some(revision.clone());
             entry.verification = Some(marker.verification);
+            entry.signature = marker.signature;
             entry.warnings = marker.warnings;
             entry.last_used = self.link_mtime(&name);
             entry.found_published(marker.bytes);
@@ -648,6 +660,11 @@ impl Models {
     pub fn get(&self, name: &str) -> Option<ModelStatus> {
         let status = self.lock().get(name).map(|e| e.status(&self.boot))?;
         Some(self.with_readers(status))
+    }
+
+    /// Who signed the revision each model serves (`unsigned` when no one did).
+    pub fn signed_by(&self) -> BTreeMap<String, String> {
+        signers(&self.lock()).into_iter().collect()
     }
 
     /// Whether every pinned model is ready, by the check a reader meets: a pinned model marked
@@ -716,6 +733,7 @@ impl Models {
             .iter()
             .map(|(k, e)| (k.clone(), e.state(), Arc::clone(&e.progress)))
             .collect();
+        let signers = signers(&entries);
         drop(entries);
         let stat = nix::sys::statvfs::statvfs(self.layout.root()).ok();
         #[expect(
@@ -727,8 +745,23 @@ impl Models {
         });
         let root = self.layout.root();
         let used = dir_bytes(&root.join("store")) + dir_bytes(&root.join("staging"));
-        self.metrics.render(&live, free, used)
+        self.metrics.render(&live, &signers, free, used)
     }
+}
+
+/// Each model serving a revision, with who signed it, or `unsigned`.
+fn signers(entries: &BTreeMap<String, Entry>) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .filter(|(_, e)| e.revision.is_some())
+        .map(|(k, e)| {
+            let signer = e
+                .signature
+                .as_ref()
+                .map_or_else(|| "unsigned".to_string(), |s| s.signer.to_string());
+            (k.clone(), signer)
+        })
+        .collect()
 }
 
 /// Whether a published revision is what a configured spec asks for: from its source, every
@@ -747,11 +780,20 @@ fn serves_spec(spec: &ModelSpec, revision: &str, marker: &ReadyMarker) -> bool {
 fn why_not_served(spec: &ModelSpec, marker: &ReadyMarker) -> Option<String> {
     if marker.source != redact_url(&spec.source) {
         Some("it came from another source".to_string())
-    } else if spec.require_manifest && marker.verification != Verification::Blake3 {
+    } else if spec.require_manifest
+        && marker.verification != Verification::Blake3
+        && marker.signature.is_none()
+    {
         Some(format!(
             "it was verified {} and the model requires a manifest (require_manifest = true)",
             marker.verification
         ))
+    } else if let Some(why) = crate::fetch::signed::why_not_trusted(
+        spec.signature,
+        &spec.trust,
+        marker.signature.as_ref(),
+    ) {
+        Some(why)
     } else {
         marker
             .files
@@ -829,6 +871,7 @@ mod tests {
                 revision: "r1",
                 marker: &marker,
                 manifest: None,
+                signature: None,
             },
         )
         .unwrap();

@@ -50,6 +50,9 @@ fn fetches_differently(a: &ModelSpec, b: &ModelSpec) -> bool {
         || a.account != b.account
         || a.selection.patterns() != b.selection.patterns()
         || a.require_manifest != b.require_manifest
+        || a.signature != b.signature
+        || a.signature_file != b.signature_file
+        || !crate::fetch::signed::same_trust(&a.trust, &b.trust)
 }
 
 impl Models {
@@ -87,6 +90,7 @@ impl Models {
                         entry.state = State::Pending;
                         entry.revision = None;
                         entry.verification = None;
+                        entry.signature = None;
                         entry.warnings.clear();
                     }
                     match entry.job.take() {
@@ -155,6 +159,7 @@ impl Models {
                 entry.state = State::Ready;
                 entry.revision = Some(revision);
                 entry.verification = Some(marker.verification);
+                entry.signature = marker.signature;
                 entry.warnings = marker.warnings;
                 entry.last_error = None;
             }

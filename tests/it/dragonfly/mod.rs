@@ -29,6 +29,11 @@ struct Fleet {
 const SHARD_BYTES: usize = 12 << 20;
 
 fn fleet() -> Option<Fleet> {
+    fleet_with(true)
+}
+
+/// A fleet whose model has a manifest or not (`with_manifest`).
+fn fleet_with(with_manifest: bool) -> Option<Fleet> {
     let Some(bin) = dfdaemon_bin() else {
         skip_or_fail(
             "dfdaemon is not built (the README's test command builds dragonfly-client 1.5.10 into /var/cache/modelcache-tools; set DFDAEMON_BIN to use another)",
@@ -37,7 +42,7 @@ fn fleet() -> Option<Fleet> {
     };
     let az = azurite()?;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let model = rt.block_on(azure_model(az, SHARD_BYTES, true));
+    let model = rt.block_on(azure_model(az, SHARD_BYTES, with_manifest));
     let proxy = FaultProxy::start(az.port);
     Some(Fleet {
         bin,
@@ -336,6 +341,88 @@ fn a_peer_serving_a_flipped_byte_is_caught_and_the_file_fetched_directly() {
     );
     assert_published_identical(f.model.source.path(), &published(&cache_b));
     assert_published_identical(f.model.source.path(), &published(&cache_a));
+}
+
+/// A model signed with SHA-256 (the reference signer's default) and no manifest comes through
+/// dfdaemon too: each file's SHA-256 is checked on modelcache's own clone before it is adopted
+/// (and not read again at the end). A peer's forged byte that keeps dfdaemon's CRC32 is caught
+/// by the signature and the file fetched directly. Signed again with BLAKE3, the signature is
+/// the manifest: the same path checks it like one.
+#[test]
+fn a_signed_model_without_a_manifest_comes_through_dragonfly_checked_against_its_signature() {
+    use crate::signing::{By, keys, oms_python, sign};
+    let Some(python) = oms_python() else { return };
+    let Some(f) = fleet_with(false) else { return };
+    let upload_signature = || {
+        let bytes = std::fs::read(f.model.source.path().join("model.sig")).unwrap();
+        tokio::runtime::Runtime::new().unwrap().block_on(put_small(
+            &f.model.store,
+            "gpt-oss-120b/model.sig",
+            &bytes,
+        ));
+    };
+    sign(&python, f.model.source.path(), By::Key, "sha256", None);
+    upload_signature();
+    let trusted = keys().public.to_str().unwrap().to_string();
+    let signed = ["--signature", "required", "--trusted", trusted.as_str()];
+    let mut a = f.daemon("node-a", "10GiB");
+    let b = f.daemon("node-b", "10GiB");
+    let (cache_a, cache_b, cache_c) = (f.cache("a"), f.cache("b"), f.cache("c"));
+    let s = summary(&run(
+        &mut f.prefetch(&cache_a, &a.socket, &signed),
+        Duration::from_secs(300),
+    ));
+    f.scheduler.until_finished(&a.name, 15);
+    assert_eq!(s["verification"], "signature", "{s}");
+    assert_eq!(s["signature"]["hash"], "sha256", "{s}");
+    assert_eq!(s["dragonfly"]["fallbacks"], 0, "{s}");
+    assert!(s["dragonfly"]["files"].as_u64().unwrap() >= 15, "{s}");
+    assert_published_identical(f.model.source.path(), &published(&cache_a));
+
+    // A's copy of one shard, forged so that dfdaemon's CRC32 still matches.
+    let shard = "model-00004-of-00014.safetensors";
+    let stored = stored_copy(&a, &published(&cache_a).join(shard));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    forge_same_crc(&mut bytes);
+    let copy = stored.with_extension("forged");
+    std::fs::write(&copy, &bytes).unwrap();
+    std::fs::rename(&copy, &stored).unwrap();
+    a.restart(&f.bin);
+    let out = run(
+        &mut f.prefetch(&cache_b, &b.socket, &signed),
+        Duration::from_secs(300),
+    );
+    let s = summary(&out);
+    let log = stderr(&out);
+    assert_eq!(s["verification"], "signature", "{s}");
+    assert_eq!(
+        s["dragonfly"]["rejected"], 1,
+        "{s}
+{log}"
+    );
+    assert!(
+        log.contains(shard)
+            && log.contains("SHA-256")
+            && log.contains("does not match the signature"),
+        "the log names the rejected file: {log}"
+    );
+    assert!(origin(&s, "peer") > 0, "B took files from A: {s}");
+    assert_published_identical(f.model.source.path(), &published(&cache_b));
+
+    // Signed with BLAKE3 instead: the signature stands in for the manifest on this path too.
+    sign(&python, f.model.source.path(), By::Key, "blake3", None);
+    upload_signature();
+    let s = summary(&run(
+        &mut f.prefetch(&cache_c, &b.socket, &signed),
+        Duration::from_secs(300),
+    ));
+    assert_eq!(s["verification"], "blake3", "{s}");
+    assert_eq!(s["signature"]["hash"], "blake3", "{s}");
+    assert_eq!(s["dragonfly"]["fallbacks"], 0, "{s}");
+    assert_published_identical(f.model.source.path(), &published(&cache_c));
+    report(
+        "dragonfly signed: SHA-256 and BLAKE3 signatures without a manifest verified through dfdaemon; a forged peer byte caught by the SHA-256 signature",
+    );
 }
 
 /// The file in `daemon`'s storage that holds the same bytes as `published`.
