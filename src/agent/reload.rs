@@ -173,7 +173,7 @@ pub fn restart_needed(running: &AgentConfig, new: &AgentConfig) -> Vec<String> {
         // secrets print redacted on both sides alike.
         format!("{a:?}") != format!("{b:?}")
     }
-    let checks: [(&str, bool); 10] = [
+    let checks: [(&str, bool); 11] = [
         ("cache_root", running.cache_root != new.cache_root),
         (
             "listen",
@@ -200,6 +200,13 @@ pub fn restart_needed(running: &AgentConfig, new: &AgentConfig) -> Vec<String> {
             running.disk.private_mount != new.disk.private_mount,
         ),
         ("disk", differs(&disk_alone(running), &disk_alone(new))),
+        (
+            // Configured models take the new trust at once; requests for other models, and
+            // models found published at start, keep the running one.
+            "signing (for models not configured)",
+            running.signature_default != new.signature_default
+                || !crate::fetch::signed::same_trust(&running.trust, &new.trust),
+        ),
     ];
     checks
         .into_iter()

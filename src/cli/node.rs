@@ -538,10 +538,11 @@ async fn ask_agent(api: &AgentApi, name: &ModelName, pod: Option<&str>) -> Look 
         200 => Look::Ready {
             revision: body["revision"].as_str().unwrap_or_default().to_string(),
             line: format!(
-                "{name} is ready: revision {}, {}, verified {}{}",
+                "{name} is ready: revision {}, {}, verified {}, {}{}",
                 body["revision"].as_str().unwrap_or("?"),
                 human_bytes(body["status"]["bytes_total"].as_u64().unwrap_or(0)),
                 body["status"]["verification"].as_str().unwrap_or("?"),
+                signed_by(&body["status"]["signature"]),
                 match (body["leased"] == true, body["proved"] == true) {
                     (true, true) => ", leased for this pod (identified by the agent)",
                     (true, false) => ", leased for this pod",
@@ -674,6 +675,20 @@ fn signature_text(m: &serde_json::Value) -> Option<String> {
     if s.is_null() {
         return Some(format!("{name}: unsigned"));
     }
+    Some(format!(
+        "{name}: {}; {} digests of {} in {}",
+        signed_by(s),
+        s["hash"].as_str().unwrap_or("?"),
+        s["method"].as_str().unwrap_or("?"),
+        s["file"].as_str().unwrap_or("?")
+    ))
+}
+
+/// `signed by …` for a revision's signature record as the agent shows it, or `unsigned`.
+fn signed_by(s: &serde_json::Value) -> String {
+    if s.is_null() {
+        return "unsigned".into();
+    }
     let signer = &s["signer"];
     let who = match signer["kind"].as_str() {
         Some("key") => format!(
@@ -689,12 +704,7 @@ fn signature_text(m: &serde_json::Value) -> Option<String> {
         ),
         _ => "an unknown signer".to_string(),
     };
-    Some(format!(
-        "{name}: signed by {who}; {} digests of {} in {}",
-        s["hash"].as_str().unwrap_or("?"),
-        s["method"].as_str().unwrap_or("?"),
-        s["file"].as_str().unwrap_or("?")
-    ))
+    format!("signed by {who}")
 }
 
 /// A model's timeline on the node, for people; `None` from an agent that does not keep one.

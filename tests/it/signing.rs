@@ -571,4 +571,25 @@ fn the_agent_serves_only_what_the_signature_policy_allows_and_says_who_signed() 
     let text = stdout(&status);
     assert!(text.contains("optional: unsigned"), "{text}");
     assert!(text.contains("signed: signed by key"), "{text}");
+
+    // The operator stops trusting the publisher's key, live: the signed revision is no longer
+    // handed out, and fetching it again fails on the signature.
+    let signing = format!("[signing]\ntrusted = [\"{}\"]\n", k.other_public.display());
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        config(&cache, &models, &signing),
+    )
+    .unwrap();
+    agent.until_logged("configuration: ");
+    let failed = agent.until("/v1/models/signed", Duration::from_secs(60), |_, j| {
+        j["state"] == "failed"
+    });
+    assert!(
+        failed["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not from a trusted signer")),
+        "{failed}"
+    );
+    assert!(failed["revision"].is_null(), "{failed}");
+    agent.until_logged("which is no longer trusted");
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{Entry, Models, State, serves_spec, why_not_served};
 use crate::config::agent::ModelSpec;
+use tracing::warn;
 
 /// What a change of the configured models did, model by model.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -83,8 +84,12 @@ impl Models {
                     // already reading it keep it through their leases).
                     let serves = entry.revision.as_ref().is_some_and(|r| {
                         let dir = self.layout.revision_dir(&spec.name, r);
-                        crate::store::ReadyMarker::read(&dir)
-                            .is_ok_and(|m| why_not_served(spec, &m).is_none())
+                        let why_not = crate::store::ReadyMarker::read(&dir)
+                            .map_or_else(|e| Some(e.to_string()), |m| why_not_served(spec, &m));
+                        if let Some(why) = &why_not {
+                            warn!(model.name = %spec.name, revision = %r, "{} revision {r} is no longer handed to new readers: {why}", spec.name);
+                        }
+                        why_not.is_none()
                     });
                     if !serves && entry.revision.is_some() {
                         entry.state = State::Pending;
