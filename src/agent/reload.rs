@@ -63,7 +63,10 @@ pub async fn watch(
     status: Arc<RwLock<ConfigStatus>>,
     stop: CancellationToken,
 ) {
-    let mut settle = Settle::new(source.loaded);
+    // The trusted signers' PEM files count as part of the file: a key removed from its own
+    // ConfigMap is noticed like an edit of the configuration.
+    let mut trusted_files = running.trusted_files.clone();
+    let mut settle = Settle::new(with_files(source.loaded, &trusted_files).await);
     let mut unreadable = false;
     loop {
         tokio::select! {
@@ -85,7 +88,7 @@ pub async fn watch(
                 continue;
             }
         };
-        match settle.observe(blake3::hash(text.as_bytes())) {
+        match settle.observe(with_files(blake3::hash(text.as_bytes()), &trusted_files).await) {
             Observed::Unchanged => continue,
             Observed::Settling => {
                 info!(path = %source.path.display(), "the configuration file changed; applied once it reads the same {} from now", humantime::format_duration(CHECK_EVERY));
@@ -108,6 +111,9 @@ pub async fn watch(
             }
         };
         let restart = restart_needed(&running, &new);
+        // Watched from the next read on: the files this version names (a changed list reads
+        // as one more change, applied as a no-op).
+        trusted_files.clone_from(&new.trusted_files);
         if restart.is_empty() {
             info!(path = %origin, "the configuration file changed: applying its models");
         } else {
@@ -122,6 +128,21 @@ pub async fn watch(
         s.restart_needed = restart;
         s.changed_at = Some(now);
     }
+}
+
+/// The configuration's hash with the contents of the files it names (a file that cannot be
+/// read counts as such, so its return is a change too).
+async fn with_files(text: blake3::Hash, files: &[std::path::PathBuf]) -> blake3::Hash {
+    let mut all = blake3::Hasher::new();
+    all.update(text.as_bytes());
+    for path in files {
+        all.update(path.as_os_str().as_encoded_bytes());
+        match tokio::fs::read(path).await {
+            Ok(bytes) => all.update(blake3::hash(&bytes).as_bytes()),
+            Err(_) => all.update(b"\0unreadable"),
+        };
+    }
+    all.finalize()
 }
 
 /// What one read of the file means.

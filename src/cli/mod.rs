@@ -430,7 +430,12 @@ pub struct SigningArgs {
     )]
     pub signature: String,
     /// The signature's name in the model's directory, as `model_signing sign --signature` wrote it.
-    #[arg(long, value_name = "NAME", default_value = crate::fetch::signed::DEFAULT_SIGNATURE_FILE)]
+    #[arg(
+        long,
+        env = "MODELCACHE_SIGNATURE_FILE",
+        value_name = "NAME",
+        default_value = crate::fetch::signed::DEFAULT_SIGNATURE_FILE
+    )]
     pub signature_file: String,
     /// A trusted signer: a PEM file with the publisher's public key (`model_signing sign key`)
     /// or the CA certificate its signing certificate chains to (`sign certificate`). Repeat for
@@ -489,10 +494,15 @@ pub struct VerifyArgs {
     /// A trusted signer to check the revision's signature against: the publisher's public key
     /// or CA certificate (PEM). Repeat for several; adds to --config's `signing.trusted`.
     /// Without any, a signature kept with the revision is reported, not checked.
-    #[arg(long, value_name = "PEM", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "MODELCACHE_TRUSTED",
+        value_name = "PEM",
+        value_delimiter = ','
+    )]
     pub trusted: Vec<PathBuf>,
     /// Fail unless the revision's signature is there and verifies against a trusted signer.
-    #[arg(long)]
+    #[arg(long, env = "MODELCACHE_REQUIRE_SIGNATURE")]
     pub require_signature: bool,
     /// Print the report as JSON.
     #[arg(long)]

@@ -585,6 +585,8 @@ pub struct AgentConfig {
     pub disk: crate::disk::DiskConfig,
     /// The signers trusted for every model (`signing.trusted`).
     pub trust: Arc<Trust>,
+    /// The PEM files `trust` was read from: watched for changes like the file itself.
+    pub trusted_files: Vec<PathBuf>,
     /// The signature policy of prefetch requests for models not configured
     /// (`signing.default`); a request may ask for a stricter one.
     pub signature_default: SignatureMode,
@@ -858,6 +860,7 @@ impl AgentConfig {
                 )?,
             }),
         };
+        let trusted_files = file.signing.trusted.clone();
         let trust = Arc::new(
             Trust::load(&file.signing.trusted)
                 .map_err(|e| InvalidValue::new("signing.trusted", "", e.to_string()))?,
@@ -982,6 +985,7 @@ impl AgentConfig {
             leases,
             proc_root: file.cache.proc_root,
             trust,
+            trusted_files,
             signature_default,
             models,
         })

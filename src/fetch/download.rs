@@ -48,7 +48,7 @@ pub(super) async fn download_verified(
             break;
         }
         let mut mismatched = Vec::new();
-        for slot in &engine.files {
+        for (index, slot) in engine.files.iter().enumerate() {
             let digests: Vec<_> = slot.digests().into_iter().flatten().collect();
             let actual = combine(&digests).to_hex().to_string();
             if let Some(entry) = expected.get(slot.remote.path.as_str()) {
@@ -65,6 +65,10 @@ pub(super) async fn download_verified(
                     mismatched.push(slot.remote.path.clone());
                     let mut d = slot.digests.lock().unwrap_or_else(|p| p.into_inner());
                     d.iter_mut().for_each(|x| *x = None);
+                    // The signature's digests are computed again over the new bytes.
+                    if let Some(sequential) = &engine.sequential {
+                        sequential.reset(index);
+                    }
                 }
             }
         }
@@ -72,15 +76,24 @@ pub(super) async fn download_verified(
             break;
         }
         // Lines journaled during the first pass for those files must go too.
-        let mut still: Vec<JournalLine> = Journal::load(&journal_path)?;
-        still.retain(|l| !mismatched.contains(&l.path));
-        *journal.lock().unwrap_or_else(|p| p.into_inner()) =
-            Journal::rewrite(&journal_path, &still)?;
+        forget(journal, &journal_path, &mismatched)?;
         refetched.extend(mismatched);
         enter_phase(progress, name, Phase::Downloading);
     }
 
     Ok(refetched)
+}
+
+/// Drops the journal's lines of `files`, so the next pass or run fetches them again.
+pub(super) fn forget(
+    journal: &Arc<Mutex<Journal>>,
+    journal_path: &std::path::Path,
+    files: &[String],
+) -> Result<(), StoreError> {
+    let mut still: Vec<JournalLine> = Journal::load(journal_path)?;
+    still.retain(|l| !files.contains(&l.path));
+    *journal.lock().unwrap_or_else(|p| p.into_inner()) = Journal::rewrite(journal_path, &still)?;
+    Ok(())
 }
 
 /// Runs the engine while a checkpoint task makes finished ranges durable every two seconds;

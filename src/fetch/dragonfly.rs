@@ -88,12 +88,19 @@ pub(super) async fn fetch_through_dragonfly(
     name: &ModelName,
     options: &DragonflyOptions,
 ) -> Result<(), PrefetchError> {
-    let expected: HashMap<&str, Expected> = match (&plan.manifest, &plan.signature) {
-        (Some((manifest, _)), _) => manifest
+    // A signature's own digests when they are not the BLAKE3 the manifest holds: a file is
+    // adopted only when it is what the publisher signed (the manifest is still compared at
+    // the end, for every file).
+    let signed_digests = plan
+        .signature
+        .as_ref()
+        .filter(|s| !s.stands_in_for_manifest());
+    let expected: HashMap<&str, Expected> = match (&plan.manifest, signed_digests) {
+        (Some((manifest, _)), None) => manifest
             .entries()
             .map(|e| (e.path.as_str(), Expected::Blake3(e.clone())))
             .collect(),
-        (None, Some(signed)) => {
+        (_, Some(signed)) => {
             let by_path = super::signed::resources_by_path(&signed.signed.resources);
             plan.files
                 .iter()

@@ -569,7 +569,21 @@ async fn attempt(
             other => other,
         })?;
     if let Some(sequential) = &engine.sequential {
-        sequential.finish().await?;
+        if let Err(e) = sequential.finish().await {
+            if let PrefetchError::Signature(signed::SignedModelError::DigestMismatch {
+                path, ..
+            }) = &e
+            {
+                // Not what was signed: fetched afresh by the next run, not hashed again as is
+                // (a retry may find the source fixed, or the bytes were damaged on the way).
+                download::forget(
+                    &resumed.journal,
+                    &layout.journal_path(name),
+                    std::slice::from_ref(path),
+                )?;
+            }
+            return Err(e);
+        }
     }
     let warnings = finish::check_structure(layout, name, &plan, &request.parse_budget).await?;
     let verification = if plan.manifest.is_some() && options.hash {

@@ -25,6 +25,10 @@ use crate::verify::signature::HashType;
 /// Bytes read back at a time.
 const READ: usize = 4 << 20;
 
+/// Files read back at once, at most: each holds one [`READ`] buffer, so memory stays bounded on
+/// a node with a hundred cores and no CPU limit.
+const MAX_READERS: usize = 8;
+
 /// One signed digest of a file: the whole file, or one shard.
 #[derive(Debug, Clone)]
 pub(crate) struct Expected {
@@ -124,20 +128,16 @@ impl std::fmt::Debug for Sequential {
 impl Sequential {
     /// One entry per engine file, in the engine's order (`None`: nothing to check there).
     pub(crate) fn new(hash: HashType, files: Vec<FileToCheck>) -> Self {
-        let readers = std::thread::available_parallelism().map_or(2, usize::from);
+        let readers = std::thread::available_parallelism()
+            .map_or(2, usize::from)
+            .min(MAX_READERS);
         Self {
             hash,
             files: files
                 .into_iter()
                 .map(|file| FileState {
                     file,
-                    cursor: Mutex::new(Cursor {
-                        written: BTreeMap::new(),
-                        pos: 0,
-                        next: 0,
-                        digest: Some(Digest::new(hash)),
-                        mismatch: None,
-                    }),
+                    cursor: Mutex::new(Cursor::new(hash)),
                     reader: Mutex::new(()),
                 })
                 .collect(),
@@ -150,7 +150,16 @@ impl Sequential {
     /// [`Sequential::finish`], or when the ranges before it land).
     fn note(&self, index: usize, range: Range<u64>) {
         if let Some(state) = self.files.get(index) {
-            insert(&mut lock(&state.cursor).written, range);
+            lock(&state.cursor).add(range);
+        }
+    }
+
+    /// Starts file `index` over: its bytes are about to be fetched again (they did not match
+    /// the manifest), so what was hashed of them no longer stands for what is published.
+    pub(crate) fn reset(&self, index: usize) {
+        if let Some(state) = self.files.get(index) {
+            let _reader = state.reader.lock().unwrap_or_else(|p| p.into_inner());
+            *lock(&state.cursor) = Cursor::new(self.hash);
         }
     }
 
@@ -175,7 +184,7 @@ impl Sequential {
         };
         let ready = {
             let mut cursor = lock(&state.cursor);
-            insert(&mut cursor.written, range);
+            cursor.add(range);
             cursor.written.contains_key(&cursor.pos)
         };
         if ready {
@@ -197,7 +206,7 @@ impl Sequential {
         self.tasks.close();
         self.tasks.wait().await;
         for state in &self.files {
-            insert(&mut lock(&state.cursor).written, 0..state.file.size);
+            lock(&state.cursor).add(0..state.file.size);
         }
         let mut set = tokio::task::JoinSet::new();
         for index in 0..self.files.len() {
@@ -243,15 +252,33 @@ impl Sequential {
         let Some(state) = self.files.get(index) else {
             return Ok(());
         };
-        let _reader = if wait {
-            state.reader.lock().unwrap_or_else(|p| p.into_inner())
-        } else {
-            match state.reader.try_lock() {
-                Ok(guard) => guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        loop {
+            let reader = if wait {
+                state.reader.lock().unwrap_or_else(|p| p.into_inner())
+            } else {
+                match state.reader.try_lock() {
+                    Ok(guard) => guard,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+                }
+            };
+            self.read_on(state)?;
+            drop(reader);
+            // A range that landed while this reader was finishing found the lock taken and left
+            // its bytes to it: look once more now that the lock is free.
+            let more = {
+                let cursor = lock(&state.cursor);
+                cursor.written.contains_key(&cursor.pos)
+            };
+            if wait || !more {
+                return Ok(());
             }
-        };
+        }
+    }
+
+    /// Reads file `state` from its cursor while its bytes are written; the caller holds the
+    /// file's reader lock.
+    fn read_on(&self, state: &FileState) -> Result<(), PrefetchError> {
         let file = &state.file;
         // Digests of empty ranges (an empty file, signed whole) need no read.
         self.finish_digests(state);
@@ -326,6 +353,25 @@ impl Sequential {
             }
             cursor.next += 1;
         }
+    }
+}
+
+impl Cursor {
+    fn new(hash: HashType) -> Self {
+        Self {
+            written: BTreeMap::new(),
+            pos: 0,
+            next: 0,
+            digest: Some(Digest::new(hash)),
+            mismatch: None,
+        }
+    }
+
+    /// Records written bytes; those before the cursor were hashed already (a range reported
+    /// twice), and a span must never start behind it, where the reader would not look.
+    fn add(&mut self, range: Range<u64>) {
+        let start = range.start.max(self.pos);
+        insert(&mut self.written, start..range.end.max(start));
     }
 }
 
@@ -492,5 +538,26 @@ mod tests {
         seq.written(0, 0..10_000);
         let e = seq.finish().await.unwrap_err().to_string();
         assert!(e.contains("a bytes 4000..8000: SHA-256"), "{e}");
+
+        // Bytes fetched again after the manifest refused them are hashed again: what was
+        // hashed of the first copy does not stand for the second.
+        std::fs::write(&a, &bytes).unwrap();
+        let seq = make(shards(&bytes));
+        seq.written(0, 0..10_000);
+        seq.tasks.close();
+        seq.tasks.wait().await;
+        std::fs::write(&a, &changed).unwrap();
+        seq.reset(0);
+        seq.written(0, 0..10_000);
+        let e = seq.finish().await.unwrap_err().to_string();
+        assert!(e.contains("a bytes 4000..8000: SHA-256"), "{e}");
+
+        // A range reported again behind the cursor does not hide the bytes after it.
+        std::fs::write(&a, &bytes).unwrap();
+        let seq = make(shards(&bytes));
+        seq.note(0, 0..6000);
+        seq.advance(0, true).unwrap();
+        seq.note(0, 2000..10_000);
+        seq.finish().await.unwrap();
     }
 }

@@ -310,6 +310,10 @@ fn check_files_signed(files: &[RemoteFile], signed: &Signed) -> Result<(), Signe
     let by_path = resources_by_path(&signed.resources);
     for f in files {
         let Some(resources) = by_path.get(f.path.as_str()) else {
+            // model_signing cuts an empty file into no shard at all: nothing to list.
+            if f.size == 0 && matches!(signed.method, Method::Shards { .. }) {
+                continue;
+            }
             return Err(SignedModelError::NotSigned {
                 path: f.path.clone(),
             });
@@ -323,7 +327,6 @@ fn check_files_signed(files: &[RemoteFile], signed: &Signed) -> Result<(), Signe
                     _ => tiles = false,
                 }
             }
-            // model_signing lists an empty file as no shard at all.
             if !tiles || at != f.size {
                 let covered = resources
                     .iter()
@@ -415,7 +418,12 @@ fn trusts(trust: &Trust, signer: &Signer) -> bool {
         Signer::Key { fingerprint, .. } => {
             trust.keys.iter().any(|k| k.fingerprint() == *fingerprint)
         }
-        Signer::Certificate { root, .. } => trust.roots.iter().any(|r| r.name() == root),
+        Signer::Certificate {
+            root_fingerprint, ..
+        } => trust
+            .roots
+            .iter()
+            .any(|r| r.fingerprint() == *root_fingerprint),
     }
 }
 
@@ -524,4 +532,72 @@ pub async fn verify_published(
         hash: hash_name(signed.hash).to_string(),
         files: count,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: u64) -> RemoteFile {
+        RemoteFile {
+            path: path.into(),
+            size,
+            etag: String::new(),
+        }
+    }
+
+    fn shards(list: &[(&str, Range<u64>)]) -> Signed {
+        Signed {
+            model_name: "m".into(),
+            signer: Signer::Key {
+                name: "k".into(),
+                fingerprint: "sha256:00".into(),
+            },
+            hash: HashType::Sha256,
+            method: Method::Shards { shard_size: 10 },
+            ignore_paths: Vec::new(),
+            resources: list
+                .iter()
+                .map(|(path, range)| Resource {
+                    path: (*path).into(),
+                    range: Some(range.clone()),
+                    digest: [0; 32],
+                })
+                .collect(),
+        }
+    }
+
+    /// The rule: every published file signed (shards covering it exactly; an empty file has
+    /// none, as the reference signer cuts it), every selected signed file in the source, signed
+    /// files the selection leaves out not needed.
+    #[test]
+    fn every_published_file_is_signed_and_every_selected_signed_file_is_there() {
+        let all = Selection::vllm_default();
+        let signed = shards(&[
+            ("a.safetensors", 0..10),
+            ("a.safetensors", 10..15),
+            ("original/x.bin", 0..3),
+        ]);
+        let files = [file("a.safetensors", 15), file("empty.json", 0)];
+        check_coverage(&files, &signed, &all, "model.sig").unwrap();
+        let gap = shards(&[("a.safetensors", 0..10), ("a.safetensors", 11..15)]);
+        assert!(matches!(
+            check_coverage(&files[..1], &gap, &all, "model.sig"),
+            Err(SignedModelError::ShardsDoNotCover { .. })
+        ));
+        let short = shards(&[("a.safetensors", 0..10)]);
+        assert!(matches!(
+            check_coverage(&files[..1], &short, &all, "model.sig"),
+            Err(SignedModelError::ShardsDoNotCover { .. })
+        ));
+        assert!(matches!(
+            check_coverage(&[file("b.json", 2)], &signed, &all, "model.sig"),
+            Err(SignedModelError::NotSigned { .. })
+        ));
+        let more = shards(&[("a.safetensors", 0..15), ("config.json", 0..2)]);
+        assert!(matches!(
+            check_coverage(&files[..1], &more, &all, "model.sig"),
+            Err(SignedModelError::SignedMissing { path }) if path == "config.json"
+        ));
+    }
 }

@@ -500,6 +500,9 @@ pub enum Signer {
         subject: String,
         /// The name of the trusted root it chains to (its file, as configured).
         root: String,
+        /// `sha256:` and the hex SHA-256 of that root's DER encoding: what stays trusted is
+        /// this root, not whatever its file holds later.
+        root_fingerprint: String,
         /// `sha256:` and the hex SHA-256 of the signing certificate's DER encoding.
         fingerprint: String,
     },
@@ -513,6 +516,7 @@ impl std::fmt::Display for Signer {
                 subject,
                 root,
                 fingerprint,
+                ..
             } => write!(f, "certificate {subject} ({fingerprint}) under {root}"),
         }
     }
@@ -928,6 +932,7 @@ fn certificate_signer(
     Ok(Signer::Certificate {
         subject: leaf.subject.clone(),
         root: root.name.clone(),
+        root_fingerprint: root.fingerprint(),
         fingerprint,
     })
 }
@@ -1129,6 +1134,15 @@ fn signed_statement(statement: Statement, signer: Signer) -> Result<Signed, Sign
             range,
             digest,
         });
+    }
+    // A name listed twice has two digests, and which one a reader believes is a choice an
+    // attacker would like to make: refused.
+    let mut seen = std::collections::HashSet::with_capacity(out.len());
+    if let Some(twice) = out
+        .iter()
+        .find(|r| !seen.insert((r.path.as_str(), r.range.clone().map(|x| (x.start, x.end)))))
+    {
+        return Err(malformed(format!("it lists {:?} twice", twice.path)));
     }
     let computed = hex(root.finish().as_ref());
     let expected = subject.digest.get("sha256").cloned().unwrap_or_default();
@@ -1822,6 +1836,7 @@ mod tests {
         let expected = Signer::Certificate {
             subject: PUBLISHER.to_string(),
             root: "root".to_string(),
+            root_fingerprint: fingerprint(&root_der("root")),
             fingerprint: fingerprint(&leaf_der()),
         };
         assert_eq!(signed.signer, expected);

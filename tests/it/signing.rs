@@ -507,7 +507,10 @@ fn the_agent_serves_only_what_the_signature_policy_allows_and_says_who_signed() 
         + &model_entry("optional", &file_url(unsigned.path()), false)
         + &model_entry("signed", &file_url(signed.path()), false)
         + "signature = \"required\"\n";
-    let signing = format!("[signing]\ntrusted = [\"{}\"]\n", k.public.display());
+    // The trusted key in a file of its own, as a ConfigMap of its own would hold it.
+    let trust_file = dir.path().join("trusted.pem");
+    std::fs::copy(&k.public, &trust_file).unwrap();
+    let signing = format!("[signing]\ntrusted = [\"{}\"]\n", trust_file.display());
     let agent = Agent::start(
         dir.path(),
         &config(&cache, &models, &signing),
@@ -572,14 +575,10 @@ fn the_agent_serves_only_what_the_signature_policy_allows_and_says_who_signed() 
     assert!(text.contains("optional: unsigned"), "{text}");
     assert!(text.contains("signed: signed by key"), "{text}");
 
-    // The operator stops trusting the publisher's key, live: the signed revision is no longer
-    // handed out, and fetching it again fails on the signature.
-    let signing = format!("[signing]\ntrusted = [\"{}\"]\n", k.other_public.display());
-    std::fs::write(
-        dir.path().join("agent.toml"),
-        config(&cache, &models, &signing),
-    )
-    .unwrap();
+    // The operator replaces the trusted key in its file, live (the configuration itself does
+    // not change): the signed revision is no longer handed out, and fetching it again fails on
+    // the signature.
+    std::fs::copy(&k.other_public, &trust_file).unwrap();
     agent.until_logged("configuration: ");
     let failed = agent.until("/v1/models/signed", Duration::from_secs(60), |_, j| {
         j["state"] == "failed"

@@ -593,6 +593,14 @@ impl Models {
             let Some((revision, marker)) = self.intact(&name) else {
                 continue;
             };
+            if let Some(why) = crate::fetch::signed::why_not_trusted(
+                self.config.signature_default,
+                &self.config.trust,
+                marker.signature.as_ref(),
+            ) {
+                info!(model.name = %name, revision = %revision, "{name} revision {revision} is published but not served: {why} (signing.default, signing.trusted)");
+                continue;
+            }
             let spec = ModelSpec {
                 name: name.clone(),
                 source: marker.source.clone(),
@@ -774,6 +782,25 @@ fn serves_spec(spec: &ModelSpec, revision: &str, marker: &ReadyMarker) -> bool {
         info!(model.name = %spec.name, revision = %revision, "{} revision {revision} is published but not served: {why}; fetching it again", spec.name);
     }
     why_not.is_none()
+}
+
+/// Why a published revision is not handed to new readers, if it is not: for a configured model,
+/// anything its configuration asks for that the revision is not; for any other, a signature the
+/// policy requires, or a signer no longer trusted.
+pub(super) fn why_not_handed_out(
+    configured: bool,
+    spec: &ModelSpec,
+    marker: &ReadyMarker,
+) -> Option<String> {
+    if configured {
+        why_not_served(spec, marker)
+    } else {
+        crate::fetch::signed::why_not_trusted(
+            spec.signature,
+            &spec.trust,
+            marker.signature.as_ref(),
+        )
+    }
 }
 
 /// Why a published revision is not what `spec` asks for, if it is not.

@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{ModelError, ModelStatus, Models, State, why_not_served};
+use super::{ModelError, ModelStatus, Models, State, why_not_handed_out};
 use crate::agent::pods::Liveness;
 use crate::fetch::error_chain;
 use crate::store::leases::{self, PodUid};
@@ -115,7 +115,7 @@ impl Models {
             let servable = |revision: &str| {
                 let dir = self.layout.revision_dir(&model, revision);
                 ReadyMarker::read(&dir).is_ok_and(|m| {
-                    m.files_present(&dir) && !(configured && why_not_served(&spec, &m).is_some())
+                    m.files_present(&dir) && why_not_handed_out(configured, &spec, &m).is_none()
                 })
             };
             let serving = match (state, &revision) {

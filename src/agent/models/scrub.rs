@@ -202,7 +202,7 @@ impl Models {
                 let dir = models.layout.revision_dir(&name, r);
                 ReadyMarker::read(&dir).is_ok_and(|m| {
                     m.files_present(&dir)
-                        && !(entry.configured && super::why_not_served(&entry.spec, &m).is_some())
+                        && super::why_not_handed_out(entry.configured, &entry.spec, &m).is_none()
                 })
             });
             match outcome {
