@@ -347,7 +347,8 @@ fn a_peer_serving_a_flipped_byte_is_caught_and_the_file_fetched_directly() {
 /// dfdaemon too: each file's SHA-256 is checked on modelcache's own clone before it is adopted
 /// (and not read again at the end). A peer's forged byte that keeps dfdaemon's CRC32 is caught
 /// by the signature and the file fetched directly. Signed again with BLAKE3, the signature is
-/// the manifest: the same path checks it like one.
+/// the manifest: the same path checks it like one. Signed again with a certificate chain over
+/// SHA-256 shards: each shard is checked on the clone.
 #[test]
 fn a_signed_model_without_a_manifest_comes_through_dragonfly_checked_against_its_signature() {
     use crate::signing::{By, keys, oms_python, sign};
@@ -420,8 +421,34 @@ fn a_signed_model_without_a_manifest_comes_through_dragonfly_checked_against_its
     assert_eq!(s["signature"]["hash"], "blake3", "{s}");
     assert_eq!(s["dragonfly"]["fallbacks"], 0, "{s}");
     assert_published_identical(f.model.source.path(), &published(&cache_c));
+
+    // Signed with a certificate chain, SHA-256 of 5 MiB shards: each shard checked on the
+    // clone.
+    sign(
+        &python,
+        f.model.source.path(),
+        By::Certificate,
+        "sha256",
+        Some(5 << 20),
+    );
+    upload_signature();
+    let cache_d = f.cache("d");
+    let root = keys().root.to_str().unwrap().to_string();
+    let s = summary(&run(
+        &mut f.prefetch(
+            &cache_d,
+            &b.socket,
+            &["--signature", "required", "--trusted", root.as_str()],
+        ),
+        Duration::from_secs(300),
+    ));
+    assert_eq!(s["verification"], "signature", "{s}");
+    assert_eq!(s["signature"]["method"], "shards", "{s}");
+    assert_eq!(s["signature"]["signer"]["kind"], "certificate", "{s}");
+    assert_eq!(s["dragonfly"]["fallbacks"], 0, "{s}");
+    assert_published_identical(f.model.source.path(), &published(&cache_d));
     report(
-        "dragonfly signed: SHA-256 and BLAKE3 signatures without a manifest verified through dfdaemon; a forged peer byte caught by the SHA-256 signature",
+        "dragonfly signed: SHA-256 (key), BLAKE3 (key) and SHA-256 shards (certificate) signatures without a manifest verified through dfdaemon; a forged peer byte caught by the SHA-256 signature",
     );
 }
 
