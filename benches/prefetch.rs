@@ -1018,6 +1018,248 @@ fn bench_take(file_mb: usize) {
     }
 }
 
+/// Why the signer cannot run here, if it cannot: `model_signing` in `.tools/py` and openssl.
+fn signer_missing(python: &Path) -> Option<String> {
+    let works = |cmd: &mut std::process::Command| {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !works(std::process::Command::new(python).args(["-c", "import model_signing"])) {
+        return Some(format!(
+            "model_signing is not installed in {} (scripts/test installs it)",
+            python.display()
+        ));
+    }
+    if !works(std::process::Command::new("openssl").arg("version")) {
+        return Some("openssl is not on PATH".into());
+    }
+    None
+}
+
+/// Runs a setup command, panicking with its stderr if it fails.
+fn setup(what: &str, cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One way the model is put in the source for [`bench_signed`].
+struct Variant {
+    label: &'static str,
+    /// Its prefix in the loopback container: a model directory of its own, so the signer sees
+    /// only this variant's files.
+    prefix: &'static str,
+    /// With `modelcache.manifest.json`.
+    manifest: bool,
+    /// Signed by the reference signer with this hash of whole files.
+    hash: Option<&'static str>,
+    /// The summary's `verification` it must end with.
+    verification: &'static str,
+}
+
+/// Verifying a signed model end to end: the demo's GPT-OSS-shaped model (`cargo run -- demo`,
+/// shards of `shard_mb` MiB) from the loopback Blob endpoint to tmpfs, with its manifest and no
+/// signature (the baseline), signed by the reference signer with SHA-256 of whole files (its
+/// default: read back in order as the ranges land, besides BLAKE3) and with BLAKE3 of whole
+/// files (the signature is the manifest), interleaved round by round.
+///
+/// `MODELCACHE_BENCH_SIGNED_DIAGNOSE=1` adds two rows that split the SHA-256 row's cost: SHA-256
+/// signed with a manifest too (reads unsplit), and neither manifest nor signature (reads split
+/// into 4 MiB pieces for Blob's transactional MD5, which this endpoint does not send).
+/// `MODELCACHE_BENCH_SIGNED_RATE` caps the endpoint per connection (bytes/s) and
+/// `MODELCACHE_BENCH_SIGNED_CHUNK` sets `--chunk-size`, to see whether the read-back keeps up
+/// with a download the CPU does not limit.
+fn bench_signed(shard_mb: usize) {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/py/bin/python");
+    if let Some(why) = signer_missing(&python) {
+        println!("\n## Signed models end to end\n\nnot run: {why}");
+        return;
+    }
+    let rate = std::env::var("MODELCACHE_BENCH_SIGNED_RATE")
+        .ok()
+        .and_then(|r| r.parse::<u64>().ok());
+    let chunk = std::env::var("MODELCACHE_BENCH_SIGNED_CHUNK").ok();
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let key = base.path().join("publisher.key");
+    let public = base.path().join("publisher.pub.pem");
+    setup(
+        "openssl ecparam",
+        std::process::Command::new("openssl")
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
+            .arg(&key),
+    );
+    setup(
+        "openssl ec -pubout",
+        std::process::Command::new("openssl")
+            .args(["ec", "-in"])
+            .arg(&key)
+            .arg("-pubout")
+            .arg("-out")
+            .arg(&public),
+    );
+    let trusted = public.display().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/oms_sign.py");
+    let mut variants = vec![
+        Variant {
+            label: "manifest only (`modelcache.manifest.json`, no signature)",
+            prefix: "manifest",
+            manifest: true,
+            hash: None,
+            verification: "blake3",
+        },
+        Variant {
+            label: "signed, SHA-256 of files (the signer's default), no manifest",
+            prefix: "sha256",
+            manifest: false,
+            hash: Some("sha256"),
+            verification: "signature",
+        },
+        Variant {
+            label: "signed, BLAKE3 of files, no manifest",
+            prefix: "blake3",
+            manifest: false,
+            hash: Some("blake3"),
+            verification: "blake3",
+        },
+    ];
+    if std::env::var("MODELCACHE_BENCH_SIGNED_DIAGNOSE").is_ok_and(|v| v == "1") {
+        variants.push(Variant {
+            label: "diagnostic: signed, SHA-256 of files, with a manifest too",
+            prefix: "sha256-manifest",
+            manifest: true,
+            hash: Some("sha256"),
+            verification: "blake3",
+        });
+        variants.push(Variant {
+            label: "diagnostic: neither manifest nor signature",
+            prefix: "bare",
+            manifest: false,
+            hash: None,
+            verification: "structural",
+        });
+    }
+    let shape = modelcache::demo::DemoShape {
+        shard_bytes: shard_mb << 20,
+        ..modelcache::demo::DemoShape::default()
+    };
+    for v in &variants {
+        let dir = base.path().join("root/bench").join(v.prefix);
+        modelcache::demo::generate_model(&dir, &shape).unwrap();
+        if v.manifest {
+            setup(
+                &format!("{}: modelcache manifest", v.prefix),
+                support::modelcache()
+                    .args(["manifest", "--upload"])
+                    .arg(format!("--source=file://{}", dir.display())),
+            );
+        }
+        if let Some(hash) = v.hash {
+            setup(
+                &format!("{}: oms_sign.py", v.prefix),
+                std::process::Command::new(&python)
+                    .arg(&script)
+                    .args(["key", hash, "files"])
+                    .arg(&dir)
+                    .arg(dir.join("model.sig"))
+                    .arg(&key),
+            );
+        }
+    }
+    // What the default selection fetches: the same files in every variant.
+    let files = selected(&base.path().join("root/bench/manifest"));
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let gb = total as f64 / 1e9;
+    let (_server, host) = loopback_server(base.path(), rate);
+    let dest = base.path().join("dest");
+    // Wall s, CPU s and peak RSS MiB of each run, per variant.
+    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); variants.len()];
+    for _ in 0..REPS {
+        for (i, v) in variants.iter().enumerate() {
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::create_dir_all(&dest).unwrap();
+            let mut extra: Vec<&str> = Vec::new();
+            if v.hash.is_some() {
+                extra.extend(["--signature", "required", "--trusted", &trusted]);
+            }
+            if let Some(chunk) = &chunk {
+                extra.extend(["--chunk-size", chunk]);
+            }
+            let source = format!("az://bench/{}", v.prefix);
+            let mut cmd = prefetch_cmd(Some(&host), &source, &dest, &extra);
+            let (f, out) = peers::measure_with_output(v.label, &mut cmd, &dest, total);
+            let s: serde_json::Value =
+                serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or_default();
+            assert_eq!(s["verification"], v.verification, "{}: {s}", v.label);
+            assert_eq!(s["bytes_fetched"], total, "{}: {s}", v.label);
+            match v.hash {
+                Some(hash) => assert_eq!(s["signature"]["hash"], hash, "{}: {s}", v.label),
+                None => assert!(s["signature"].is_null(), "{}: {s}", v.label),
+            }
+            runs[i].push((gb / f.gb_per_s, f.cpu_s_per_gb * gb, f.peak_rss_mib));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dest);
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let medians: Vec<(f64, f64, f64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                med(r.iter().map(|x| x.0).collect()),
+                med(r.iter().map(|x| x.1).collect()),
+                med(r.iter().map(|x| x.2).collect()),
+            )
+        })
+        .collect();
+    let endpoint = rate.map_or_else(
+        || "uncapped".to_string(),
+        |r| format!("capped at {:.0} MB/s per connection", r as f64 / 1e6),
+    );
+    println!(
+        "\n## Signed models end to end\n\n### Loopback Blob endpoint ({endpoint}), the demo's model ({shard_mb} MiB shards): {gb:.2} GB ({} files) fetched to tmpfs, chunk {} (median of {REPS} interleaved rounds, each column on its own)\n",
+        files.len(),
+        chunk.as_deref().unwrap_or("default")
+    );
+    println!(
+        "| model in the source | verification | wall s | CPU s | CPU s/GB | peak RSS MiB | wall vs manifest | CPU vs manifest |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let (base_wall, base_cpu, _) = medians[0];
+    for (v, (wall, cpu, rss)) in variants.iter().zip(&medians) {
+        println!(
+            "| {} | {} | {wall:.2} | {cpu:.2} | {:.2} | {rss:.0} | {:+.2} s | {:+.2} s ({:+.2} s/GB) |",
+            v.label,
+            v.verification,
+            cpu / gb,
+            wall - base_wall,
+            cpu - base_cpu,
+            (cpu - base_cpu) / gb
+        );
+    }
+    println!("\nEvery run (wall s / CPU s / peak RSS MiB):\n");
+    for (v, r) in variants.iter().zip(&runs) {
+        let each: Vec<String> = r
+            .iter()
+            .map(|(w, c, m)| format!("{w:.2} / {c:.2} / {m:.0}"))
+            .collect();
+        println!("- {}: {}", v.label, each.join(", "));
+    }
+}
+
 /// Kills the child when dropped, also when the benchmark panics.
 struct ChildGuard(std::process::Child);
 
@@ -1073,6 +1315,9 @@ fn main() {
     }
     if only.is_empty() || only == "dragonfly" {
         bench_dragonfly(env_usize("MODELCACHE_BENCH_DRAGONFLY_SHARD_MB", 64));
+    }
+    if only.is_empty() || only == "signed" {
+        bench_signed(env_usize("MODELCACHE_BENCH_SIGNED_SHARD_MB", 20));
     }
     if only.is_empty() || only == "take" {
         bench_take(env_usize("MODELCACHE_BENCH_TAKE_MB", 1024));
