@@ -466,13 +466,141 @@ fn loopback_model(base: &Path, shard_mb: usize) -> (Vec<(String, u64)>, u64) {
     (files, total)
 }
 
-/// Starts the loopback Blob server on `{base}/root` (optionally capped per connection); returns
-/// it and its `http://127.0.0.1:PORT`.
-fn loopback_server(base: &Path, rate_per_connection: Option<u64>) -> (ChildGuard, String) {
+/// A test certificate authority, and a server certificate it signed for `127.0.0.1`,
+/// `localhost` and `*.blob.localhost`, made with the `openssl` command. Clients trust it the way
+/// a user would make them trust a private CA: `SSL_CERT_FILE` (OpenSSL, Go, rustls' native roots)
+/// and `REQUESTS_CA_BUNDLE` (Python's requests); none is patched.
+struct TestCa {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TestCa {
+    fn new() -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let p = |name: &str| dir.path().join(name);
+        let run = |args: &[&str]| -> Result<(), String> {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .map_err(|e| format!("openssl: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca_args = vec!["req", "-x509"];
+        ca_args.extend(ec);
+        ca_args.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=modelcache bench CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        run(&ca_args)?;
+        let mut csr_args = vec!["req"];
+        csr_args.extend(ec);
+        csr_args.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        run(&csr_args)?;
+        std::fs::write(
+            p("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:*.blob.localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+        )
+        .map_err(|e| e.to_string())?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])?;
+        Ok(Self {
+            ca: p("ca.pem"),
+            cert: p("server.pem"),
+            key: p("server.key"),
+            _dir: dir,
+        })
+    }
+
+    /// Makes `cmd` trust this CA (and only it).
+    fn trust(&self, cmd: &mut std::process::Command) {
+        cmd.env("SSL_CERT_FILE", &self.ca)
+            .env("REQUESTS_CA_BUNDLE", &self.ca);
+    }
+
+    /// `program args` in a mount namespace of its own where the system's CA bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`) also holds this CA: for clients that read only the
+    /// system store (the streamer's libcurl has that path built in and reads no variable), as an
+    /// operator would add a private CA to a node's store, without changing the host's.
+    fn in_system_store(&self, program: &Path) -> std::process::Command {
+        const SYSTEM: &str = "/etc/ssl/certs/ca-certificates.crt";
+        let bundle = self._dir.path().join("system-bundle.pem");
+        if !bundle.exists() {
+            let mut pem = std::fs::read(SYSTEM).unwrap_or_default();
+            pem.extend(std::fs::read(&self.ca).unwrap());
+            std::fs::write(&bundle, pem).unwrap();
+        }
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("mount --bind \"$0\" {SYSTEM} && exec \"$@\""))
+            .arg(&bundle)
+            .arg(program);
+        cmd
+    }
+}
+
+/// Starts the loopback Blob server on `{base}/root` (optionally capped per connection, and over
+/// TLS with `tls`'s server certificate); returns it and its `http(s)://127.0.0.1:PORT`.
+fn loopback_server(
+    base: &Path,
+    rate_per_connection: Option<u64>,
+    tls: Option<&TestCa>,
+) -> (ChildGuard, String) {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.arg("--serve-blob").arg(base.join("root"));
-    if let Some(rate) = rate_per_connection {
-        cmd.arg(rate.to_string());
+    cmd.arg(rate_per_connection.map_or_else(|| "-".to_string(), |r| r.to_string()));
+    if let Some(ca) = tls {
+        cmd.arg("--tls").arg(&ca.cert).arg(&ca.key);
     }
     let mut server = ChildGuard(cmd.stdout(std::process::Stdio::piped()).spawn().unwrap());
     let mut first = String::new();
@@ -482,7 +610,29 @@ fn loopback_server(base: &Path, rate_per_connection: Option<u64>) -> (ChildGuard
     )
     .unwrap();
     let port: u16 = first.trim().trim_start_matches("port ").parse().unwrap();
-    (server, format!("http://127.0.0.1:{port}"))
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    (server, format!("{scheme}://127.0.0.1:{port}"))
+}
+
+/// A `modelcache prefetch --json` of `az://bench/{model}` from the HTTPS loopback server at
+/// `host`, configured as a user points it at a storage account: account name, key and the
+/// account's endpoint (`AZURE_STORAGE_ENDPOINT`), with `ca` trusted through `SSL_CERT_FILE`.
+fn https_prefetch(
+    host: &str,
+    ca: &TestCa,
+    model: &str,
+    dest: &Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut cmd = prefetch_cmd(None, &format!("az://bench/{model}"), dest, extra);
+    cmd.env("AZURE_STORAGE_ACCOUNT_NAME", support::ACCOUNT)
+        .env("AZURE_STORAGE_ACCOUNT_KEY", support::KEY)
+        .env(
+            "AZURE_STORAGE_ENDPOINT",
+            format!("{host}/{}", support::ACCOUNT),
+        );
+    ca.trust(&mut cmd);
+    cmd
 }
 
 /// A `modelcache prefetch --json` of the model at `source` into `cache`, through `emulator`
@@ -529,7 +679,7 @@ fn bench_adaptive(shard_mb: usize) {
         ),
     ];
     for (shape, rate, fixed) in shapes {
-        let (_server, host) = loopback_server(base.path(), rate);
+        let (_server, host) = loopback_server(base.path(), rate, None);
         println!(
             "\n### Adaptive concurrency, loopback endpoint {shape}, {:.2} GB ({} files) to tmpfs (median of {REPS} interleaved rounds)\n",
             total as f64 / 1e9,
@@ -598,7 +748,14 @@ fn bench_adaptive(shard_mb: usize) {
     }
 }
 
-fn bench_loopback(shard_mb: usize) {
+fn bench_loopback(shard_mb: usize, tls: bool) {
+    let ca = match tls.then(TestCa::new).transpose() {
+        Ok(ca) => ca,
+        Err(e) => {
+            println!("\n## Peers over HTTPS\n\nnot run: {e}");
+            return;
+        }
+    };
     let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let (files, total) = loopback_model(base.path(), shard_mb);
     let list = base.path().join("list.txt");
@@ -610,7 +767,7 @@ fn bench_loopback(shard_mb: usize) {
             .collect::<String>(),
     )
     .unwrap();
-    let (_server, host) = loopback_server(base.path(), None);
+    let (_server, host) = loopback_server(base.path(), None, ca.as_ref());
     let account_url = format!("{host}/{}", support::ACCOUNT);
 
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools");
@@ -624,10 +781,20 @@ fn bench_loopback(shard_mb: usize) {
         &'static str,
         Box<dyn Fn(&Path) -> Option<std::process::Command> + 'a>,
     );
+    let wire = if tls {
+        "over HTTPS (TLS 1.3, AES-256-GCM; rustls in the server)"
+    } else {
+        "over plain HTTP"
+    };
     let modelcache = |extra: &'static [&'static str]| {
         let host = host.clone();
-        Box::new(move |dest: &Path| Some(loopback_prefetch(&host, dest, extra)))
-            as Box<dyn Fn(&Path) -> Option<std::process::Command>>
+        let ca = ca.as_ref();
+        Box::new(move |dest: &Path| {
+            Some(match ca {
+                Some(ca) => https_prefetch(&host, ca, "m", dest, extra),
+                None => loopback_prefetch(&host, dest, extra),
+            })
+        }) as Box<dyn Fn(&Path) -> Option<std::process::Command> + '_>
     };
     let plain = |write: bool| {
         let (exe, list, url) = (
@@ -721,7 +888,7 @@ fn bench_loopback(shard_mb: usize) {
     }
     for (name, root) in &dests {
         println!(
-            "\n### Loopback Blob endpoint, {:.2} GB ({} files), destination {name} (median of {REPS} interleaved rounds)\n",
+            "\n### Loopback Blob endpoint {wire}, {:.2} GB ({} files), destination {name} (median of {REPS} interleaved rounds)\n",
             total as f64 / 1e9,
             files.len()
         );
@@ -732,6 +899,9 @@ fn bench_loopback(shard_mb: usize) {
                 let _ = std::fs::remove_dir_all(&dest);
                 std::fs::create_dir_all(&dest).unwrap();
                 if let Some(mut cmd) = make(&dest) {
+                    if let Some(ca) = &ca {
+                        ca.trust(&mut cmd);
+                    }
                     figures[i].push(peers::measure(label, &mut cmd, &dest, total));
                 }
                 let _ = std::fs::remove_dir_all(&dest);
@@ -787,6 +957,243 @@ fn bench_loopback(shard_mb: usize) {
     }
 }
 
+/// One run of the streamer script: its own timing and the process's figure.
+#[derive(Clone, Copy, Debug, Default)]
+struct Streamed {
+    /// From the first request to the last tensor, import time excluded.
+    seconds: f64,
+    cpu_seconds: f64,
+    tensor_bytes: u64,
+    peak_rss_mib: f64,
+}
+
+/// Run:ai's streamer as the benchmark runs it: its interpreter and script, the CA it trusts,
+/// a scratch directory for the measurement's `syncfs`, and the tensor bytes every run must yield.
+struct Streamer<'a> {
+    python: PathBuf,
+    script: PathBuf,
+    ca: &'a TestCa,
+    scratch: PathBuf,
+    tensor_bytes: u64,
+}
+
+impl Streamer<'_> {
+    /// Runs [`peers::STREAMER_SCRIPT`] on `paths` and checks that it yielded every tensor byte.
+    fn run(&self, paths: &[String], drop: bool, env: &[(&str, String)]) -> Streamed {
+        let mut cmd = self.ca.in_system_store(&self.python);
+        cmd.arg(&self.script);
+        if drop {
+            cmd.arg("--drop");
+        }
+        cmd.args(paths).envs(env.iter().map(|(k, v)| (k, v)));
+        self.ca.trust(&mut cmd);
+        let (f, out) = peers::measure_with_output(
+            "runai streamer",
+            &mut cmd,
+            &self.scratch,
+            self.tensor_bytes,
+        );
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("{}"))
+            .unwrap_or_else(|e| panic!("streamer output {out:?}: {e}"));
+        let got = v["tensor_bytes"].as_u64().unwrap_or(0);
+        assert_eq!(
+            got, self.tensor_bytes,
+            "the streamer yielded {got} tensor bytes: {v}"
+        );
+        Streamed {
+            seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
+            cpu_seconds: v["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
+            tensor_bytes: got,
+            peak_rss_mib: f.peak_rss_mib,
+        }
+    }
+}
+
+/// The sum of the tensors' byte lengths in `files`, from their headers.
+fn tensor_bytes(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            meta.tensors()
+                .values()
+                .map(|t| (t.data_offsets.1 - t.data_offsets.0) as u64)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Run:ai's Model Streamer (what KAITO's vLLM runs: `--load-format runai_streamer` from `az://`
+/// on every start, no node cache) against modelcache's node cache, on the same HTTPS loopback
+/// Blob server, in three cases: a new node's first start (the streamer's Blob → memory against
+/// modelcache's Blob → verified on XFS, then XFS → memory), a restart of the server on the same
+/// node (page cache dropped: XFS → memory cold) and a second pod of the same model (page cache
+/// warm). Memory reads from local files use the same streamer, so the consumer is the same.
+fn bench_streamer(shard_mb: usize) {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools");
+    let Some(python) = peers::streamer_python(&tools) else {
+        println!(
+            "\n## Run:ai Model Streamer\n\nnot run: runai-model-streamer could not be installed"
+        );
+        return;
+    };
+    let ca = match TestCa::new() {
+        Ok(ca) => ca,
+        Err(e) => {
+            println!("\n## Run:ai Model Streamer\n\nnot run: {e}");
+            return;
+        }
+    };
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let (files, total) = loopback_model(base.path(), shard_mb);
+    let shards: Vec<String> = files
+        .iter()
+        .map(|f| f.0.clone())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    let source_dir = base.path().join("root/bench/m");
+    let tensors = tensor_bytes(
+        &shards
+            .iter()
+            .map(|n| source_dir.join(n))
+            .collect::<Vec<_>>(),
+    );
+    let shard_bytes: u64 = files
+        .iter()
+        .filter(|f| f.0.ends_with(".safetensors"))
+        .map(|f| f.1)
+        .sum();
+    let (_server, host) = loopback_server(base.path(), None, Some(&ca));
+    let port = host.rsplit(':').next().unwrap().to_string();
+    let script = base.path().join("stream.py");
+    std::fs::write(&script, peers::STREAMER_SCRIPT).unwrap();
+    let xfs = match LoopXfs::new(total * 3 + (1 << 30)) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("\n## Run:ai Model Streamer\n\nnot run: XFS destination: {e}");
+            return;
+        }
+    };
+    let cache = xfs.mount.path().join("cache");
+    let scratch = base.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let streamer = Streamer {
+        python,
+        script,
+        ca: &ca,
+        scratch,
+        tensor_bytes: tensors,
+    };
+    // The streamer's Azure backend builds `https://{account}.{suffix}`; curl resolves any
+    // `*.localhost` name to the loopback address itself.
+    let blob_env = [
+        ("AZURE_STORAGE_ACCOUNT_NAME", support::ACCOUNT.to_string()),
+        ("AZURE_STORAGE_ACCOUNT_KEY", support::KEY.to_string()),
+        (
+            "AZURE_STORAGE_ENDPOINT_SUFFIX",
+            format!("blob.localhost:{port}"),
+        ),
+    ];
+    let remote: Vec<String> = shards.iter().map(|n| format!("az://bench/m/{n}")).collect();
+    let mut from_blob = Vec::new();
+    let mut fill = Vec::new();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for _ in 0..REPS {
+        from_blob.push(streamer.run(&remote, false, &blob_env));
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::create_dir_all(&cache).unwrap();
+        let mut cmd = https_prefetch(&host, &ca, "m", &cache, &[]);
+        let (f, out) = peers::measure_with_output("modelcache", &mut cmd, &cache, total);
+        let summary: serde_json::Value =
+            serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or_default();
+        assert_eq!(summary["verification"], "blake3", "{summary}");
+        fill.push(f);
+        let published = std::path::PathBuf::from(summary["path"].as_str().unwrap());
+        let local: Vec<String> = shards
+            .iter()
+            .map(|n| published.join(n).display().to_string())
+            .collect();
+        cold.push(streamer.run(&local, true, &[]));
+        warm.push(streamer.run(&local, false, &[]));
+    }
+    let med = |v: &[Streamed]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        v[v.len() / 2]
+    };
+    let (cold_runs, warm_runs, fill_runs) = (cold.clone(), warm.clone(), fill.clone());
+    let (blob, cold, warm) = (med(&from_blob), med(&cold), med(&warm));
+    let fill = median(fill);
+    let gb = |b: u64| b as f64 / 1e9;
+    let fill_s = gb(total) / fill.gb_per_s;
+    let first = fill_s + cold.seconds;
+    println!(
+        "\n## Run:ai Model Streamer against the node cache\n\n### HTTPS loopback Blob endpoint, {:.2} GB of safetensors ({} shards, {:.2} GB of tensors; {:.2} GB with the other files modelcache fetches), XFS on a loop device backed by RAM (median of {REPS} interleaved rounds)\n",
+        gb(shard_bytes),
+        shards.len(),
+        gb(tensors),
+        gb(total)
+    );
+    println!("| step | s | GB/s | CPU s | CPU s/GB | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
+    let row = |label: &str, s: &Streamed| {
+        println!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            s.seconds,
+            gb(s.tensor_bytes) / s.seconds,
+            s.cpu_seconds,
+            s.cpu_seconds / gb(s.tensor_bytes),
+            s.peak_rss_mib
+        );
+    };
+    row("streamer: Blob → memory (KAITO's every start)", &blob);
+    println!(
+        "| modelcache: Blob → verified on XFS (BLAKE3, defaults) | {fill_s:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+        fill.gb_per_s,
+        fill.cpu_s_per_gb * gb(total),
+        fill.cpu_s_per_gb,
+        fill.peak_rss_mib
+    );
+    row("streamer: XFS → memory, page cache dropped", &cold);
+    row("streamer: XFS → memory, page cache warm", &warm);
+    println!(
+        "\n| case | the streamer from Blob, s | with modelcache, s | modelcache against the streamer |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| a new node's first start | {:.2} | {first:.2} (fill {fill_s:.2} + load {:.2}) | {:.2}× as fast; the fill alone {:.2}× |",
+        blob.seconds,
+        cold.seconds,
+        blob.seconds / first,
+        blob.seconds / fill_s
+    );
+    println!(
+        "| restart of the server on the node (page cache dropped) | {:.2} | {:.2} | {:.2}× as fast |",
+        blob.seconds,
+        cold.seconds,
+        blob.seconds / cold.seconds
+    );
+    println!(
+        "| a second pod of the model on the node (page cache warm) | {:.2} | {:.2} | {:.2}× as fast |",
+        blob.seconds,
+        warm.seconds,
+        blob.seconds / warm.seconds
+    );
+    println!("\nEvery run, s (streamer from Blob / modelcache fill / cold load / warm load):\n");
+    for i in 0..from_blob.len() {
+        println!(
+            "- round {}: {:.2} / {:.2} / {:.2} / {:.2}",
+            i + 1,
+            from_blob[i].seconds,
+            gb(total) / fill_runs[i].gb_per_s,
+            cold_runs[i].seconds,
+            warm_runs[i].seconds
+        );
+    }
+}
+
 /// The Dragonfly path against the direct one, on loopback: modelcache's own ranged GETs;
 /// through dfdaemon A, which reads the source (back to source); through dfdaemon B, which takes
 /// every piece from A (a peer), with each piece hashed as it lands; through dfdaemon C from a
@@ -803,7 +1210,7 @@ fn bench_dragonfly(shard_mb: usize) {
     // links), in RAM, so that the network path and the CPU are what is measured.
     let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let (files, total) = loopback_model(base.path(), shard_mb);
-    let (_server, host) = loopback_server(base.path(), None);
+    let (_server, host) = loopback_server(base.path(), None, None);
     type Run = (&'static str, Option<&'static str>, &'static [&'static str]);
     // A third daemon for the second peer row: a daemon that already holds the task answers
     // from its own storage, which is the last row.
@@ -1181,7 +1588,7 @@ fn bench_signed(shard_mb: usize) {
     let files = selected(&base.path().join("root/bench/manifest"));
     let total: u64 = files.iter().map(|f| f.1).sum();
     let gb = total as f64 / 1e9;
-    let (_server, host) = loopback_server(base.path(), rate);
+    let (_server, host) = loopback_server(base.path(), rate, None);
     let dest = base.path().join("dest");
     // Wall s, CPU s and peak RSS MiB of each run, per variant.
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); variants.len()];
@@ -1285,7 +1692,11 @@ fn main() {
     // Helper processes the loopback section starts (so their CPU and memory are their own).
     if let Some(i) = args.iter().position(|a| a == "--serve-blob") {
         let rate = args.get(i + 2).and_then(|r| r.parse().ok());
-        blobserver::serve(PathBuf::from(&args[i + 1]), rate);
+        let tls = args
+            .iter()
+            .position(|a| a == "--tls")
+            .map(|t| blobserver::tls_config(Path::new(&args[t + 1]), Path::new(&args[t + 2])));
+        blobserver::serve(PathBuf::from(&args[i + 1]), rate, tls);
     }
     if let Some(i) = args.iter().position(|a| a == "--plain-get") {
         let dest = (args[i + 3] != "-").then(|| PathBuf::from(&args[i + 3]));
@@ -1305,7 +1716,13 @@ fn main() {
     machine();
     let only = std::env::var("MODELCACHE_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "loopback" {
-        bench_loopback(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100));
+        bench_loopback(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100), false);
+    }
+    if only.is_empty() || only == "https" {
+        bench_loopback(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100), true);
+    }
+    if only.is_empty() || only == "streamer" {
+        bench_streamer(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100));
     }
     if only.is_empty() || only == "adaptive" {
         bench_adaptive(env_usize("MODELCACHE_BENCH_ADAPTIVE_SHARD_MB", 200));

@@ -1,23 +1,30 @@
 //! A fast loopback stand-in for Blob Storage, so that clients (not the server) are what the
 //! benchmark measures: one thread per connection, bodies sent with `sendfile` from a RAM-backed
-//! directory, HTTP/1.1 keep-alive.
+//! directory (or, over TLS, read with `pread` and encrypted by rustls), HTTP/1.1 keep-alive.
 //!
 //! It answers what the clients under test ask of Blob Storage: List Blobs
 //! (`?restype=container&comp=list&prefix=…`, one page), Get Blob and Get Blob Properties with
 //! `Range` or `x-ms-range`, `If-Match` against the blob's ETag, and 404 with Azure's error code.
 //! Authorization headers are accepted unchecked. Paths are `/{account}/{container}/{blob}`, the
-//! emulator's path style; `{root}/{container}/{blob}` is the file.
+//! emulator's path style, or `/{container}/{blob}` when the request's `Host` is a name with a
+//! dot (`{account}.blob.localhost:PORT`, Blob's own virtual-host style); `{root}/{container}/{blob}`
+//! is the file.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// Serves `root` on a free loopback port, printing `port N` on stdout once listening; never
-/// returns.
-pub fn serve(root: PathBuf, rate_per_connection: Option<u64>) -> ! {
+/// returns. With `tls`, every connection is HTTPS.
+pub fn serve(
+    root: PathBuf,
+    rate_per_connection: Option<u64>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> ! {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind the loopback Blob server");
     let port = listener.local_addr().expect("local address").port();
     println!("port {port}");
@@ -25,12 +32,103 @@ pub fn serve(root: PathBuf, rate_per_connection: Option<u64>) -> ! {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let root = root.clone();
+        let tls = tls.clone();
         std::thread::spawn(move || {
             let _ = conn.set_nodelay(true);
-            let _ = handle(conn, &root, rate_per_connection);
+            let _ = match tls {
+                Some(config) => match rustls::ServerConnection::new(config) {
+                    Ok(session) => handle(
+                        rustls::StreamOwned::new(session, conn),
+                        &root,
+                        rate_per_connection,
+                    ),
+                    Err(_) => Ok(()),
+                },
+                None => handle(conn, &root, rate_per_connection),
+            };
         });
     }
     unreachable!("TcpListener::incoming never ends")
+}
+
+/// The server's TLS settings from a PEM certificate chain and key: TLS 1.3 and 1.2 with
+/// aws-lc-rs (the provider modelcache's client uses too), the server's own suite order so that
+/// every client gets the same one (TLS 1.3 AES-256-GCM), no session tickets.
+pub fn tls_config(cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .expect("read the server certificate")
+        .collect::<Result<_, _>>()
+        .expect("parse the server certificate");
+    let key = PrivateKeyDer::from_pem_file(key).expect("read the server key");
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("certificate and key match");
+    config.ignore_client_order = true;
+    config.send_tls13_tickets = 0;
+    Arc::new(config)
+}
+
+/// A client connection: plain TCP, or TLS over it.
+trait Conn: Read + Write {
+    /// Sends `len` bytes of `file` from `*offset`, advancing it; returns the bytes sent.
+    fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: &mut i64,
+        len: usize,
+    ) -> std::io::Result<usize>;
+}
+
+impl Conn for TcpStream {
+    fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: &mut i64,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        loop {
+            match nix::sys::sendfile::sendfile64(&*self, file, Some(offset), len) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Bytes read from the file and handed to rustls at a time.
+const TLS_READ: usize = 256 << 10;
+
+impl Conn for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn send_file(
+        &mut self,
+        file: &std::fs::File,
+        offset: &mut i64,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; TLS_READ]);
+        }
+        BUF.with_borrow_mut(|buf| {
+            let want = len.min(buf.len());
+            let at = u64::try_from(*offset).unwrap_or(0);
+            let n = file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.write_all(&buf[..n])?;
+            *offset += i64::try_from(n).unwrap_or(0);
+            Ok(n)
+        })
+    }
 }
 
 struct Request {
@@ -40,7 +138,7 @@ struct Request {
     headers: HashMap<String, String>,
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Request>> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
@@ -67,10 +165,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req
         .get("content-length")
         .and_then(|v| v.parse::<u64>().ok())
     {
-        std::io::copy(
-            &mut std::io::Read::take(std::io::Read::by_ref(reader), n),
-            &mut std::io::sink(),
-        )?;
+        std::io::copy(&mut reader.by_ref().take(n), &mut std::io::sink())?;
     }
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let query = query
@@ -115,33 +210,46 @@ fn http_date(meta: &std::fs::Metadata) -> String {
     httpdate::fmt_http_date(t)
 }
 
-fn handle(conn: TcpStream, root: &Path, rate: Option<u64>) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut out = conn;
+fn handle(conn: impl Conn, root: &Path, rate: Option<u64>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn);
     while let Some(req) = read_request(&mut reader)? {
-        respond(&req, &mut out, root, rate)?;
+        respond(&req, reader.get_mut(), root, rate)?;
+        reader.get_mut().flush()?;
     }
     Ok(())
 }
 
-fn simple(out: &mut TcpStream, status: &str, code: &str, extra: &str) -> std::io::Result<()> {
+fn simple(out: &mut impl Conn, status: &str, code: &str, extra: &str) -> std::io::Result<()> {
     let body =
         format!("<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code></Error>");
-    write!(
-        out,
+    out.write_all(format!(
         "HTTP/1.1 {status}\r\nx-ms-error-code: {code}\r\nContent-Type: application/xml\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
-    )
+    ).as_bytes())
 }
 
 fn respond(
     req: &Request,
-    out: &mut TcpStream,
+    out: &mut impl Conn,
     root: &Path,
     rate: Option<u64>,
 ) -> std::io::Result<()> {
-    let mut segs = req.path.trim_start_matches('/').splitn(3, '/');
-    let _account = segs.next().unwrap_or_default();
+    // `{account}.blob.localhost:PORT` names the account in the host; `127.0.0.1:PORT` and
+    // `localhost:PORT` in the path.
+    let host = req
+        .headers
+        .get("host")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let virtual_host = host.contains('.') && host.parse::<std::net::IpAddr>().is_err();
+    let mut segs = req
+        .path
+        .trim_start_matches('/')
+        .splitn(if virtual_host { 2 } else { 3 }, '/');
+    if !virtual_host {
+        let _account = segs.next().unwrap_or_default();
+    }
     let container = segs.next().unwrap_or_default();
     let blob = segs.next().unwrap_or_default();
     if container.is_empty() || container.contains("..") || blob.split('/').any(|s| s == "..") {
@@ -152,11 +260,10 @@ fn respond(
     }
     if blob.is_empty() {
         // Container properties (some clients check that the container exists).
-        return write!(
-            out,
+        return out.write_all(format!(
             "HTTP/1.1 200 OK\r\nETag: \"0x1\"\r\nLast-Modified: {}\r\nx-ms-version: 2021-08-06\r\nContent-Length: 0\r\n\r\n",
             httpdate::fmt_http_date(UNIX_EPOCH)
-        );
+        ).as_bytes());
     }
     let path = root.join(container).join(blob);
     let Ok(file) = std::fs::File::open(&path) else {
@@ -207,13 +314,13 @@ fn respond(
         ),
         None => ("200 OK", 0, size, String::new()),
     };
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{content_range}Content-Type: application/octet-stream\r\nETag: \"{tag}\"\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nx-ms-blob-type: BlockBlob\r\nx-ms-version: 2021-08-06\r\nx-ms-creation-time: {}\r\nx-ms-request-id: 0\r\n\r\n",
+    out.write_all(format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{content_range}Content-Type: application/octet-stream\r\nETag: \"{tag}\"\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nx-ms-blob-type: BlockBlob\r\nx-ms-version: 2021-08-06\r\nx-ms-creation-time: {}\r\nx-ms-lease-status: unlocked\r\nx-ms-lease-state: available\r\nx-ms-server-encrypted: true\r\nx-ms-request-id: 0\r\nDate: {}\r\n\r\n",
         end - start,
         http_date(&meta),
         http_date(&meta),
-    )?;
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+    ).as_bytes())?;
     if req.method == "HEAD" {
         return Ok(());
     }
@@ -234,17 +341,12 @@ fn respond(
         let want = usize::try_from(stop - offset)
             .unwrap_or(usize::MAX)
             .min(step);
-        match nix::sys::sendfile::sendfile64(&*out, &file, Some(&mut offset), want) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
-            Err(e) => return Err(e.into()),
-        }
+        out.send_file(&file, &mut offset, want)?;
     }
     Ok(())
 }
 
-fn list(req: &Request, out: &mut TcpStream, dir: &Path, container: &str) -> std::io::Result<()> {
+fn list(req: &Request, out: &mut impl Conn, dir: &Path, container: &str) -> std::io::Result<()> {
     let prefix = req.query.get("prefix").cloned().unwrap_or_default();
     let mut names = Vec::new();
     walk(dir, dir, &mut names);
@@ -262,11 +364,10 @@ fn list(req: &Request, out: &mut TcpStream, dir: &Path, container: &str) -> std:
         ));
     }
     body.push_str("</Blobs><NextMarker/></EnumerationResults>");
-    write!(
-        out,
+    out.write_all(format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nx-ms-version: 2021-08-06\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
+    ).as_bytes())
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {

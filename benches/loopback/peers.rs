@@ -244,3 +244,75 @@ pub fn plain_get(endpoint: &str, list: &Path, dest: Option<&Path>, concurrency: 
         nix::unistd::syncfs(&dir).unwrap();
     }
 }
+
+/// Run:ai's Model Streamer as vLLM's `--load-format runai_streamer` drives it: every
+/// `*.safetensors` file given (`az://CONTAINER/PATH` or a local path) streamed into memory with
+/// `SafetensorsStreamer.stream_files` and its defaults, each tensor taken as it is yielded.
+/// Prints its own timing as JSON (import time excluded): seconds and CPU seconds from the first
+/// request to the last tensor, tensor bytes and file bytes. `--drop` first evicts the local
+/// files from the page cache (`POSIX_FADV_DONTNEED`).
+pub const STREAMER_SCRIPT: &str = r#"
+import json, os, resource, sys, time
+from runai_model_streamer import SafetensorsStreamer
+args = sys.argv[1:]
+drop = args[0] == "--drop"
+paths = args[1:] if drop else args
+if drop:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+t0, c0 = time.monotonic(), cpu()
+tensor_bytes = tensors = 0
+with SafetensorsStreamer() as s:
+    s.stream_files(paths)
+    for name, t in s.get_tensors():
+        tensor_bytes += t.nbytes
+        tensors += 1
+print(json.dumps({"seconds": time.monotonic() - t0, "cpu_seconds": cpu() - c0,
+                  "tensor_bytes": tensor_bytes, "tensors": tensors}))
+"#;
+
+/// The Python interpreter of a venv with Run:ai's Model Streamer and its Azure backend
+/// (`runai-model-streamer`, `runai-model-streamer-azure`; they bring torch), installed on first
+/// use.
+pub fn streamer_python(tools: &Path) -> Option<PathBuf> {
+    let venv = tools.join("bench-streamer");
+    let python = venv.join("bin/python");
+    let ok = |p: &Path| {
+        Command::new(p)
+            .args([
+                "-c",
+                "import runai_model_streamer, runai_model_streamer_azure",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ok(&python) {
+        return Some(python);
+    }
+    eprintln!(
+        "installing runai-model-streamer and runai-model-streamer-azure into {}",
+        venv.display()
+    );
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status();
+    let installed = made.is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "runai-model-streamer==0.17.1",
+                "runai-model-streamer-azure==0.17.0",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    (installed && ok(&python)).then_some(python)
+}
