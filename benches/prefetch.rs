@@ -471,7 +471,7 @@ fn loopback_model(base: &Path, shard_mb: usize) -> (Vec<(String, u64)>, u64) {
 /// a user would make them trust a private CA: `SSL_CERT_FILE` (OpenSSL, Go, rustls' native roots)
 /// and `REQUESTS_CA_BUNDLE` (Python's requests); none is patched.
 struct TestCa {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -558,7 +558,7 @@ impl TestCa {
             ca: p("ca.pem"),
             cert: p("server.pem"),
             key: p("server.key"),
-            _dir: dir,
+            dir,
         })
     }
 
@@ -574,7 +574,7 @@ impl TestCa {
     /// operator would add a private CA to a node's store, without changing the host's.
     fn in_system_store(&self, program: &Path) -> std::process::Command {
         const SYSTEM: &str = "/etc/ssl/certs/ca-certificates.crt";
-        let bundle = self._dir.path().join("system-bundle.pem");
+        let bundle = self.dir.path().join("system-bundle.pem");
         if !bundle.exists() {
             let mut pem = std::fs::read(SYSTEM).unwrap_or_default();
             pem.extend(std::fs::read(&self.ca).unwrap());
