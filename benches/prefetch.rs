@@ -874,6 +874,36 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
             plain(false),
         ),
     ];
+    // Over HTTPS, the experiment: the same discarding client on hyper + tokio-rustls, the socket
+    // read per record (as reqwest does) and in 256 KiB blocks below TLS.
+    let hyper_plain = |read_block: usize| {
+        let (exe, list, url) = (
+            bench_exe.clone(),
+            list.clone(),
+            format!("{account_url}/bench"),
+        );
+        Box::new(move |_: &Path| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--plain-get-hyper").arg(&url).arg(&list);
+            cmd.args([
+                PLAIN_CONCURRENCY.to_string(),
+                PLAIN_CHUNK.to_string(),
+                read_block.to_string(),
+            ]);
+            Some(cmd)
+        }) as Box<dyn Fn(&Path) -> Option<std::process::Command>>
+    };
+    let mut clients = clients;
+    if tls {
+        clients.push((
+            "experiment: plain GETs on hyper + tokio-rustls, socket read per record, discarded",
+            hyper_plain(0),
+        ));
+        clients.push((
+            "experiment: the same with 256 KiB socket reads below TLS, discarded",
+            hyper_plain(256 << 10),
+        ));
+    }
 
     let xfs = LoopXfs::new(total * 3 + (1 << 30));
     let tmpfs = base.path().join("dest");
@@ -1697,6 +1727,16 @@ fn main() {
             .position(|a| a == "--tls")
             .map(|t| blobserver::tls_config(Path::new(&args[t + 1]), Path::new(&args[t + 2])));
         blobserver::serve(PathBuf::from(&args[i + 1]), rate, tls);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--plain-get-hyper") {
+        peers::plain_get_hyper(
+            &args[i + 1],
+            Path::new(&args[i + 2]),
+            args[i + 3].parse().unwrap(),
+            args[i + 4].parse().unwrap(),
+            args[i + 5].parse().unwrap(),
+        );
+        return;
     }
     if let Some(i) = args.iter().position(|a| a == "--plain-get") {
         let dest = (args[i + 3] != "-").then(|| PathBuf::from(&args[i + 3]));

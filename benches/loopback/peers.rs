@@ -316,3 +316,113 @@ pub fn streamer_python(tools: &Path) -> Option<PathBuf> {
             .is_ok_and(|s| s.success());
     (installed && ok(&python)).then_some(python)
 }
+
+/// The experiment beside [`plain_get`]: the same ranged GETs with bodies discarded, on hyper's
+/// HTTP/1 client over tokio-rustls (what reqwest uses), one connection per worker, with the TLS
+/// layer reading the socket directly (`read_block` 0: one `recv` per record or less) or through a
+/// buffer of `read_block` bytes below it (one `recv` per block). Trusts `SSL_CERT_FILE`.
+pub fn plain_get_hyper(
+    endpoint: &str,
+    list: &Path,
+    concurrency: usize,
+    chunk: u64,
+    read_block: usize,
+) {
+    use http_body_util::BodyExt;
+    use hyper::client::conn::http1;
+    let url: url::Url = endpoint.parse().expect("endpoint URL");
+    let host = url.host_str().expect("host").to_string();
+    let port = url.port().expect("port");
+    let text = std::fs::read_to_string(list).expect("read the file list");
+    let mut jobs = Vec::new();
+    for line in text.lines() {
+        let (name, size) = line.rsplit_once(' ').expect("name size");
+        let size: u64 = size.parse().expect("size");
+        let mut off = 0;
+        while off < size {
+            jobs.push((
+                format!("{}/{name}", url.path()),
+                off,
+                (off + chunk).min(size),
+            ));
+            off += chunk;
+        }
+    }
+    let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs.into_iter()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let (jobs, config, host) = (jobs.clone(), config.clone(), host.clone());
+            workers.push(tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                    .await
+                    .expect("connect");
+                tcp.set_nodelay(true).expect("nodelay");
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).expect("name");
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let (mut send, conn) = if read_block == 0 {
+                    let tls = connector.connect(name, tcp).await.expect("TLS");
+                    let (send, conn) = http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                        .await
+                        .expect("HTTP/1");
+                    (
+                        send,
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        }),
+                    )
+                } else {
+                    let buffered = tokio::io::BufReader::with_capacity(read_block, tcp);
+                    let tls = connector.connect(name, buffered).await.expect("TLS");
+                    let (send, conn) = http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                        .await
+                        .expect("HTTP/1");
+                    (
+                        send,
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        }),
+                    )
+                };
+                loop {
+                    let next = jobs.lock().unwrap().next();
+                    let Some((path, start, end)) = next else {
+                        break;
+                    };
+                    let req = http::Request::get(path)
+                        .header("host", &host)
+                        .header("range", format!("bytes={start}-{}", end - 1))
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    let mut body = send.send_request(req).await.expect("request").into_body();
+                    let mut got = 0u64;
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(data) = frame.expect("body").into_data() {
+                            got += data.len() as u64;
+                        }
+                    }
+                    assert_eq!(got, end - start, "short body");
+                }
+                drop(send);
+                let _ = conn.await;
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+    });
+}
