@@ -202,6 +202,19 @@ fn ecdsa_verifies(spki: &[u8], message: &[u8], sig: &[u8]) -> bool {
     })
 }
 
+/// The DER of the first `-----BEGIN {label}-----` block in `pem`, the trusted signer `name`.
+fn first_pem_block(name: &str, pem: &str, label: &str) -> Result<Vec<u8>, SignatureError> {
+    let bad = |reason: String| SignatureError::BadKey {
+        name: name.to_string(),
+        reason,
+    };
+    pem_blocks(pem)
+        .map_err(bad)?
+        .into_iter()
+        .find_map(|(found, der)| (found == label).then_some(der))
+        .ok_or_else(|| bad(format!("expected a PEM block -----BEGIN {label}-----")))
+}
+
 /// The PEM blocks of `text`, label and decoded body, in order; text around them is ignored.
 fn pem_blocks(text: &str) -> Result<Vec<(&str, Vec<u8>)>, String> {
     let mut blocks = Vec::new();
@@ -245,16 +258,7 @@ pub struct TrustedKey {
 impl TrustedKey {
     /// Reads `pem` (its first `-----BEGIN PUBLIC KEY-----` block) as the key called `name`.
     pub fn from_pem(name: &str, pem: &str) -> Result<Self, SignatureError> {
-        let bad = |reason: String| SignatureError::BadKey {
-            name: name.to_string(),
-            reason,
-        };
-        let spki = pem_blocks(pem)
-            .map_err(bad)?
-            .into_iter()
-            .find_map(|(label, der)| (label == "PUBLIC KEY").then_some(der))
-            .ok_or_else(|| bad("expected a PEM block -----BEGIN PUBLIC KEY-----".to_string()))?;
-        Self::from_der(name, spki)
+        Self::from_der(name, first_pem_block(name, pem, "PUBLIC KEY")?)
     }
 
     /// Takes `spki`, a DER `SubjectPublicKeyInfo`, as the key called `name`.
@@ -323,16 +327,7 @@ impl std::fmt::Debug for TrustedRoot {
 impl TrustedRoot {
     /// Reads `pem` (its first `-----BEGIN CERTIFICATE-----` block) as the root called `name`.
     pub fn from_pem(name: &str, pem: &str) -> Result<Self, SignatureError> {
-        let bad = |reason: String| SignatureError::BadKey {
-            name: name.to_string(),
-            reason,
-        };
-        let der = pem_blocks(pem)
-            .map_err(bad)?
-            .into_iter()
-            .find_map(|(label, der)| (label == "CERTIFICATE").then_some(der))
-            .ok_or_else(|| bad("expected a PEM block -----BEGIN CERTIFICATE-----".to_string()))?;
-        Self::from_der(name, der)
+        Self::from_der(name, first_pem_block(name, pem, "CERTIFICATE")?)
     }
 
     /// Takes `der`, a DER X.509 certificate, as the root called `name`.
