@@ -479,85 +479,79 @@ struct TestCa {
 
 impl TestCa {
     fn new() -> Result<Self, String> {
+        let openssl_runs = std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !openssl_runs {
+            return Err("the openssl command is not installed".into());
+        }
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let p = |name: &str| dir.path().join(name);
-        let run = |args: &[&str]| -> Result<(), String> {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .map_err(|e| format!("openssl: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "openssl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca_args = vec!["req", "-x509"];
-        ca_args.extend(ec);
-        ca_args.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=modelcache bench CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        run(&ca_args)?;
-        let mut csr_args = vec!["req"];
-        csr_args.extend(ec);
-        csr_args.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        run(&csr_args)?;
+        let at = dir.path();
+        support::ec_key(at, "ca");
+        support::openssl(
+            at,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=modelcache bench CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        support::ec_key(at, "server");
+        support::openssl(
+            at,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "server.key",
+                "-subj",
+                "/CN=localhost",
+                "-out",
+                "server.csr",
+            ],
+        );
         std::fs::write(
-            p("server.ext"),
+            at.join("server.ext"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:*.blob.localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
         )
         .map_err(|e| e.to_string())?;
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ])?;
+        support::openssl(
+            at,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
         Ok(Self {
-            ca: p("ca.pem"),
-            cert: p("server.pem"),
-            key: p("server.key"),
+            ca: at.join("ca.pem"),
+            cert: at.join("server.pem"),
+            key: at.join("server.key"),
             dir,
         })
     }
@@ -1039,17 +1033,15 @@ impl Streamer<'_> {
     }
 }
 
-/// The sum of the tensors' byte lengths in `files`, from their headers.
+/// The tensors' bytes in `files`: a safetensors file is an 8-byte header length, the header,
+/// then the tensors' data and nothing else (the format refuses gaps), so only that length is read.
 fn tensor_bytes(files: &[PathBuf]) -> u64 {
     files
         .iter()
         .map(|p| {
-            let bytes = std::fs::read(p).unwrap();
-            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-            meta.tensors()
-                .values()
-                .map(|t| (t.data_offsets.1 - t.data_offsets.0) as u64)
-                .sum::<u64>()
+            let mut len = [0u8; 8];
+            std::io::Read::read_exact(&mut File::open(p).unwrap(), &mut len).unwrap();
+            std::fs::metadata(p).unwrap().len() - 8 - u64::from_le_bytes(len)
         })
         .sum()
 }
@@ -1522,30 +1514,20 @@ fn bench_signed(shard_mb: usize) {
         .and_then(|r| r.parse::<u64>().ok());
     let chunk = std::env::var("MODELCACHE_BENCH_SIGNED_CHUNK").ok();
     let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    support::ec_key(base.path(), "publisher");
+    support::openssl(
+        base.path(),
+        &[
+            "ec",
+            "-in",
+            "publisher.key",
+            "-pubout",
+            "-out",
+            "publisher.pub.pem",
+        ],
+    );
     let key = base.path().join("publisher.key");
     let public = base.path().join("publisher.pub.pem");
-    setup(
-        "openssl ecparam",
-        std::process::Command::new("openssl")
-            .args([
-                "ecparam",
-                "-name",
-                "prime256v1",
-                "-genkey",
-                "-noout",
-                "-out",
-            ])
-            .arg(&key),
-    );
-    setup(
-        "openssl ec -pubout",
-        std::process::Command::new("openssl")
-            .args(["ec", "-in"])
-            .arg(&key)
-            .arg("-pubout")
-            .arg("-out")
-            .arg(&public),
-    );
     let trusted = public.display().to_string();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/oms_sign.py");
     let mut variants = vec![

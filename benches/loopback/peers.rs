@@ -132,11 +132,20 @@ for blob in client.list_blobs(name_starts_with=prefix):
 
 /// The Python interpreter of a venv with `azure-storage-blob`, installed on first use.
 pub fn sdk_python(tools: &Path) -> Option<PathBuf> {
-    let venv = tools.join("bench-py");
+    venv_python(
+        &tools.join("bench-py"),
+        "azure.storage.blob",
+        &["azure-storage-blob"],
+    )
+}
+
+/// The Python interpreter of the venv `venv` once `import` works there, installing `packages`
+/// into it with pip first when it does not.
+fn venv_python(venv: &Path, import: &str, packages: &[&str]) -> Option<PathBuf> {
     let python = venv.join("bin/python");
     let ok = |p: &Path| {
         Command::new(p)
-            .args(["-c", "import azure.storage.blob"])
+            .args(["-c", &format!("import {import}")])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -144,20 +153,15 @@ pub fn sdk_python(tools: &Path) -> Option<PathBuf> {
     if ok(&python) {
         return Some(python);
     }
-    eprintln!("installing azure-storage-blob into {}", venv.display());
+    eprintln!("installing {} into {}", packages.join(" "), venv.display());
     let made = Command::new("python3")
-        .arg("-m")
-        .arg("venv")
-        .arg(&venv)
+        .args(["-m", "venv"])
+        .arg(venv)
         .status();
     let installed = made.is_ok_and(|s| s.success())
         && Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "azure-storage-blob",
-            ])
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
             .status()
             .is_ok_and(|s| s.success());
     (installed && ok(&python)).then_some(python)
@@ -280,41 +284,14 @@ print(json.dumps({"seconds": time.monotonic() - t0, "cpu_seconds": cpu() - c0,
 /// (`runai-model-streamer`, `runai-model-streamer-azure`; they bring torch), installed on first
 /// use.
 pub fn streamer_python(tools: &Path) -> Option<PathBuf> {
-    let venv = tools.join("bench-streamer");
-    let python = venv.join("bin/python");
-    let ok = |p: &Path| {
-        Command::new(p)
-            .args([
-                "-c",
-                "import runai_model_streamer, runai_model_streamer_azure",
-            ])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ok(&python) {
-        return Some(python);
-    }
-    eprintln!(
-        "installing runai-model-streamer and runai-model-streamer-azure into {}",
-        venv.display()
-    );
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status();
-    let installed = made.is_ok_and(|s| s.success())
-        && Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "runai-model-streamer==0.17.1",
-                "runai-model-streamer-azure==0.17.0",
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-    (installed && ok(&python)).then_some(python)
+    venv_python(
+        &tools.join("bench-streamer"),
+        "runai_model_streamer, runai_model_streamer_azure",
+        &[
+            "runai-model-streamer==0.17.1",
+            "runai-model-streamer-azure==0.17.0",
+        ],
+    )
 }
 
 /// The experiment beside [`plain_get`]: the same ranged GETs with bodies discarded, on hyper's

@@ -25,35 +25,6 @@ pub(crate) struct Keys {
     pub(crate) other_root: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An EC P-256 private key, `NAME.key`.
-fn ec_key(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &format!("{name}.key"),
-        ],
-    );
-}
-
 /// A CA (`ca = true`) or a code-signing leaf, signed by `issuer` (self-signed without one).
 fn certificate(dir: &Path, name: &str, subject: &str, ca: bool, issuer: Option<&str>) {
     ec_key(dir, name);

@@ -966,3 +966,33 @@ pub fn selected_bytes(model: &Path) -> u64 {
         .map(|f| std::fs::metadata(model.join(f)).unwrap().len())
         .sum()
 }
+
+/// Runs `openssl ARGS` in `dir`, panicking with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An EC P-256 private key, `NAME.key`.
+pub fn ec_key(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.key"),
+        ],
+    );
+}
