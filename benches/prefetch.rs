@@ -590,9 +590,22 @@ fn loopback_server(
     rate_per_connection: Option<u64>,
     tls: Option<&TestCa>,
 ) -> (ChildGuard, String) {
+    loopback_server_on_link(base, rate_per_connection, tls, None)
+}
+
+/// [`loopback_server`] whose connections together send at most `link_rate` bytes per second.
+fn loopback_server_on_link(
+    base: &Path,
+    rate_per_connection: Option<u64>,
+    tls: Option<&TestCa>,
+    link_rate: Option<u64>,
+) -> (ChildGuard, String) {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.arg("--serve-blob").arg(base.join("root"));
     cmd.arg(rate_per_connection.map_or_else(|| "-".to_string(), |r| r.to_string()));
+    if let Some(rate) = link_rate {
+        cmd.arg("--link").arg(rate.to_string());
+    }
     if let Some(ca) = tls {
         cmd.arg("--tls").arg(&ca.cert).arg(&ca.key);
     }
@@ -981,6 +994,99 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
     }
 }
 
+/// Where an HTTPS byte's CPU goes before modelcache writes or hashes it: the same ranged GETs
+/// (concurrency 8, 64 MiB), bodies discarded, through modelcache's own source (`object_store`
+/// on reqwest), through reqwest alone, and through hyper and tokio-rustls alone, interleaved
+/// round by round (`MODELCACHE_BENCH_ROUNDS`, default 7) so the host's noise falls on all three.
+fn bench_client(shard_mb: usize) {
+    let ca = match TestCa::new() {
+        Ok(ca) => ca,
+        Err(e) => {
+            println!("\n## HTTPS client layers\n\nnot run: {e}");
+            return;
+        }
+    };
+    let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let (files, total) = loopback_model(base.path(), shard_mb);
+    let list = base.path().join("list.txt");
+    std::fs::write(
+        &list,
+        files
+            .iter()
+            .map(|(n, s)| format!("m/{n} {s}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let (_server, host) = loopback_server(base.path(), None, Some(&ca));
+    let container_url = format!("{host}/{}/bench", support::ACCOUNT);
+    let exe = std::env::current_exe().unwrap();
+    let (concurrency, chunk) = (PLAIN_CONCURRENCY.to_string(), PLAIN_CHUNK.to_string());
+    let rows: Vec<(&str, std::process::Command)> = vec![
+        (
+            "modelcache's source (`object_store` on reqwest), discarded",
+            {
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.args(["--source-get", "az://bench/m", &concurrency, &chunk])
+                    .env("AZURE_STORAGE_ACCOUNT_NAME", support::ACCOUNT)
+                    .env("AZURE_STORAGE_ACCOUNT_KEY", support::KEY)
+                    .env(
+                        "AZURE_STORAGE_ENDPOINT",
+                        format!("{host}/{}", support::ACCOUNT),
+                    );
+                cmd
+            },
+        ),
+        ("reqwest alone, discarded", {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--plain-get")
+                .arg(&container_url)
+                .arg(&list)
+                .args(["-", &concurrency, &chunk]);
+            cmd
+        }),
+        ("hyper + tokio-rustls alone, discarded", {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--plain-get-hyper")
+                .arg(&container_url)
+                .arg(&list)
+                .args([&concurrency, &chunk, "0"]);
+            cmd
+        }),
+    ];
+    let rounds = env_usize("MODELCACHE_BENCH_ROUNDS", 7);
+    let scratch = base.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut figures: Vec<Vec<Figure>> = vec![Vec::new(); rows.len()];
+    let mut rows = rows;
+    for _ in 0..rounds {
+        for (i, (label, cmd)) in rows.iter_mut().enumerate() {
+            ca.trust(cmd);
+            figures[i].push(peers::measure(label, cmd, &scratch, total));
+        }
+    }
+    println!(
+        "\n### HTTPS client layers: {:.2} GB ({} files), c{PLAIN_CONCURRENCY} × {} MiB ranges, bodies discarded ({rounds} interleaved rounds)\n",
+        total as f64 / 1e9,
+        files.len(),
+        PLAIN_CHUNK >> 20
+    );
+    println!("| client | GB/s median | CPU s/GB median | CPU s/GB every round | peak RSS MiB |");
+    println!("|---|---|---|---|---|");
+    for ((label, _), f) in rows.iter().zip(figures) {
+        let every: Vec<String> = f.iter().map(|x| format!("{:.2}", x.cpu_s_per_gb)).collect();
+        let mut cpu: Vec<f64> = f.iter().map(|x| x.cpu_s_per_gb).collect();
+        cpu.sort_by(f64::total_cmp);
+        let m = median(f);
+        println!(
+            "| {label} | {:.2} | {:.2} | {} | {:.0} |",
+            m.gb_per_s,
+            cpu[cpu.len() / 2],
+            every.join(" "),
+            m.peak_rss_mib
+        );
+    }
+}
+
 /// One run of the streamer script: its own timing and the process's figure.
 #[derive(Clone, Copy, Debug, Default)]
 struct Streamed {
@@ -1087,7 +1193,24 @@ fn bench_streamer(shard_mb: usize) {
         .map(|f| f.1)
         .sum();
     let (_server, host) = loopback_server(base.path(), None, Some(&ca));
-    let port = host.rsplit(':').next().unwrap().to_string();
+    // The same files behind a link all connections share: the network, not this host's memory,
+    // bounds a read from "Blob" there, as the NIC or the account's egress does on a node.
+    let link_rate = env_usize("MODELCACHE_BENCH_LINK_MBPS", 200) as u64 * 1_000_000;
+    let (_linked, linked_host) =
+        loopback_server_on_link(base.path(), None, Some(&ca), Some(link_rate));
+    let blob_env_for = |host: &str| {
+        let port = host.rsplit(':').next().unwrap_or_default();
+        // The streamer's Azure backend builds `https://{account}.{suffix}`; curl resolves any
+        // `*.localhost` name to the loopback address itself.
+        [
+            ("AZURE_STORAGE_ACCOUNT_NAME", support::ACCOUNT.to_string()),
+            ("AZURE_STORAGE_ACCOUNT_KEY", support::KEY.to_string()),
+            (
+                "AZURE_STORAGE_ENDPOINT_SUFFIX",
+                format!("blob.localhost:{port}"),
+            ),
+        ]
+    };
     let script = base.path().join("stream.py");
     std::fs::write(&script, peers::STREAMER_SCRIPT).unwrap();
     let xfs = match LoopXfs::new(total * 3 + (1 << 30)) {
@@ -1107,30 +1230,29 @@ fn bench_streamer(shard_mb: usize) {
         scratch,
         tensor_bytes: tensors,
     };
-    // The streamer's Azure backend builds `https://{account}.{suffix}`; curl resolves any
-    // `*.localhost` name to the loopback address itself.
-    let blob_env = [
-        ("AZURE_STORAGE_ACCOUNT_NAME", support::ACCOUNT.to_string()),
-        ("AZURE_STORAGE_ACCOUNT_KEY", support::KEY.to_string()),
-        (
-            "AZURE_STORAGE_ENDPOINT_SUFFIX",
-            format!("blob.localhost:{port}"),
-        ),
-    ];
+    let (blob_env, linked_env) = (blob_env_for(&host), blob_env_for(&linked_host));
     let remote: Vec<String> = shards.iter().map(|n| format!("az://bench/m/{n}")).collect();
     let mut from_blob = Vec::new();
     let mut fill = Vec::new();
     let mut cold = Vec::new();
     let mut warm = Vec::new();
-    for _ in 0..REPS {
-        from_blob.push(streamer.run(&remote, false, &blob_env));
+    let mut from_linked = Vec::new();
+    let mut fill_linked = Vec::new();
+    let fill_from = |host: &str| {
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::create_dir_all(&cache).unwrap();
-        let mut cmd = https_prefetch(&host, &ca, "m", &cache, &[]);
+        let mut cmd = https_prefetch(host, &ca, "m", &cache, &[]);
         let (f, out) = peers::measure_with_output("modelcache", &mut cmd, &cache, total);
         let summary: serde_json::Value =
             serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or_default();
         assert_eq!(summary["verification"], "blake3", "{summary}");
+        (f, summary)
+    };
+    for _ in 0..REPS {
+        from_linked.push(streamer.run(&remote, false, &linked_env));
+        fill_linked.push(fill_from(&linked_host).0);
+        from_blob.push(streamer.run(&remote, false, &blob_env));
+        let (f, summary) = fill_from(&host);
         fill.push(f);
         let published = std::path::PathBuf::from(summary["path"].as_str().unwrap());
         let local: Vec<String> = shards
@@ -1146,8 +1268,11 @@ fn bench_streamer(shard_mb: usize) {
         v[v.len() / 2]
     };
     let (cold_runs, warm_runs, fill_runs) = (cold.clone(), warm.clone(), fill.clone());
+    let (linked_runs, fill_linked_runs) = (from_linked.clone(), fill_linked.clone());
     let (blob, cold, warm) = (med(&from_blob), med(&cold), med(&warm));
+    let linked = med(&from_linked);
     let fill = median(fill);
+    let fill_linked = median(fill_linked);
     let gb = |b: u64| b as f64 / 1e9;
     let fill_s = gb(total) / fill.gb_per_s;
     let first = fill_s + cold.seconds;
@@ -1212,6 +1337,55 @@ fn bench_streamer(shard_mb: usize) {
             gb(total) / fill_runs[i].gb_per_s,
             cold_runs[i].seconds,
             warm_runs[i].seconds
+        );
+    }
+    let linked_fill_s = gb(total) / fill_linked.gb_per_s;
+    println!(
+        "\n### The same, \"Blob\" behind a {:.2} GB/s link all connections share (the network is the bound)\n",
+        link_rate as f64 / 1e9
+    );
+    println!("| step | s | GB/s | CPU s | CPU s/GB | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
+    row("streamer: Blob → memory over the link", &linked);
+    println!(
+        "| modelcache: Blob → verified on XFS over the link | {linked_fill_s:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+        fill_linked.gb_per_s,
+        fill_linked.cpu_s_per_gb * gb(total),
+        fill_linked.cpu_s_per_gb,
+        fill_linked.peak_rss_mib
+    );
+    println!(
+        "\n| case | the streamer from Blob, s | with modelcache, s | modelcache against the streamer |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| a new node's first start | {:.2} | {:.2} (fill {linked_fill_s:.2} + load {:.2}) | {:.2}× as fast; the fill alone {:.2}× (tensor bytes/s against all bytes/s: {:.2}×) |",
+        linked.seconds,
+        linked_fill_s + cold.seconds,
+        cold.seconds,
+        linked.seconds / (linked_fill_s + cold.seconds),
+        linked.seconds / linked_fill_s,
+        fill_linked.gb_per_s / (gb(linked.tensor_bytes) / linked.seconds)
+    );
+    println!(
+        "| restart of the server on the node (page cache dropped) | {:.2} | {:.2} | {:.2}× as fast |",
+        linked.seconds,
+        cold.seconds,
+        linked.seconds / cold.seconds
+    );
+    println!(
+        "| a second pod of the model on the node (page cache warm) | {:.2} | {:.2} | {:.2}× as fast |",
+        linked.seconds,
+        warm.seconds,
+        linked.seconds / warm.seconds
+    );
+    println!("\nEvery run over the link, s (streamer from Blob / modelcache fill):\n");
+    for i in 0..linked_runs.len() {
+        println!(
+            "- round {}: {:.2} / {:.2}",
+            i + 1,
+            linked_runs[i].seconds,
+            gb(total) / fill_linked_runs[i].gb_per_s
         );
     }
 }
@@ -1708,6 +1882,9 @@ fn main() {
             .iter()
             .position(|a| a == "--tls")
             .map(|t| blobserver::tls_config(Path::new(&args[t + 1]), Path::new(&args[t + 2])));
+        if let Some(l) = args.iter().position(|a| a == "--link") {
+            blobserver::set_link_rate(args[l + 1].parse().expect("--link BYTES_PER_SECOND"));
+        }
         blobserver::serve(PathBuf::from(&args[i + 1]), rate, tls);
     }
     if let Some(i) = args.iter().position(|a| a == "--plain-get-hyper") {
@@ -1717,6 +1894,14 @@ fn main() {
             args[i + 3].parse().unwrap(),
             args[i + 4].parse().unwrap(),
             args[i + 5].parse().unwrap(),
+        );
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--source-get") {
+        peers::source_get(
+            &args[i + 1],
+            args[i + 2].parse().unwrap(),
+            args[i + 3].parse().unwrap(),
         );
         return;
     }
@@ -1742,6 +1927,9 @@ fn main() {
     }
     if only.is_empty() || only == "https" {
         bench_loopback(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100), true);
+    }
+    if only.is_empty() || only == "client" {
+        bench_client(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100));
     }
     if only.is_empty() || only == "streamer" {
         bench_streamer(env_usize("MODELCACHE_BENCH_LOOPBACK_SHARD_MB", 100));

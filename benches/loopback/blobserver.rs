@@ -15,8 +15,41 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+/// A link every connection shares, at `rate` bytes per second: a node's NIC, or its share of a
+/// storage account's egress, so that a client is bound by the network and not by this host's
+/// memory. Each 256 KiB step books the link's next free slot and is sent when it comes.
+struct Link {
+    rate: u64,
+    next_free: Mutex<Instant>,
+}
+
+static LINK: OnceLock<Link> = OnceLock::new();
+
+/// Caps what the server sends, over all connections together, at `rate` bytes per second.
+pub fn set_link_rate(rate: u64) {
+    let _ = LINK.set(Link {
+        rate,
+        next_free: Mutex::new(Instant::now()),
+    });
+}
+
+impl Link {
+    /// Waits for the link's next free slot for `bytes` and books it.
+    fn take(&self, bytes: usize) {
+        let start = {
+            let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            start
+        };
+        if let Some(wait) = start.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
 
 /// Serves `root` on a free loopback port, printing `port N` on stdout once listening; never
 /// returns. With `tls`, every connection is HTTPS.
@@ -330,7 +363,12 @@ fn respond(
     let first = offset;
     // A per-connection cap stands in for Blob Storage, where one connection carries far less
     // than the node's link: send in 256 KiB steps, each no sooner than the cap allows.
-    let step = if rate.is_some() { 256 << 10 } else { 1 << 30 };
+    let link = LINK.get();
+    let step = if rate.is_some() || link.is_some() {
+        256 << 10
+    } else {
+        1 << 30
+    };
     while offset < stop {
         if let Some(rate) = rate {
             let due = Duration::from_secs_f64((offset - first) as f64 / rate as f64);
@@ -341,6 +379,9 @@ fn respond(
         let want = usize::try_from(stop - offset)
             .unwrap_or(usize::MAX)
             .min(step);
+        if let Some(link) = link {
+            link.take(want);
+        }
         out.send_file(&file, &mut offset, want)?;
     }
     Ok(())

@@ -403,3 +403,41 @@ pub fn plain_get_hyper(
         }
     });
 }
+
+/// The same ranged GETs with bodies discarded, through modelcache's own source (`object_store`'s
+/// Azure client on reqwest, with the status-aware service modelcache wraps it in): what a
+/// `prefetch` costs before it writes or hashes a byte. Opens `az://CONTAINER/PREFIX` configured
+/// from the environment, as `prefetch` does; `concurrency` ranges of `chunk` bytes in flight.
+pub fn source_get(url: &str, concurrency: usize, chunk: u64) {
+    use futures::StreamExt;
+    let env = modelcache::config::Environment::capture();
+    let source = modelcache::source::open(url, &env, &Default::default()).expect("open the source");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let files = source.list().await.expect("list");
+        let mut jobs = Vec::new();
+        for file in &files {
+            let mut off = 0;
+            while off < file.size {
+                jobs.push((file.clone(), off..(off + chunk).min(file.size)));
+                off += chunk;
+            }
+        }
+        futures::stream::iter(jobs)
+            .map(|(file, range)| {
+                let source = source.clone();
+                async move {
+                    let want = range.end - range.start;
+                    let mut body = source.read_range(&file, range).await.expect("read");
+                    let mut got = 0u64;
+                    while let Some(chunk) = body.next().await {
+                        got += chunk.expect("body").len() as u64;
+                    }
+                    assert_eq!(got, want, "short body");
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<()>>()
+            .await;
+    });
+}
