@@ -774,7 +774,13 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
             .collect::<String>(),
     )
     .unwrap();
-    let (_server, host) = loopback_server(base.path(), None, ca.as_ref());
+    // Blob's shape: one connection carries far less than a node's link (tens of MB/s), so the
+    // number of connections a client opens sets its rate. Off unless asked for.
+    let per_connection = std::env::var("MODELCACHE_BENCH_CONN_MBPS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|mbps| mbps * 1_000_000);
+    let (_server, host) = loopback_server(base.path(), per_connection, ca.as_ref());
     let account_url = format!("{host}/{}", support::ACCOUNT);
 
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools");
@@ -788,11 +794,17 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
         &'static str,
         Box<dyn Fn(&Path) -> Option<std::process::Command> + 'a>,
     );
-    let wire = if tls {
-        "over HTTPS (TLS 1.3, AES-256-GCM; rustls in the server)"
+    let mut wire = if tls {
+        "over HTTPS (TLS 1.3, AES-256-GCM; rustls in the server)".to_string()
     } else {
-        "over plain HTTP"
+        "over plain HTTP".to_string()
     };
+    if let Some(rate) = per_connection {
+        wire.push_str(&format!(
+            ", each connection capped at {:.0} MB/s",
+            rate as f64 / 1e6
+        ));
+    }
     let modelcache = |extra: &'static [&'static str]| {
         let host = host.clone();
         let ca = ca.as_ref();
