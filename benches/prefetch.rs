@@ -51,6 +51,21 @@ fn median(mut v: Vec<Figure>) -> Figure {
     v[v.len() / 2]
 }
 
+/// Each column's own median: when rates tie (a client held at a capped server's rate), the
+/// round [`median`] picks by rate would be an arbitrary one for the CPU and memory figures.
+fn column_medians(v: &[Figure]) -> Figure {
+    let mid = |f: fn(&Figure) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    Figure {
+        gb_per_s: mid(|f| f.gb_per_s),
+        cpu_s_per_gb: mid(|f| f.cpu_s_per_gb),
+        peak_rss_mib: mid(|f| f.peak_rss_mib),
+    }
+}
+
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()
@@ -755,6 +770,20 @@ fn bench_adaptive(shard_mb: usize) {
     }
 }
 
+/// The model's files as `m/NAME SIZE` lines in `base/list.txt`, for the plain clients.
+fn file_list(base: &Path, files: &[(String, u64)]) -> PathBuf {
+    let list = base.join("list.txt");
+    std::fs::write(
+        &list,
+        files
+            .iter()
+            .map(|(n, s)| format!("m/{n} {s}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    list
+}
+
 fn bench_loopback(shard_mb: usize, tls: bool) {
     let ca = match tls.then(TestCa::new).transpose() {
         Ok(ca) => ca,
@@ -765,21 +794,14 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
     };
     let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let (files, total) = loopback_model(base.path(), shard_mb);
-    let list = base.path().join("list.txt");
-    std::fs::write(
-        &list,
-        files
-            .iter()
-            .map(|(n, s)| format!("m/{n} {s}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let list = file_list(base.path(), &files);
     // Blob's shape: one connection carries far less than a node's link (tens of MB/s), so the
     // number of connections a client opens sets its rate. Off unless asked for.
-    let per_connection = std::env::var("MODELCACHE_BENCH_CONN_MBPS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|mbps| mbps * 1_000_000);
+    let per_connection = std::env::var("MODELCACHE_BENCH_CONN_MBPS").ok().map(|v| {
+        v.parse::<u64>()
+            .expect("MODELCACHE_BENCH_CONN_MBPS: a whole number of MB/s")
+            * 1_000_000
+    });
     let (_server, host) = loopback_server(base.path(), per_connection, ca.as_ref());
     let account_url = format!("{host}/{}", support::ACCOUNT);
 
@@ -937,7 +959,7 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
     }
     for (name, root) in &dests {
         println!(
-            "\n### Loopback Blob endpoint {wire}, {:.2} GB ({} files), destination {name} (median of {REPS} interleaved rounds)\n",
+            "\n### Loopback Blob endpoint {wire}, {:.2} GB ({} files), destination {name} (each column the median of {REPS} interleaved rounds)\n",
             total as f64 / 1e9,
             files.len()
         );
@@ -957,8 +979,8 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
             }
         }
         let medians: Vec<Option<Figure>> = figures
-            .into_iter()
-            .map(|f| (!f.is_empty()).then(|| median(f)))
+            .iter()
+            .map(|f| (!f.is_empty()).then(|| column_medians(f)))
             .collect();
         let plain_write = medians[PLAIN_WRITE];
         println!("| client | GB/s | CPU s/GB | peak RSS MiB | GB/s vs plain GET + pwrite |");
@@ -1009,7 +1031,8 @@ fn bench_loopback(shard_mb: usize, tls: bool) {
 /// Where an HTTPS byte's CPU goes before modelcache writes or hashes it: the same ranged GETs
 /// (concurrency 8, 64 MiB), bodies discarded, through modelcache's own source (`object_store`
 /// on reqwest), through reqwest alone, and through hyper and tokio-rustls alone, interleaved
-/// round by round (`MODELCACHE_BENCH_ROUNDS`, default 7) so the host's noise falls on all three.
+/// round by round (`MODELCACHE_BENCH_ROUNDS`, default 7, each client first in turn) so the
+/// host's noise falls on all three.
 fn bench_client(shard_mb: usize) {
     let ca = match TestCa::new() {
         Ok(ca) => ca,
@@ -1020,15 +1043,7 @@ fn bench_client(shard_mb: usize) {
     };
     let base = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let (files, total) = loopback_model(base.path(), shard_mb);
-    let list = base.path().join("list.txt");
-    std::fs::write(
-        &list,
-        files
-            .iter()
-            .map(|(n, s)| format!("m/{n} {s}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let list = file_list(base.path(), &files);
     let (_server, host) = loopback_server(base.path(), None, Some(&ca));
     let container_url = format!("{host}/{}/bench", support::ACCOUNT);
     let exe = std::env::current_exe().unwrap();
@@ -1070,8 +1085,12 @@ fn bench_client(shard_mb: usize) {
     std::fs::create_dir_all(&scratch).unwrap();
     let mut figures: Vec<Vec<Figure>> = vec![Vec::new(); rows.len()];
     let mut rows = rows;
-    for _ in 0..rounds {
-        for (i, (label, cmd)) in rows.iter_mut().enumerate() {
+    let n = rows.len();
+    for round in 0..rounds {
+        // Each client goes first in turn, so no position in the round favours one.
+        for k in 0..n {
+            let i = (round + k) % n;
+            let (label, cmd) = &mut rows[i];
             ca.trust(cmd);
             figures[i].push(peers::measure(label, cmd, &scratch, total));
         }

@@ -362,7 +362,8 @@ fn respond(
     let began = std::time::Instant::now();
     let first = offset;
     // A per-connection cap stands in for Blob Storage, where one connection carries far less
-    // than the node's link: send in 256 KiB steps, each no sooner than the cap allows.
+    // than the node's link: send in 256 KiB steps, each once the cap would have carried it (so
+    // a short answer is paced too, not sent a step ahead).
     let link = LINK.get();
     let step = if rate.is_some() || link.is_some() {
         256 << 10
@@ -370,15 +371,16 @@ fn respond(
         1 << 30
     };
     while offset < stop {
+        let want = usize::try_from(stop - offset)
+            .unwrap_or(usize::MAX)
+            .min(step);
         if let Some(rate) = rate {
-            let due = Duration::from_secs_f64((offset - first) as f64 / rate as f64);
+            let due =
+                Duration::from_secs_f64(((offset - first) as f64 + want as f64) / rate as f64);
             if let Some(wait) = due.checked_sub(began.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
-        let want = usize::try_from(stop - offset)
-            .unwrap_or(usize::MAX)
-            .min(step);
         if let Some(link) = link {
             link.take(want);
         }
