@@ -186,33 +186,41 @@ pub fn rclone() -> Option<PathBuf> {
     found().then(|| PathBuf::from("rclone"))
 }
 
+/// The `name size` lines of a file list.
+fn read_list(list: &Path) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(list).expect("read the file list");
+    text.lines()
+        .map(|line| {
+            let (name, size) = line.rsplit_once(' ').expect("name size");
+            (name.to_string(), size.parse().expect("size"))
+        })
+        .collect()
+}
+
+/// `[start, end)` of each `chunk`-sized range of a file of `size` bytes, in order.
+fn ranges(size: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..size)
+        .step_by(usize::try_from(chunk).expect("chunk fits usize"))
+        .map(move |start| (start, (start + chunk).min(size)))
+}
+
 /// The plain client the prefetch is held against: parallel ranged GETs over the same HTTP stack
 /// (reqwest on tokio), each body chunk written with `pwrite` where it arrived (or discarded),
 /// no hashing, no journal, no checks. `list` holds `name size` lines.
 pub fn plain_get(endpoint: &str, list: &Path, dest: Option<&Path>, concurrency: usize, chunk: u64) {
     use futures::StreamExt;
     use std::os::unix::fs::FileExt;
-    let text = std::fs::read_to_string(list).expect("read the file list");
     let mut jobs = Vec::new();
-    for line in text.lines() {
-        let (name, size) = line.rsplit_once(' ').expect("name size");
-        let size: u64 = size.parse().expect("size");
+    for (name, size) in read_list(list) {
         let file = dest.map(|d| {
-            let p = d.join(name);
+            let p = d.join(&name);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             let f = std::fs::File::create(&p).unwrap();
             f.set_len(size).unwrap();
             std::sync::Arc::new(f)
         });
-        let mut off = 0;
-        while off < size {
-            jobs.push((
-                format!("{endpoint}/{name}"),
-                off,
-                (off + chunk).min(size),
-                file.clone(),
-            ));
-            off += chunk;
+        for (start, end) in ranges(size, chunk) {
+            jobs.push((format!("{endpoint}/{name}"), start, end, file.clone()));
         }
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -310,19 +318,10 @@ pub fn plain_get_hyper(
     let url: url::Url = endpoint.parse().expect("endpoint URL");
     let host = url.host_str().expect("host").to_string();
     let port = url.port().expect("port");
-    let text = std::fs::read_to_string(list).expect("read the file list");
     let mut jobs = Vec::new();
-    for line in text.lines() {
-        let (name, size) = line.rsplit_once(' ').expect("name size");
-        let size: u64 = size.parse().expect("size");
-        let mut off = 0;
-        while off < size {
-            jobs.push((
-                format!("{}/{name}", url.path()),
-                off,
-                (off + chunk).min(size),
-            ));
-            off += chunk;
+    for (name, size) in read_list(list) {
+        for (start, end) in ranges(size, chunk) {
+            jobs.push((format!("{}/{name}", url.path()), start, end));
         }
     }
     let jobs = std::sync::Arc::new(std::sync::Mutex::new(jobs.into_iter()));
@@ -351,8 +350,20 @@ pub fn plain_get_hyper(
                 tcp.set_nodelay(true).expect("nodelay");
                 let name = rustls::pki_types::ServerName::try_from(host.clone()).expect("name");
                 let connector = tokio_rustls::TlsConnector::from(config);
-                let (mut send, conn) = if read_block == 0 {
-                    let tls = connector.connect(name, tcp).await.expect("TLS");
+                // Over the socket itself, or over a buffer below TLS: two stream types, one
+                // connection's setup for both.
+                async fn open<IO>(
+                    connector: tokio_rustls::TlsConnector,
+                    name: rustls::pki_types::ServerName<'static>,
+                    io: IO,
+                ) -> (
+                    http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+                    tokio::task::JoinHandle<()>,
+                )
+                where
+                    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+                {
+                    let tls = connector.connect(name, io).await.expect("TLS");
                     let (send, conn) = http1::handshake(hyper_util::rt::TokioIo::new(tls))
                         .await
                         .expect("HTTP/1");
@@ -362,18 +373,12 @@ pub fn plain_get_hyper(
                             let _ = conn.await;
                         }),
                     )
+                }
+                let (mut send, conn) = if read_block == 0 {
+                    open(connector, name, tcp).await
                 } else {
                     let buffered = tokio::io::BufReader::with_capacity(read_block, tcp);
-                    let tls = connector.connect(name, buffered).await.expect("TLS");
-                    let (send, conn) = http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                        .await
-                        .expect("HTTP/1");
-                    (
-                        send,
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        }),
-                    )
+                    open(connector, name, buffered).await
                 };
                 loop {
                     let next = jobs.lock().unwrap().next();
@@ -417,10 +422,8 @@ pub fn source_get(url: &str, concurrency: usize, chunk: u64) {
         let files = source.list().await.expect("list");
         let mut jobs = Vec::new();
         for file in &files {
-            let mut off = 0;
-            while off < file.size {
-                jobs.push((file.clone(), off..(off + chunk).min(file.size)));
-                off += chunk;
+            for (start, end) in ranges(file.size, chunk) {
+                jobs.push((file.clone(), start..end));
             }
         }
         futures::stream::iter(jobs)
